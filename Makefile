@@ -1,0 +1,48 @@
+# One command each: `make demo` (install if needed, then the main job on a built-in synthetic
+# sample) and `make test` (install if needed, then the test suite). See README.md.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.faceage-installed
+# spark-submit's launcher finds Spark through the first python3 on PATH: make it the venv's.
+export PATH := $(abspath $(BIN)):$(PATH)
+UTKFACE ?= ../shared/data/utkface
+OUT ?= out
+
+.PHONY: install demo test check-env bench-prepare prepare-utkface lock clean
+
+install: $(STAMP)
+
+# pip keeps its cache (~/.cache/pip), so a second venv reuses the torch wheel instead of downloading it.
+$(STAMP): setup.cfg requirements.lock pyproject.toml
+	@command -v java >/dev/null || { echo "install: Java 17 is required for Spark (apt-get install openjdk-17-jre-headless)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip 'setuptools>=77' wheel
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
+	# petastorm declares setuptools<70 (torch needs >=77): its runtime deps come from setup.cfg, it comes without.
+	$(BIN)/pip install -q --no-deps -c requirements.lock petastorm==0.13.1
+	$(BIN)/python -m spark_jobs.session --write-defaults
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/spark-submit spark_jobs/prepare.py --demo
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+check-env: install
+	$(BIN)/python -m pytest tests/test_environment.py -v
+
+prepare-utkface: install
+	$(BIN)/spark-submit spark_jobs/prepare.py --input $(UTKFACE) --labels utkface --detector none \
+		--output $(OUT)/utkface_parquet --format parquet
+
+bench-prepare: install
+	$(BIN)/python bench/prepare_bench.py --utkface $(UTKFACE)
+
+lock: install
+	$(BIN)/pip freeze --exclude-editable | grep -v '^faceage' | \
+		(echo "# Exact versions of the whole environment (constraints for pip -c); regenerate with: make lock"; cat) > requirements.lock
+
+clean:
+	rm -rf demo_out $(OUT) .pytest_cache spark-warehouse

@@ -1,0 +1,1 @@
+"""Table contracts: one field list per table, every schema derived from it."""

@@ -1,0 +1,93 @@
+"""Where a prepare run puts things, and how a reader finds the live files of a table.
+
+No Spark here: the trainer and tests use it too. Remote URIs (s3a://, hdfs://) go through
+fsspec when a reader needs them; the writer side (Spark) lives in spark_jobs/storage.py.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+FACES_DIR = "faces"
+REJECTS_DIR = "rejects"
+RUNS_DIR = "_runs"
+LATEST_MANIFEST = "manifest.json"
+
+
+class IncompleteTableError(RuntimeError):
+    """A table a reader must not trust (a killed or unfinished write)."""
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/")] + [p.strip("/") for p in parts])
+
+
+def faces_uri(output: str) -> str:
+    return join(output, FACES_DIR)
+
+
+def rejects_uri(output: str) -> str:
+    return join(output, REJECTS_DIR)
+
+
+def local_path(uri: str) -> Optional[str]:
+    """The filesystem path of a local URI (plain path or file:), else None."""
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    if uri.startswith("file:"):
+        return uri[len("file:"):]
+    if "://" in uri:
+        return None
+    return os.path.abspath(uri)
+
+
+def is_delta(uri: str) -> bool:
+    path = local_path(uri)
+    if path is not None:
+        return os.path.isdir(os.path.join(path, "_delta_log"))
+    import fsspec
+
+    fs, p = fsspec.core.url_to_fs(uri)
+    return fs.exists(join(p, "_delta_log"))
+
+
+def table_files(uri: str, version: Optional[int] = None) -> List[str]:
+    """The live data files of a faces/rejects table, as URIs a Parquet reader can open.
+
+    Delta: the files of `version` (default: latest) from the transaction log, never a directory
+    scan (that would also read removed files). Parquet: every part file, but only when Spark's
+    `_SUCCESS` marker says the write finished; otherwise IncompleteTableError.
+    """
+    if is_delta(uri):
+        from deltalake import DeltaTable
+
+        table = DeltaTable(uri, version=version)
+        files = table.file_uris()
+        return [("file://" + f) if f.startswith("/") else f for f in files]
+    if version is not None:
+        raise ValueError(f"{uri} is a Parquet directory: --data-version applies to Delta tables only")
+    path = local_path(uri)
+    if path is None:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(uri)
+        if not fs.exists(join(root, "_SUCCESS")):
+            raise IncompleteTableError(_incomplete_message(uri))
+        found = [f for f in fs.find(root) if f.endswith(".parquet") and "/_" not in f[len(root):] and "/." not in f]
+        return [f"{uri.split('://', 1)[0]}://{f}" for f in sorted(found)]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{uri}: no such table directory (run spark_jobs/prepare.py first)")
+    if not os.path.exists(os.path.join(path, "_SUCCESS")):
+        raise IncompleteTableError(_incomplete_message(uri))
+    files = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(("_", ".")))
+        files += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if f.endswith(".parquet") and not f.startswith(("_", "."))]
+    return ["file://" + f for f in files]
+
+
+def _incomplete_message(uri: str) -> str:
+    return (f"{uri} has no _SUCCESS marker: the prepare run that wrote it did not finish (killed or failed). "
+            f"Rerun spark_jobs/prepare.py with --mode overwrite, or use --format delta for tables that "
+            f"always show their last committed version.")

@@ -1,0 +1,61 @@
+"""The faces table, the rejects table and the run manifest: the contract between stages."""
+from __future__ import annotations
+
+from schemas.fields import Field
+
+SPLITS = ("train", "val", "test")
+
+FACES = (
+    Field("face_id", "string", doc="stable id: content hash and face index"),
+    Field("source_path", "string", doc="URI of the input image"),
+    Field("content_sha256", "string", doc="sha256 of the input file's bytes"),
+    Field("image", "binary", doc="encoded crop (JPEG), size x size pixels"),
+    Field("image_size", "int32", doc="crop side in pixels"),
+    Field("age", "int32", doc="age in years, 0..120"),
+    Field("gender", "int32", nullable=True, doc="0 male, 1 female (UTKFace coding)"),
+    Field("race", "int32", nullable=True, doc="0 White, 1 Black, 2 Asian, 3 Indian, 4 Others"),
+    Field("subject_id", "string", nullable=True, doc="person id when the dataset knows it"),
+    Field("bbox", "float32_list", length=4, doc="x0, y0, x1, y1 in upright source pixels"),
+    Field("landmarks", "float32_list", nullable=True, length=10,
+          doc="right eye, left eye, nose, right mouth, left mouth as x, y pairs; null without detector landmarks"),
+    Field("det_score", "float32", nullable=True, doc="detector confidence; null for --detector none"),
+    Field("n_faces", "int32", doc="faces the detector found in the source image"),
+    Field("source_width", "int32", doc="upright source width"),
+    Field("source_height", "int32", doc="upright source height"),
+    Field("split", "string", doc="train | val | test"),
+    Field("dataset", "string", doc="label source: utkface | fgnet | manifest"),
+    Field("prepare_run_id", "string", doc="the prepare run that wrote the row"),
+)
+
+# Every input file that did not become a face gets one row here, with one of REASONS.
+REASONS = {
+    "not_an_image": "the bytes are not an image format Pillow reads",
+    "empty_file": "zero bytes",
+    "corrupt": "the image header reads but its data does not (truncated or damaged)",
+    "too_large": "over --max-pixels or --max-file-bytes",
+    "unsupported_mode": "a pixel format with no RGB conversion",
+    "unsupported_extension": "file name does not end in an image extension",
+    "hidden_file": "a name starting with '.' or '_' (hidden or metadata), which Spark does not read",
+    "no_face": "the detector found no face",
+    "face_too_small": "the largest face is smaller than --min-face pixels",
+    "bad_label": "no usable age in the file name or manifest",
+    "duplicate": "byte-identical to another input or to a row already in the table",
+    "unreadable": "listed but could not be read",
+}
+
+REJECTS = (
+    Field("source_path", "string"),
+    Field("reason", "string", doc="one of REASONS"),
+    Field("detail", "string", doc="what exactly was wrong, for a person"),
+    Field("size_bytes", "int64", nullable=True),
+    Field("content_sha256", "string", nullable=True),
+    Field("dataset", "string"),
+    Field("prepare_run_id", "string"),
+)
+
+# Keys of the JSON run manifest, written last: its presence means the run finished.
+MANIFEST_KEYS = (
+    "run_id", "status", "started_at", "finished_at", "argv", "settings", "inputs", "output",
+    "format", "mode", "counts", "rejects_by_reason", "splits", "age_histogram", "timings_s",
+    "table_versions", "versions",
+)

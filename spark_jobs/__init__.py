@@ -1,0 +1,1 @@
+"""Spark entry points (prepare, score, evaluate) and the pieces they share."""

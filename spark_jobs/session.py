@@ -1,0 +1,94 @@
+"""The SparkSession every job uses: Delta enabled, one Python thread per task.
+
+Delta's jars come from Maven Central through spark.jars.packages, cached in an Ivy directory we
+control. Under `spark-submit` the JVM is already running when Python starts, so the same settings
+are also written to pyspark's spark-defaults.conf by `python -m spark_jobs.session --write-defaults`
+(the install step does it); `delta_available()` tells a job whether they took effect.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+DELTA_VERSION = "4.0.1"  # must match pyspark 4.0.x
+DELTA_PACKAGE = f"io.delta:delta-spark_2.13:{DELTA_VERSION}"
+IVY_DIR = os.environ.get("FACEAGE_IVY", str(Path.home() / ".cache" / "faceage" / "ivy"))
+
+
+def base_conf(ivy_dir: str = IVY_DIR, python: Optional[str] = None) -> Dict[str, str]:
+    """Spark settings shared by every job (and written to spark-defaults.conf)."""
+    python = python or sys.executable
+    return {
+        "spark.jars.packages": DELTA_PACKAGE,
+        "spark.jars.ivy": ivy_dir,
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.pyspark.python": python,
+        "spark.pyspark.driver.python": python,
+        # Native libraries in the detector and numpy must not each start a thread per core.
+        "spark.executorEnv.OMP_NUM_THREADS": "1",
+        "spark.executorEnv.OPENBLAS_NUM_THREADS": "1",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.session.timeZone": "UTC",
+    }
+
+
+def get_spark(app_name: str, extra: Optional[Dict[str, str]] = None):
+    """getOrCreate a session with base_conf (+ `extra`); local[*] when no master is set."""
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(app_name)
+    if not os.environ.get("SPARK_MASTER") and "spark.master" not in (extra or {}):
+        builder = builder.master(os.environ.get("FACEAGE_SPARK_MASTER", "local[*]"))
+    for key, value in {**base_conf(), **(extra or {})}.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("FACEAGE_SPARK_LOG_LEVEL", "WARN"))
+    return spark
+
+
+def delta_available(spark) -> bool:
+    """True when Delta's classes are on the driver's classpath."""
+    try:
+        # --packages jars live in Spark's context class loader, not the one Class.forName would use
+        loader = spark._jvm.java.lang.Thread.currentThread().getContextClassLoader()
+        loader.loadClass("io.delta.tables.DeltaTable")
+        return True
+    except Exception:  # noqa: BLE001 - py4j wraps ClassNotFoundException
+        return False
+
+
+def spark_home() -> Path:
+    import pyspark
+
+    return Path(pyspark.__file__).resolve().parent
+
+
+def write_defaults(path: Optional[Path] = None) -> Path:
+    """Write base_conf into pyspark's conf/spark-defaults.conf so plain spark-submit gets Delta."""
+    path = path or spark_home() / "conf" / "spark-defaults.conf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["# written by `python -m spark_jobs.session --write-defaults` (faceage install step)"]
+    lines += [f"{k} {v}" for k, v in base_conf().items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write-defaults", action="store_true",
+                        help="write Delta + Python settings into pyspark's spark-defaults.conf")
+    args = parser.parse_args(argv)
+    if args.write_defaults:
+        print(f"wrote {write_defaults()}")
+    else:
+        parser.print_help()
+
+
+if __name__ == "__main__":
+    main()

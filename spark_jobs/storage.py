@@ -1,0 +1,76 @@
+"""Table and file I/O through Spark and Hadoop's FileSystem (local, s3a://, hdfs:// alike)."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from schemas import layout
+
+FORMATS = ("parquet", "delta")
+MODES = ("overwrite", "append")
+
+
+def to_uri(path: str) -> str:
+    """A local path -> file:/abs/path; URIs with a scheme stay as they are."""
+    if "://" in path or path.startswith("file:"):
+        return path.rstrip("/") if not path.endswith(":///") else path
+    return "file:" + os.path.abspath(path)
+
+
+def _hadoop_path(spark, uri: str):
+    jvm = spark._jvm
+    path = jvm.org.apache.hadoop.fs.Path(uri)
+    return path, path.getFileSystem(spark._jsc.hadoopConfiguration())
+
+
+def exists(spark, uri: str) -> bool:
+    path, fs = _hadoop_path(spark, uri)
+    return bool(fs.exists(path))
+
+
+def write_text(spark, uri: str, text: str) -> None:
+    """Write (replace) a small text file; parent folders are created."""
+    path, fs = _hadoop_path(spark, uri)
+    stream = fs.create(path, True)
+    try:
+        stream.write(bytearray(text.encode("utf-8")))
+    finally:
+        stream.close()
+
+
+def read_text(spark, uri: str) -> str:
+    path, fs = _hadoop_path(spark, uri)
+    stream = fs.open(path)
+    try:
+        jvm = spark._jvm
+        return jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
+    finally:
+        stream.close()
+
+
+def table_exists(spark, uri: str, fmt: str) -> bool:
+    if fmt == "delta":
+        return exists(spark, layout.join(uri, "_delta_log"))
+    return exists(spark, layout.join(uri, "_SUCCESS"))
+
+
+def read_table(spark, uri: str, fmt: str):
+    """A finished table as a DataFrame (Delta: latest version; Parquet: only with _SUCCESS)."""
+    if fmt == "delta":
+        return spark.read.format("delta").load(uri)
+    if not exists(spark, layout.join(uri, "_SUCCESS")):
+        raise layout.IncompleteTableError(layout._incomplete_message(uri))
+    return spark.read.parquet(uri)
+
+
+def write_table(df, uri: str, fmt: str, mode: str, partition_by: Optional[str] = None) -> None:
+    writer = df.write.format(fmt).mode(mode)
+    if partition_by:
+        writer = writer.partitionBy(partition_by)
+    writer.save(uri)
+
+
+def delta_version(spark, uri: str) -> Optional[int]:
+    """The latest committed version of a Delta table."""
+    row = spark.sql(f"DESCRIBE HISTORY delta.`{uri}` LIMIT 1").select("version").first()
+    return None if row is None else int(row[0])

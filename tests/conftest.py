@@ -1,0 +1,65 @@
+"""Shared fixtures: one local SparkSession for the run, synthetic face photos, the UTKFace folder."""
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+UTKFACE = Path(os.environ.get("FACEAGE_UTKFACE", REPO.parent / "shared" / "data" / "utkface"))
+
+
+@pytest.fixture(scope="session")
+def spark():
+    os.environ.setdefault("FACEAGE_SPARK_MASTER", "local[2]")
+    from spark_jobs.session import get_spark
+
+    session = get_spark("faceage-tests", {"spark.sql.shuffle.partitions": "4",
+                                          "spark.default.parallelism": "2"})
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def utkface_dir():
+    if not UTKFACE.is_dir():
+        pytest.skip(f"UTKFace folder {UTKFACE} is absent")
+    return UTKFACE
+
+
+def venv_env(**extra) -> dict:
+    """Environment for a child spark-submit: the venv first on PATH, as after `source .venv/bin/activate`."""
+    bin_dir = os.path.dirname(sys.executable)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")}
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env.update(extra)
+    return env
+
+
+def spark_submit() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "spark-submit")
+
+
+def synthetic_face(age: int = 35, seed: int = 0, size: int = 200) -> Image.Image:
+    from spark_jobs.synthetic import draw_face
+
+    return draw_face(age, np.random.default_rng(seed), size)
+
+
+def synthetic_photo(age: int = 35, seed: int = 0, scale: float = 1.0, canvas=(640, 480)):
+    """(photo, (cx, cy, side)) - a drawn face pasted on a 640x480 background."""
+    from spark_jobs.synthetic import paste_on_background
+
+    rng = np.random.default_rng(seed + 1000)
+    return paste_on_background(synthetic_face(age, seed), rng, canvas, scale)
+
+
+def encode(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()

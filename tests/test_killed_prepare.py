@@ -1,0 +1,84 @@
+"""A prepare killed mid-write leaves nothing a reader would take for a finished table."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from deltalake import DeltaTable
+
+from conftest import REPO, encode, spark_submit, venv_env, synthetic_photo
+from schemas import layout
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory):
+    """200 distinct photos (distinct bytes), enough that detection keeps the write busy for seconds."""
+    root = tmp_path_factory.mktemp("many")
+    base = [encode(synthetic_photo(20 + i, seed=200 + i)[0], quality=90) for i in range(10)]
+    for i in range(200):
+        # bytes after JPEG's end marker are ignored by decoders but change the content hash
+        (root / f"{20 + i % 10}_0_0_2026010100{i:05d}.jpg").write_bytes(base[i % 10] + i.to_bytes(4, "big"))
+    return root
+
+
+def live_rows(table: Path) -> int:
+    """Rows in the table's live files, read the way the trainer reads them (the Delta log)."""
+    return sum(pq.ParquetFile(uri[len("file://"):]).metadata.num_rows for uri in layout.table_files(str(table)))
+
+
+def start_prepare(inputs: Path, output: Path, fmt: str) -> subprocess.Popen:
+    return subprocess.Popen([spark_submit(), "--master", "local[2]", str(REPO / "spark_jobs" / "prepare.py"),
+                             "--input", str(inputs), "--output", str(output), "--format", fmt, "--size", "32"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=venv_env())
+
+
+def kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "prepare finished before it could be killed mid-write"
+        if condition():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("prepare never reached its write phase")
+
+
+def test_killed_parquet_prepare_is_refused_by_readers(many_photos, tmp_path):
+    out = tmp_path / "out"
+    proc = start_prepare(many_photos, out, "parquet")
+    kill_when(proc, lambda: (out / "faces" / "_temporary").exists())
+    assert not (out / "faces" / "_SUCCESS").exists()
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(layout.IncompleteTableError, match="no _SUCCESS marker.*did not finish"):
+        layout.table_files(str(out / "faces"))
+
+
+def test_killed_delta_prepare_keeps_the_previous_version(many_photos, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    for i in range(3):
+        (small / f"{30 + i}_1_0_20260101000{i:05d}.jpg").write_bytes(encode(synthetic_photo(30 + i, seed=i)[0]))
+    out = tmp_path / "out"
+    first = start_prepare(small, out, "delta")
+    assert first.wait(timeout=600) == 0
+    faces = out / "faces"
+    v0_rows = live_rows(faces)
+    assert v0_rows == 3
+
+    def data_files():
+        return sum(1 for p in faces.rglob("*.parquet"))
+
+    before = data_files()
+    proc = start_prepare(many_photos, out, "delta")  # overwrite with 200 photos
+    kill_when(proc, lambda: data_files() > before)  # new data files exist, the commit does not
+    table = DeltaTable(str(faces))
+    assert table.version() == 0
+    assert live_rows(faces) == v0_rows  # the half-written files are there, but not live
+    assert data_files() > len(table.file_uris())

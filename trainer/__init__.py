@@ -1,0 +1,1 @@
+"""Training: Petastorm loaders, the ResNet-18, the training loop and tuning (not built yet)."""
