@@ -134,19 +134,28 @@ def list_files(spark, inputs: Sequence[str]) -> List[Tuple[str, Optional[int], b
                     rel = os.path.relpath(full, local).replace(os.sep, "/")
                     found.append(("file:" + os.path.abspath(full), length, is_hidden(rel)))
             continue
-        jvm = spark._jvm
-        root = jvm.org.apache.hadoop.fs.Path(uri)
-        files = root.getFileSystem(spark._jsc.hadoopConfiguration()).listFiles(root, True)
-        while files.hasNext():
-            status = files.next()
-            path = status.getPath().toString()
-            found.append((path, int(status.getLen()), is_hidden(path[len(root.toString()):])))
+        found += list_hadoop(spark, uri)
     return found
 
 
-def list_inputs(spark, inputs: Sequence[str]):
-    """The inventory of input files as a DataFrame: path, length (null when unreadable), hidden."""
-    return spark.createDataFrame(list_files(spark, inputs), "path string, length long, hidden boolean")
+def list_hadoop(spark, uri: str) -> List[Tuple[str, Optional[int], bool]]:
+    """list_files for one Hadoop URI (s3a://, hdfs://, ...): FileSystem.listFiles, recursive."""
+    root = spark._jvm.org.apache.hadoop.fs.Path(uri)
+    fs = root.getFileSystem(spark._jsc.hadoopConfiguration())
+    root = fs.makeQualified(root)
+    prefix = root.toString().rstrip("/")
+    found = []
+    files = fs.listFiles(root, True)
+    while files.hasNext():
+        status = files.next()
+        path = status.getPath().toString()
+        found.append((path, int(status.getLen()), is_hidden(path[len(prefix):])))
+    return found
+
+
+def inventory_frame(spark, inventory: List[Tuple[str, Optional[int], bool]]):
+    """list_files' result as a DataFrame: path, length (null when unreadable), hidden."""
+    return spark.createDataFrame(inventory, "path string, length long, hidden boolean")
 
 
 def read_images(spark, inputs: Sequence[str], max_file_bytes: int):
@@ -243,29 +252,32 @@ def reconcile(listing, processed, max_file_bytes: int, dataset: str, run_id: str
 
 
 def mark_duplicates(results, existing_hashes=None):
-    """Keep one face per content hash (faces before rejects, then the smallest path); the others,
-    and faces whose hash is already in the table (append), become 'duplicate' rejects."""
+    """Keep one face per content hash (the smallest source_path); the other copies, and faces whose
+    hash is already in the table (append), become 'duplicate' rejects.
+
+    Only (path, hash) pairs are shuffled; the decisions, one row per duplicate, are broadcast back,
+    so the crops never move.
+    """
     from pyspark.sql import Window
     from pyspark.sql import functions as sf
 
-    keeper_order = Window.partitionBy("content_sha256", "_is_face").orderBy("source_path")
-    everyone = keeper_order.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
-    ranked = (results.withColumn("_is_face", sf.col("reason").isNull())
-              .withColumn("_rank", sf.row_number().over(keeper_order))
-              .withColumn("_first", sf.first("source_path").over(everyone)))
-    dup = sf.col("_is_face") & (sf.col("_rank") > 1)
-    out = ranked.withColumn("detail", sf.when(dup, sf.concat(sf.lit("same bytes as "), sf.col("_first")))
-                            .otherwise(sf.col("detail")))
-    out = out.withColumn("reason", sf.when(dup, sf.lit("duplicate")).otherwise(sf.col("reason")))
+    keys = results.where(sf.col("reason").isNull()).select("source_path", "content_sha256")
+    order = Window.partitionBy("content_sha256").orderBy("source_path")
+    copies = (keys.withColumn("_rank", sf.row_number().over(order))
+              .withColumn("_keeper", sf.first("source_path").over(
+                  order.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)))
+              .where(sf.col("_rank") > 1)
+              .select("source_path", sf.concat(sf.lit("same bytes as "), sf.col("_keeper")).alias("_dup")))
     if existing_hashes is not None:
-        present = existing_hashes.select(sf.col("content_sha256").alias("_present")).distinct()
-        out = out.join(present, out.content_sha256 == present._present, "left")
-        already = sf.col("reason").isNull() & sf.col("_present").isNotNull()
-        out = (out.withColumn("detail", sf.when(already, sf.lit("already in the faces table (--mode append)"))
-                              .otherwise(sf.col("detail")))
-               .withColumn("reason", sf.when(already, sf.lit("duplicate")).otherwise(sf.col("reason")))
-               .drop("_present"))
-    return out.drop("_is_face", "_rank", "_first")
+        present = existing_hashes.select("content_sha256").distinct()
+        already = keys.join(present, "content_sha256").select(
+            "source_path", sf.lit("already in the faces table (--mode append)").alias("_dup"))
+        copies = already.unionByName(copies).dropDuplicates(["source_path"])
+    out = results.join(sf.broadcast(copies), "source_path", "left")
+    return (out.withColumn("reason", sf.when(sf.col("_dup").isNotNull(), sf.lit("duplicate"))
+                           .otherwise(sf.col("reason")))
+            .withColumn("detail", sf.coalesce(sf.col("_dup"), sf.col("detail")))
+            .drop("_dup"))
 
 
 def faces_rows(results):

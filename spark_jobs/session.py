@@ -26,6 +26,8 @@ def base_conf(ivy_dir: str = IVY_DIR, python: Optional[str] = None) -> Dict[str,
         "spark.jars.ivy": ivy_dir,
         "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
         "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        # local mode: the driver JVM is the executor too; 1 GiB (Spark's default) is tight for image bytes
+        "spark.driver.memory": os.environ.get("FACEAGE_DRIVER_MEMORY", "4g"),
         "spark.pyspark.python": python,
         "spark.pyspark.driver.python": python,
         # Native libraries in the detector and numpy must not each start a thread per core.

@@ -173,6 +173,18 @@ def test_manifest_labels_and_fgnet_names(spark, tmp_path):
     assert all(len(s) == 1 for s in by_subject.values())  # nobody in two splits
 
 
+def test_hadoop_listing_matches_the_local_walk(spark, messy_folder):
+    """The s3a/hdfs code path (Hadoop FileSystem.listFiles) run on a file: URI: same inventory, except the
+    dangling link, which only a local walk can see."""
+    from spark_jobs.pipeline import list_files, list_hadoop
+
+    root, _ = messy_folder
+    local = list_files(spark, [str(root)])
+    hadoop = list_hadoop(spark, "file:" + str(root))
+    assert sorted(hadoop) == sorted(row for row in local if row[1] is not None)
+    assert any(hidden for _, _, hidden in hadoop) and len(hadoop) == len(local) - 1
+
+
 def run_cli(*args, timeout=300):
     return subprocess.run([sys.executable, str(REPO / "spark_jobs" / "prepare.py"), *args],
                           capture_output=True, text=True, timeout=timeout)
