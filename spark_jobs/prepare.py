@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import sys
 import time
@@ -35,6 +36,9 @@ PREPARE_CONF = {
     "spark.sql.files.maxPartitionBytes": str(16 * 2**20),
     "spark.sql.execution.arrow.maxRecordsPerBatch": "64",
 }
+
+
+ROWS_PER_OUTPUT_FILE = 10_000  # ~70 MB of 128 px JPEG crops per Parquet file
 
 
 class UsageError(Exception):
@@ -186,9 +190,12 @@ def run(args, resolved: dict) -> dict:
         images = pipeline.attach_manifest_labels(images, manifest, inputs)
     t = time.time()
     processed = pipeline.faces_per_file(images, settings).persist(StorageLevel.MEMORY_AND_DISK)
-    processed.count()  # run detection once, here; every later step reads the cached rows
+    n_processed = processed.count()  # run detection once, here; every later step reads the cached rows
     timings["detect"] = round(time.time() - t, 3)
-    results = pipeline.reconcile(listing, processed, args.max_file_bytes, resolved["dataset"], run_id)
+    # Many small partitions suit detection; for writing, a few big ones (fewer tasks and files).
+    partitions = max(spark.sparkContext.defaultParallelism, math.ceil(n_processed / ROWS_PER_OUTPUT_FILE))
+    results = pipeline.reconcile(listing, processed.coalesce(partitions), args.max_file_bytes,
+                                 resolved["dataset"], run_id)
     existing = None
     if args.mode == "append" and storage.table_exists(spark, faces_uri, fmt):
         # Snapshot the hashes: writing the table invalidates any cached plan that still reads it,
