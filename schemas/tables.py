@@ -57,5 +57,5 @@ REJECTS = (
 MANIFEST_KEYS = (
     "run_id", "status", "started_at", "finished_at", "argv", "settings", "inputs", "output",
     "format", "mode", "counts", "rejects_by_reason", "splits", "age_histogram", "timings_s",
-    "table_versions", "versions",
+    "table_versions", "spark", "versions",
 )

@@ -10,7 +10,7 @@ import io
 import os
 import warnings
 from dataclasses import asdict, dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps

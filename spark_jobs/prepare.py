@@ -255,6 +255,8 @@ def run(args, resolved: dict) -> dict:
         "age_histogram": {f"{d}-{d + 9}": decades[d] for d in sorted(decades)},
         "timings_s": timings,
         "table_versions": versions,
+        "spark": {"master": spark.sparkContext.master, "app_id": spark.sparkContext.applicationId,
+                  "default_parallelism": spark.sparkContext.defaultParallelism},
         "versions": _versions(),
     }
     text = json.dumps(manifest, indent=2)

@@ -40,15 +40,23 @@ def base_conf(ivy_dir: str = IVY_DIR, python: Optional[str] = None) -> Dict[str,
 
 
 def get_spark(app_name: str, extra: Optional[Dict[str, str]] = None):
-    """getOrCreate a session with base_conf (+ `extra`); local[*] when no master is set."""
+    """getOrCreate a session with base_conf (+ `extra`).
+
+    Started by spark-submit, settings given there (--master, --conf, spark-defaults.conf) win;
+    started from plain Python, the master is local[*] (or $FACEAGE_SPARK_MASTER).
+    """
+    from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    under_spark_submit = "PYSPARK_GATEWAY_PORT" in os.environ
+    given = SparkConf() if under_spark_submit else None  # what spark-submit already set
     builder = SparkSession.builder.appName(app_name)
-    if not os.environ.get("SPARK_MASTER") and "spark.master" not in (extra or {}):
+    if not under_spark_submit:
         builder = builder.master(os.environ.get("FACEAGE_SPARK_MASTER", "local[*]"))
     for key, value in {**base_conf(), **(extra or {})}.items():
-        builder = builder.config(key, value)
+        if given is None or not given.contains(key):
+            builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("FACEAGE_SPARK_LOG_LEVEL", "WARN"))
     return spark

@@ -38,16 +38,6 @@ def write_text(spark, uri: str, text: str) -> None:
         stream.close()
 
 
-def read_text(spark, uri: str) -> str:
-    path, fs = _hadoop_path(spark, uri)
-    stream = fs.open(path)
-    try:
-        jvm = spark._jvm
-        return jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
-    finally:
-        stream.close()
-
-
 def table_exists(spark, uri: str, fmt: str) -> bool:
     if fmt == "delta":
         return exists(spark, layout.join(uri, "_delta_log"))

@@ -2,7 +2,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from conftest import REPO, encode, spark_submit, venv_env, synthetic_photo
+from conftest import REPO, encode, spark_submit, synthetic_photo, venv_env
 from schemas import layout
 
 

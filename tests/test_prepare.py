@@ -1,7 +1,6 @@
 """spark_jobs/prepare.py end to end on a local SparkSession and generated folders."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import REPO, encode, spark_submit, venv_env, synthetic_face, synthetic_photo
+from conftest import REPO, encode, spark_submit, synthetic_photo, venv_env
 from schemas import layout
+from schemas.tables import MANIFEST_KEYS
 from spark_jobs import prepare
 
 
@@ -54,6 +54,7 @@ def messy_folder(tmp_path_factory):
     exif[0x0112] = 8
     write(root / "44_1_2_20260102000000001.jpeg",
           encode(photo.transpose(Image.Transpose.ROTATE_270), quality=92, exif=exif.tobytes()))
+    write(root / "odd names" / "62_0_4_x y %41#[1]é.jpg", encode(synthetic_photo(62, seed=15)[0]))
     write(root / "52_0_0_20260102000000002.png", encode(synthetic_photo(52, seed=8)[0].convert("RGBA"), "PNG"))
     write(root / "27_1_0_20260102000000003.png",
           encode(Image.fromarray(np.asarray(synthetic_photo(27, seed=9)[0].convert("L"), np.uint16) * 257, "I;16"),
@@ -75,7 +76,7 @@ def messy_folder(tmp_path_factory):
     write(root / "_tmp" / "45_0_0_20260103000000007.jpg", encode(synthetic_photo(45, seed=14)[0]))
     os.symlink(root / "gone.jpg", root / "35_0_0_20260103000000006.jpg")  # dangling link: unreadable
     expected = {
-        "faces": len(good) + 4,
+        "faces": len(good) + 5,
         "rejects": {"duplicate": 1, "empty_file": 2, "not_an_image": 1, "corrupt": 1, "too_large": 1,
                     "no_face": 1, "bad_label": 2, "unsupported_extension": 1, "unreadable": 1,
                     "hidden_file": 2},
@@ -212,13 +213,15 @@ def test_bad_flags_stop_before_spark(tmp_path, args, message):
 def test_spark_submit_entry_point_and_demo(tmp_path):
     """The README's first command: spark-submit on the built-in synthetic sample (Delta via spark-defaults)."""
     out = tmp_path / "demo"
-    result = subprocess.run([spark_submit(), str(REPO / "spark_jobs" / "prepare.py"), "--demo",
-                             "--demo-count", "24", "--input", str(tmp_path / "synthetic"), "--output", str(out),
+    result = subprocess.run([spark_submit(), "--master", "local[1]", str(REPO / "spark_jobs" / "prepare.py"),
+                             "--demo", "--demo-count", "24", "--input", str(tmp_path / "synthetic"), "--output", str(out),
                              "--format", "delta", "--size", "32"],
                             capture_output=True, text=True, timeout=600, cwd=tmp_path, env=venv_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SYNTHETIC DEMO" in result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["inputs"] == 27 and manifest["settings"]["synthetic_demo"] is True
+    assert manifest["spark"]["master"] == "local[1]"  # spark-submit's --master wins over our defaults
+    assert sorted(manifest) == sorted(MANIFEST_KEYS)
     assert manifest["counts"]["faces"] >= 18  # drawn faces: the detector finds most, not all
     assert manifest["rejects_by_reason"].get("not_an_image") == 1 and manifest["rejects_by_reason"].get("corrupt") == 1
