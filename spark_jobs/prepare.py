@@ -181,6 +181,8 @@ def run(args, resolved: dict) -> dict:
     t = time.time()
     inventory = pipeline.list_files(spark, inputs)
     n_inputs = len(inventory)
+    if n_inputs == 0:
+        raise UsageError(f"no files under --input {' '.join(inputs)}: nothing to prepare (is it the right folder?)")
     listing = pipeline.inventory_frame(spark, inventory)
     timings["list"] = round(time.time() - t, 3)
 

@@ -174,6 +174,14 @@ def test_manifest_labels_and_fgnet_names(spark, tmp_path):
     assert all(len(s) == 1 for s in by_subject.values())  # nobody in two splits
 
 
+def test_empty_input_folder_is_a_clear_error(spark, tmp_path, capsys):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    code = prepare.main(["--input", str(tmp_path / "empty"), "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert "no files under --input" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_hadoop_listing_matches_the_local_walk(spark, messy_folder):
     """The s3a/hdfs code path (Hadoop FileSystem.listFiles) run on a file: URI: same inventory, except the
     dangling link, which only a local walk can see."""
