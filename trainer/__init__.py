@@ -1,1 +1,1 @@
-"""Training: Petastorm loaders, the ResNet-18, the training loop and tuning (not built yet)."""
+"""Training: Petastorm loaders (data.py); the ResNet-18, the training loop and tuning are not built yet."""
