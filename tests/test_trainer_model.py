@@ -1,0 +1,95 @@
+"""trainer/model.py: heads, losses, init weights and the model bundle."""
+import pickle
+
+import pytest
+import torch
+
+from trainer import model as M
+
+
+@pytest.mark.parametrize("head", M.HEADS)
+def test_heads_decode_ages(head):
+    torch.manual_seed(0)
+    net = M.build_model(head).eval()
+    with torch.no_grad():
+        out = net(torch.randn(4, 3, 32, 32))
+    age, std = M.decode(out, head)
+    assert age.shape == std.shape == (4,)
+    if head == "distribution":
+        assert out.shape == (4, M.MAX_AGE + 1)
+        assert torch.all((age >= 0) & (age <= M.MAX_AGE)) and torch.all(std > 0)
+    else:
+        assert torch.isnan(std).all()
+
+
+def test_distribution_decodes_a_peaked_output_to_its_age():
+    logits = torch.log(M.age_targets(torch.tensor([7.0, 64.0]), sigma=1.0))
+    age, std = M.decode(logits, "distribution")
+    assert torch.allclose(age, torch.tensor([7.0, 64.0]), atol=1e-3)
+    assert torch.allclose(std, torch.tensor([1.0, 1.0]), atol=1e-2)
+
+
+@pytest.mark.parametrize("head", M.HEADS)
+def test_losses_fall_when_a_model_fits_a_batch(head):
+    torch.manual_seed(0)
+    net = M.build_model(head)
+    x, y = torch.randn(8, 3, 32, 32), torch.tensor([3.0, 10, 22, 30, 41, 55, 70, 90])
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss = M.loss_fn(net(x), y, head)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_init_weights_skip_the_classifier(tmp_path):
+    import torchvision
+
+    donor = torchvision.models.resnet18(weights=None)  # ImageNet-shaped: 1000-class fc
+    path = tmp_path / "resnet18.pth"
+    torch.save(donor.state_dict(), path)
+    net = M.build_model("distribution")
+    report = M.load_init_weights(net, str(path))
+    assert "fc.weight" in report["skipped"] and "conv1.weight" in report["loaded"]
+    assert torch.equal(net.conv1.weight, donor.conv1.weight)
+
+
+def test_bundle_round_trip(tmp_path):
+    torch.manual_seed(1)
+    net = M.build_model("distribution").eval()
+    path = tmp_path / "model.pt"
+    M.save_bundle(str(path), net, "distribution", 32, [0.5] * 3, [0.25] * 3, {"size": 32, "margin": 0.0},
+                  {"uri": "file:/data/faces", "version": 3}, {"lr": 0.001}, {"val_mae": 6.1, "test_mae": float("nan")})
+    loaded, bundle = M.load_bundle(str(path))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
+    assert bundle["data"] == {"uri": "file:/data/faces", "version": 3} and bundle["metrics"]["test_mae"] is None
+    assert torch.load(path, weights_only=True)["head"] == "distribution"
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_bad_bundles_are_refused_with_a_reason(tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00not a torch file" * 10)
+    with pytest.raises(M.BundleError, match="unreadable, corrupt"):
+        M.load_bundle(str(corrupt))
+    foreign = tmp_path / "state.pt"
+    torch.save(M.build_model("regression").state_dict(), foreign)
+    with pytest.raises(M.BundleError, match="plain state dict, not a faceage model bundle"):
+        M.load_bundle(str(foreign))
+    code = tmp_path / "code.pt"
+    with open(code, "wb") as f:
+        pickle.dump({"format": M.BUNDLE_FORMAT, "x": _Payload()}, f)
+    with pytest.raises(M.BundleError, match="will not be run"):
+        M.load_bundle(str(code))
+    assert "this must never run" not in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        M.load_bundle(str(tmp_path / "missing.pt"))
