@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -63,3 +65,29 @@ def encode(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format=fmt, **kw)
     return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tables(spark, tmp_path_factory):
+    """A prepared Parquet table and a Delta table with two versions (60 then 80 faces)."""
+    from spark_jobs import prepare
+
+    root = tmp_path_factory.mktemp("tables")
+    photos = root / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(80):
+        age = int(rng.integers(1, 90))
+        (photos / f"{age}_0_0_2026010100{i:05d}.jpg").write_bytes(encode(synthetic_face(age, seed=i, size=64)))
+    first = root / "first"
+    first.mkdir()
+    for p in sorted(photos.iterdir())[:60]:
+        shutil.copy(p, first / p.name)
+    common = ["--detector", "none", "--size", "32", "--splits", "0.6,0.2,0.2"]
+    assert prepare.main(["--input", str(photos), "--output", str(root / "pq")] + common) == 0
+    assert prepare.main(["--input", str(first), "--output", str(root / "delta"), "--format", "delta"] + common) == 0
+    v0 = json.loads((root / "delta" / "manifest.json").read_text())
+    assert prepare.main(["--input", str(photos), "--output", str(root / "delta"), "--format", "delta",
+                         "--mode", "append"] + common) == 0
+    pq_manifest = json.loads((root / "pq" / "manifest.json").read_text())
+    return root, pq_manifest, v0

@@ -1,39 +1,12 @@
 """trainer/data.py: Petastorm loaders over real prepared tables (synthetic faces, tiny crops)."""
-import json
 import queue
 import shutil
 
 import numpy as np
 import pytest
 
-from conftest import encode, synthetic_face
 from schemas import layout
-from spark_jobs import prepare
 from trainer import data
-
-
-@pytest.fixture(scope="module")
-def tables(spark, tmp_path_factory):
-    """A prepared Parquet table and a Delta table with two versions (60 then 80 faces)."""
-    root = tmp_path_factory.mktemp("tables")
-    photos = root / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(80):
-        age = int(rng.integers(1, 90))
-        (photos / f"{age}_0_0_2026010100{i:05d}.jpg").write_bytes(encode(synthetic_face(age, seed=i, size=64)))
-    first = root / "first"
-    first.mkdir()
-    for p in sorted(photos.iterdir())[:60]:
-        shutil.copy(p, first / p.name)
-    common = ["--detector", "none", "--size", "32", "--splits", "0.6,0.2,0.2"]
-    assert prepare.main(["--input", str(photos), "--output", str(root / "pq")] + common) == 0
-    assert prepare.main(["--input", str(first), "--output", str(root / "delta"), "--format", "delta"] + common) == 0
-    v0 = json.loads((root / "delta" / "manifest.json").read_text())
-    assert prepare.main(["--input", str(photos), "--output", str(root / "delta"), "--format", "delta",
-                         "--mode", "append"] + common) == 0
-    pq_manifest = json.loads((root / "pq" / "manifest.json").read_text())
-    return root, pq_manifest, v0
 
 
 def test_split_sources_match_the_manifest(tables):

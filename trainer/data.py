@@ -71,7 +71,12 @@ _UPSTREAM_GET_RESULTS = None  # kept so a test can show the bug the fix removes
 def patch_petastorm() -> None:
     """Install the race fix (idempotent)."""
     global _UPSTREAM_GET_RESULTS
+    import warnings
+
     from petastorm.workers_pool.thread_pool import ThreadPool
+
+    # petastorm 0.13.1 uses pyarrow's legacy dataset API on purpose (the reason for the pyarrow pin)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm\..*")
 
     if ThreadPool.get_results is not _get_results_fixed:
         _UPSTREAM_GET_RESULTS = ThreadPool.get_results

@@ -1,0 +1,112 @@
+"""Learning-rate schedules: CyclicLR stepped per batch, with ReduceLROnPlateau-style cuts of its bounds.
+
+`CyclicPlateau` is what `--schedule cyclic_plateau` uses: the cycle runs per batch between base_lr and
+max_lr; after each epoch the validation MAE feeds a plateau rule (mode min, relative threshold,
+patience, cooldown, min_lr, as in torch's ReduceLROnPlateau) that multiplies BOTH bounds by `factor`,
+so later cycles run lower instead of being overwritten on the next batch.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class CyclicPlateau:
+    def __init__(self, optimizer, base_lr: float, max_lr: float, step_size_up: int, factor: float = 0.5,
+                 patience: int = 2, threshold: float = 1e-3, cooldown: int = 0, min_lr: float = 1e-6,
+                 mode: str = "triangular"):
+        cycle_momentum = "momentum" in optimizer.defaults and optimizer.defaults.get("momentum", 0) > 0
+        self.cyclic = torch.optim.lr_scheduler.CyclicLR(
+            optimizer, base_lr=base_lr, max_lr=max_lr, step_size_up=max(1, step_size_up), mode=mode,
+            cycle_momentum=cycle_momentum)
+        self.factor, self.patience, self.threshold = factor, patience, threshold
+        self.cooldown, self.min_lr = cooldown, min_lr
+        self.best: Optional[float] = None
+        self.bad_epochs = 0
+        self.cooldown_left = 0
+        self.cuts = 0
+
+    def step_batch(self) -> None:
+        self.cyclic.step()
+
+    def step_epoch(self, val_mae: float) -> bool:
+        """Feed the epoch's validation MAE; returns True when the bounds were cut."""
+        if self.best is None or val_mae < self.best * (1 - self.threshold):
+            self.best, self.bad_epochs = val_mae, 0
+        else:
+            self.bad_epochs += 1
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            self.bad_epochs = 0
+        if self.bad_epochs > self.patience:
+            self.cyclic.base_lrs = [max(self.min_lr, lr * self.factor) for lr in self.cyclic.base_lrs]
+            self.cyclic.max_lrs = [max(self.min_lr, lr * self.factor) for lr in self.cyclic.max_lrs]
+            self.cooldown_left, self.bad_epochs = self.cooldown, 0
+            self.cuts += 1
+            return True
+        return False
+
+    def bounds(self):
+        return self.cyclic.base_lrs[0], self.cyclic.max_lrs[0]
+
+    def state_dict(self) -> dict:
+        return {"cyclic": self.cyclic.state_dict(), "best": self.best, "bad_epochs": self.bad_epochs,
+                "cooldown_left": self.cooldown_left, "cuts": self.cuts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cyclic.load_state_dict(state["cyclic"])
+        self.best, self.bad_epochs = state["best"], state["bad_epochs"]
+        self.cooldown_left, self.cuts = state["cooldown_left"], state["cuts"]
+
+
+class PerBatch:
+    """Adapter for schedulers stepped per batch with nothing to do per epoch (OneCycle)."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def step_batch(self) -> None:
+        self.scheduler.step()
+
+    def step_epoch(self, val_mae: float) -> bool:
+        return False
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+
+
+class Constant:
+    def step_batch(self) -> None:
+        pass
+
+    def step_epoch(self, val_mae: float) -> bool:
+        return False
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def build_schedule(name: str, optimizer, lr: float, epochs: int, batches_per_epoch: int, *,
+                   base_lr: Optional[float] = None, step_size_up: Optional[int] = None,
+                   plateau_factor: float = 0.5, plateau_patience: int = 2):
+    """cyclic_plateau | onecycle | constant -> an object with step_batch / step_epoch / state_dict."""
+    if name == "cyclic_plateau":
+        return CyclicPlateau(optimizer, base_lr=base_lr if base_lr is not None else lr / 10, max_lr=lr,
+                             step_size_up=step_size_up or 2 * batches_per_epoch, factor=plateau_factor,
+                             patience=plateau_patience)
+    if name == "onecycle":
+        return PerBatch(torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr,
+                                                            total_steps=max(1, epochs * batches_per_epoch)))
+    if name == "constant":
+        return Constant()
+    raise ValueError(f"schedule {name!r}: use cyclic_plateau, onecycle or constant")
+
+
+SCHEDULES = ("cyclic_plateau", "onecycle", "constant")

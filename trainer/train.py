@@ -1,0 +1,301 @@
+"""python -m trainer.train: ResNet-18 age estimation on a prepared faces table.
+
+Reads train/val/test through Petastorm (trainer/data.py), trains with AdamW or SGD under
+CyclicLR + ReduceLROnPlateau (or OneCycle, or a constant rate), keeps the best epoch by val MAE,
+checkpoints every epoch (resume with --resume), and writes one model bundle plus metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from schemas import layout
+from trainer import data as D
+from trainer import model as M
+from trainer.schedules import SCHEDULES, build_schedule
+
+OPTIMIZERS = {
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd, nesterov=True),
+}
+
+
+class TrainError(Exception):
+    """A problem a user can fix (bad data path, unfinished table, bad params file)."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="prepare output root (or its faces/ table): Parquet or Delta")
+    p.add_argument("--data-version", type=int, default=None, help="Delta version to read (default: latest)")
+    p.add_argument("--output", default="runs/train", help="run folder: checkpoint, metrics, bundle (default runs/train)")
+    p.add_argument("--bundle", default=None, help="model bundle path (default OUTPUT/model.pt)")
+    p.add_argument("--params", default=None, help="JSON file of flag values (e.g. trainer.tune's best params)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=None, help="input side (default: the table's crop size)")
+    p.add_argument("--head", default="distribution", choices=M.HEADS)
+    p.add_argument("--loss", default="l1", choices=("l1", "smooth_l1"), help="regression head loss")
+    p.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (CyclicLR max_lr, OneCycle max_lr)")
+    p.add_argument("--base-lr", type=float, default=None, help="CyclicLR lower bound (default lr/10)")
+    p.add_argument("--step-size-up", type=int, default=None, help="CyclicLR half-cycle in batches (default 2 epochs)")
+    p.add_argument("--plateau-factor", type=float, default=0.5, help="cycle bounds x this on a val-MAE plateau")
+    p.add_argument("--plateau-patience", type=int, default=2, help="epochs without improvement before a cut")
+    p.add_argument("--schedule", default="cyclic_plateau", choices=SCHEDULES)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--augment", type=float, default=1.0, help="augmentation strength (0 = none)")
+    p.add_argument("--early-stop", type=int, default=8, help="stop after this many epochs without a better val MAE")
+    p.add_argument("--init-weights", default=None, help="local state-dict file to start from (e.g. ImageNet)")
+    p.add_argument("--workers", type=int, default=2, help="Petastorm reader threads")
+    p.add_argument("--shuffle-buffer", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def apply_params_file(args, parser, argv) -> None:
+    """Values from --params override defaults; flags typed on the command line override both."""
+    if not args.params:
+        return
+    try:
+        with open(args.params) as f:
+            params = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TrainError(f"--params {args.params}: {e}") from None
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise TrainError(f"--params {args.params}: unknown keys {unknown}")
+    typed = {a.dest for a in parser._actions for opt in a.option_strings
+             if any(word == opt or word.startswith(opt + "=") for word in argv)}
+    for key, value in params.items():
+        if key not in typed:
+            setattr(args, key, value)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda: no CUDA device is visible")
+    return torch.device(name)
+
+
+def table_image_size(source: D.SplitSource) -> int:
+    import pyarrow.parquet as pq
+
+    path = layout.local_path(source.files[0])
+    table = pq.read_table(path, columns=["image_size"]) if path else None
+    return int(table.column("image_size")[0].as_py()) if table is not None and table.num_rows else 128
+
+
+def train_one_epoch(model, loader, optimizer, schedule, head, loss_kind, device, progress) -> Dict[str, float]:
+    model.train()
+    total, rows, start = 0.0, 0, time.time()
+    use_amp = device.type == "cuda"
+    for batch in progress(loader, desc="train", leave=False):
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["age"].to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = M.loss_fn(model(x), y, head, loss_kind)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step_batch()
+        total += loss.item() * len(y)
+        rows += len(y)
+    seconds = time.time() - start
+    return {"train_loss": total / max(rows, 1), "train_rows": rows, "train_seconds": seconds,
+            "img_per_s": rows / seconds if seconds else float("nan")}
+
+
+@torch.no_grad()
+def evaluate(model, loader, head, device, progress, prefix: str) -> Dict[str, float]:
+    model.eval()
+    errors = []
+    for batch in progress(loader, desc=prefix, leave=False):
+        x = batch["image"].to(device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(x)
+        age, _ = M.decode(out, head)
+        errors.append((age.cpu() - batch["age"].float()).numpy())
+    err = np.concatenate(errors) if errors else np.array([])
+    return {f"{prefix}_mae": float(np.abs(err).mean()), f"{prefix}_rmse": float(np.sqrt((err**2).mean())),
+            f"{prefix}_cs5": float((np.abs(err) <= 5).mean()), f"{prefix}_rows": int(err.size)}
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+
+
+def main(args) -> dict:
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    os.makedirs(args.output, exist_ok=True)
+    try:
+        sources = {s: D.split_source(args.data, s, args.data_version) for s in ("train", "val", "test")}
+    except (layout.IncompleteTableError, FileNotFoundError, ValueError) as e:
+        raise TrainError(str(e)) from None
+    image_size = args.image_size or table_image_size(sources["train"])
+    settings = D.LoaderSettings(batch_size=args.batch_size, image_size=image_size, augment_strength=args.augment,
+                                shuffle_buffer=args.shuffle_buffer, workers=args.workers, seed=args.seed)
+    loaders = {s: D.SplitLoader(src, settings, train=(s == "train")) for s, src in sources.items()}
+
+    model = M.build_model(args.head, args.init_weights).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = OPTIMIZERS[args.optimizer](model.parameters(), args.lr, args.weight_decay)
+    schedule = build_schedule(args.schedule, optimizer, args.lr, args.epochs, len(loaders["train"]),
+                              base_lr=args.base_lr, step_size_up=args.step_size_up,
+                              plateau_factor=args.plateau_factor, plateau_patience=args.plateau_patience)
+    ckpt_path = os.path.join(args.output, "checkpoint.pt")
+    metrics_path = os.path.join(args.output, "metrics.jsonl")
+    start_epoch, best, best_state, history = 0, math.inf, None, []
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        start_epoch, best, best_state, history = ckpt["epoch"] + 1, ckpt["best_val_mae"], ckpt["best_model"], \
+            ckpt["history"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        print(f"train: resumed from {ckpt_path} after epoch {ckpt['epoch'] + 1}")
+    elif args.resume:
+        print(f"train: --resume but no {ckpt_path}; starting fresh")
+    with open(metrics_path, "w") as f:  # rewritten from the checkpoint's history: no duplicate epochs
+        for row in history:
+            f.write(json.dumps(row) + "\n")
+    for loader in loaders.values():
+        loader.epoch = start_epoch  # the same shuffles and augmentations as an uninterrupted run
+
+    progress = _progress(args.no_progress)
+    writer = _tensorboard(os.path.join(args.output, "tensorboard"))
+    since_best = epochs_since_best(history)
+    for epoch in range(start_epoch, args.epochs):
+        if since_best >= args.early_stop:
+            print(f"train: early stop after {epoch} epochs ({args.early_stop} without a better val MAE)")
+            break
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        row.update(train_one_epoch(model, loaders["train"], optimizer, schedule, args.head, args.loss, device,
+                                   progress))
+        row.update(evaluate(model, loaders["val"], args.head, device, progress, "val"))
+        row["lr_cut"] = schedule.step_epoch(row["val_mae"])
+        improved = row["val_mae"] < best
+        if improved:
+            best = row["val_mae"]
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        since_best = 0 if improved else since_best + 1
+        history.append(row)
+        # checkpoint first: a metrics line then always has its checkpoint (a kill between the two
+        # loses only the line, which --resume rewrites from the checkpoint's history)
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "schedule": schedule.state_dict(), "epoch": epoch, "best_val_mae": best,
+                                    "best_model": best_state, "history": history, "args": vars(args),
+                                    "torch_rng": torch.get_rng_state()})
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if writer is not None:
+            for key in ("train_loss", "val_mae", "val_cs5", "lr", "img_per_s"):
+                writer.add_scalar(key, row[key], epoch + 1)
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.3f} val MAE {row['val_mae']:.2f} "
+              f"lr {row['lr']:.2e} {row['img_per_s']:.0f} img/s" + (" (best)" if improved else ""))
+    if writer is not None:
+        writer.close()
+    if best_state is None:
+        raise TrainError("no epoch was trained (check --epochs, or the checkpoint already finished)")
+    model.load_state_dict(best_state)
+    test = evaluate(model, loaders["test"], args.head, device, progress, "test")
+    val = evaluate(model, loaders["val"], args.head, device, progress, "val")
+    summary = {"best_val_mae": best, **val, **test, "epochs_run": len(history), "image_size": image_size,
+               "device": str(device), "data": args.data, "data_version": sources["train"].version,
+               "rows": {s: src.rows for s, src in sources.items()}}
+    crop = _prepare_crop_settings(args.data)
+    bundle_path = args.bundle or os.path.join(args.output, "model.pt")
+    M.save_bundle(bundle_path, model, args.head, image_size, D.MEAN, D.STD, crop,
+                  {"uri": args.data, "version": sources["train"].version, "rows": summary["rows"]},
+                  {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress")},
+                  {k: summary[k] for k in ("best_val_mae", "val_mae", "test_mae", "test_rmse", "test_cs5")})
+    summary["bundle"] = bundle_path
+    with open(os.path.join(args.output, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"train: test MAE {test['test_mae']:.2f}, CS@5 {test['test_cs5']:.3f}, RMSE {test['test_rmse']:.2f}; "
+          f"bundle {bundle_path}")
+    return summary
+
+
+def epochs_since_best(history) -> int:
+    """Epochs since the best val MAE in `history` (for early stopping across a resume)."""
+    best, count = math.inf, 0
+    for row in history:
+        best, count = (row["val_mae"], 0) if row["val_mae"] < best else (best, count + 1)
+    return count
+
+
+def _prepare_crop_settings(data_uri: str) -> dict:
+    """The crop settings prepare used (from its run manifest), stored in the bundle for scoring."""
+    root = data_uri.rstrip("/")
+    if root.endswith("/" + layout.FACES_DIR):
+        root = root[: -len(layout.FACES_DIR) - 1]
+    path = layout.local_path(layout.join(root, layout.LATEST_MANIFEST))
+    try:
+        with open(path) as f:
+            return json.load(f)["settings"]["crop"]
+    except (OSError, TypeError, KeyError, ValueError):
+        return {}
+
+
+def _progress(disabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return lambda it, **kw: it
+    quiet = disabled or not sys.stderr.isatty()
+    return lambda it, **kw: tqdm(it, disable=quiet, **kw)
+
+
+def _tensorboard(folder: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # pragma: no cover - tensorboard is pinned, but training must not need it
+        return None
+    return SummaryWriter(folder)
+
+
+def cli(argv: Optional[list] = None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        apply_params_file(args, parser, sys.argv[1:] if argv is None else argv)
+        main(args)
+    except (TrainError, M.BundleError) as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
