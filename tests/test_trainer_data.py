@@ -52,7 +52,7 @@ def test_augmentation_only_in_training(tables):
     def by_age(loader):
         out = {}
         for b in loader:
-            for age, im in zip(b["age"].tolist(), b["image"].numpy()):
+            for age, im in zip(b["age"].tolist(), data.normalize(b["image"]).numpy()):
                 out.setdefault(age, []).append(float(np.abs(im).sum()))
         return {k: sorted(v) for k, v in out.items()}
 
@@ -109,3 +109,17 @@ def test_petastorm_race_loses_data_upstream_and_not_with_the_fix():
     with pytest.raises(EmptyResultError):
         upstream(_pool())  # the bug: an item exists, yet the epoch ends
     assert data._get_results_fixed(_pool()) == "the last row group"
+
+
+def test_shuffle_buffer_mixes_row_groups_and_keeps_every_row():
+    import torch
+
+    groups = [(torch.full((50, 3, 2, 2), g, dtype=torch.uint8), torch.arange(g * 50, g * 50 + 50).float())
+              for g in range(6)]
+    out = list(data.batches(iter(groups), 16, 100, torch.Generator().manual_seed(0)))
+    ages = torch.cat([b["age"] for b in out])
+    assert sorted(ages.tolist()) == list(range(300))  # every row exactly once
+    assert len(set(out[0]["image"][:, 0, 0, 0].tolist())) > 1  # one batch draws from several row groups
+    assert all((b["image"][:, 0, 0, 0].float() == (b["age"] // 50)).all() for b in out)  # rows stay whole
+    plain = list(data.batches(iter(groups), 16, 0))
+    assert torch.cat([b["age"] for b in plain]).tolist() == list(range(300))  # no buffer: order kept

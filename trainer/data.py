@@ -1,5 +1,8 @@
 """Petastorm readers over the faces table -> PyTorch batches for train / val / test.
 
+Batches are {"image": uint8 N x 3 x H x W, "age": float32 N}; `normalize` turns images into the
+model's float input on whatever device they were moved to.
+
 The table's live files come from schemas.layout.table_files (the Delta log for a version, or a
 Parquet directory only with _SUCCESS). JPEG crops are decoded (and, for training, augmented) in
 Petastorm's reader workers via a TransformSpec. Every epoch's row count is checked against the
@@ -77,6 +80,7 @@ def patch_petastorm() -> None:
 
     # petastorm 0.13.1 uses pyarrow's legacy dataset API on purpose (the reason for the pyarrow pin)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm\..*")
+    warnings.filterwarnings("ignore", message="schema_fields behavior has changed")
 
     if ThreadPool.get_results is not _get_results_fixed:
         _UPSTREAM_GET_RESULTS = ThreadPool.get_results
@@ -161,26 +165,86 @@ def augment(pixels: np.ndarray, rng: np.random.Generator, strength: float) -> np
 
 
 def to_chw(pixels: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 -> normalised 3xHxW float32."""
+    """HxWx3 uint8 -> normalised 3xHxW float32 (one image; the loader normalises whole batches)."""
     return ((pixels.astype(np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1).copy()
 
 
+def normalize(images):
+    """A uint8 N x 3 x H x W torch batch (as the loader yields it) -> normalised float32, on its device.
+
+    Done per batch after the loader (on the GPU when there is one) instead of per row in the reader:
+    Petastorm round-trips every transformed row through pandas and Arrow, and float32 arrays cost
+    4x the bytes of uint8 there.
+    """
+    import torch
+
+    mean = torch.as_tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+# A row's pixels travel as bytes plus this marker: numpy's fixed-width bytes type drops trailing NULs.
+_END = b"\x01"
+
+
 def transform_spec(size: int, strength: float, seed: int):
-    """Petastorm TransformSpec: image bytes -> 3 x size x size float32, age -> float32."""
+    """Petastorm TransformSpec: JPEG -> (augmented) raw HxWx3 uint8 pixels as bytes; age -> float32.
+
+    Raw bytes are a flat Arrow binary column, cheap for Petastorm's pandas/Arrow round trip, where
+    arrays of shape (3, H, W) become slow nested lists.
+    """
     from petastorm import TransformSpec
 
     rng = np.random.default_rng(seed)
 
     def transform(frame):
-        images = [decode(b, size) for b in frame["image"]]
-        frame["image"] = [to_chw(augment(im, rng, strength)) for im in images]
+        frame["image"] = [augment(decode(b, size), rng, strength).tobytes() + _END for b in frame["image"]]
         frame["age"] = frame["age"].astype(np.float32)
         return frame
 
     return TransformSpec(transform,
-                         edit_fields=[("image", np.float32, (3, size, size), False),
-                                      ("age", np.float32, (), False)],
+                         edit_fields=[("image", np.bytes_, (), False), ("age", np.float32, (), False)],
                          selected_fields=["image", "age"])
+
+
+def to_tensors(batch, size: int):
+    """One Petastorm row-group batch -> (uint8 N x 3 x H x W images, float32 N ages) tensors."""
+    import torch
+
+    n, length = len(batch.image), size * size * 3
+    pixels = np.empty((n, length), dtype=np.uint8)
+    for i, row in enumerate(batch.image):  # one contiguous copy per row (a transposing copy is 10x slower)
+        pixels[i] = np.frombuffer(row, dtype=np.uint8, count=length)
+    # N x 3 x H x W as a view: channels-last memory, which convolutions take as it is
+    return torch.from_numpy(pixels.reshape(n, size, size, 3)).permute(0, 3, 1, 2), torch.tensor(batch.age)
+
+
+def batches(row_groups, batch_size: int, shuffle_buffer: int, generator=None):
+    """Row-group tensors -> {"image", "age"} batches; with shuffle_buffer > 0, rows are mixed across
+    row groups in a pool of at least that many rows (shuffled whole, half emitted, half kept)."""
+    import torch
+
+    pool_x = pool_y = None
+    for x, y in row_groups:
+        pool_x = x if pool_x is None else torch.cat([pool_x, x])
+        pool_y = y if pool_y is None else torch.cat([pool_y, y])
+        if shuffle_buffer > 0 and len(pool_y) < shuffle_buffer:
+            continue
+        if shuffle_buffer > 0:
+            perm = torch.randperm(len(pool_y), generator=generator)
+            pool_x, pool_y = pool_x[perm], pool_y[perm]
+            emit = (len(pool_y) - shuffle_buffer // 2) // batch_size * batch_size
+        else:
+            emit = len(pool_y) // batch_size * batch_size
+        for i in range(0, emit, batch_size):
+            yield {"image": pool_x[i:i + batch_size], "age": pool_y[i:i + batch_size]}
+        pool_x, pool_y = pool_x[emit:], pool_y[emit:]
+    if pool_y is not None and len(pool_y):
+        if shuffle_buffer > 0:
+            perm = torch.randperm(len(pool_y), generator=generator)
+            pool_x, pool_y = pool_x[perm], pool_y[perm]
+        for i in range(0, len(pool_y), batch_size):
+            yield {"image": pool_x[i:i + batch_size], "age": pool_y[i:i + batch_size]}
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -208,8 +272,8 @@ class SplitLoader:
         return -(-self.source.rows // self.settings.batch_size)
 
     def __iter__(self) -> Iterator[Dict[str, "object"]]:
+        import torch
         from petastorm import make_batch_reader
-        from petastorm.pytorch import DataLoader
 
         patch_petastorm()
         s = self.settings
@@ -220,12 +284,18 @@ class SplitLoader:
             shuffle_row_groups=self.train, seed=seed if self.train else None,
             transform_spec=transform_spec(s.image_size, s.augment_strength if self.train else 0.0, seed),
             schema_fields=["image", "age"])
+        # Petastorm's torch adapters refuse byte columns (and its DataLoader re-collates single rows in
+        # Python), so row groups become tensors here and are mixed in our own buffer.
+        generator = torch.Generator().manual_seed(seed)
         seen = 0
-        with DataLoader(reader, batch_size=s.batch_size,
-                        shuffling_queue_capacity=s.shuffle_buffer if self.train else 0) as loader:
-            for batch in loader:
+        try:
+            groups = (to_tensors(group, s.image_size) for group in reader)
+            for batch in batches(groups, s.batch_size, s.shuffle_buffer if self.train else 0, generator):
                 seen += len(batch["age"])
                 yield batch
+        finally:
+            reader.stop()
+            reader.join()
         if seen != self.source.rows:
             raise ShortEpochError(f"split {self.source.split!r}: an epoch yielded {seen} rows, the split has "
                                   f"{self.source.rows}; refusing to train or evaluate on a partial epoch")

@@ -112,7 +112,7 @@ def train_one_epoch(model, loader, optimizer, schedule, head, loss_kind, device,
     total, rows, start = 0.0, 0, time.time()
     use_amp = device.type == "cuda"
     for batch in progress(loader, desc="train", leave=False):
-        x = batch["image"].to(device, non_blocking=True)
+        x = D.normalize(batch["image"].to(device, non_blocking=True))
         y = batch["age"].to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -134,7 +134,7 @@ def evaluate(model, loader, head, device, progress, prefix: str) -> Dict[str, fl
     model.eval()
     errors = []
     for batch in progress(loader, desc=prefix, leave=False):
-        x = batch["image"].to(device)
+        x = D.normalize(batch["image"].to(device))
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
