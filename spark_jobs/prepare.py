@@ -277,7 +277,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             from spark_jobs.synthetic import write_demo_folder
 
             folder = layout.local_path(resolved["inputs"][0])
-            n = write_demo_folder(folder, args.demo_count)
+            if folder is None:
+                raise UsageError("--demo writes its sample to a local folder: give a local --input (or none)")
+            try:
+                n = write_demo_folder(folder, args.demo_count)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
             print(f"SYNTHETIC DEMO: wrote {n} generated files to {folder} (drawn faces with made-up ages, plus a "
                   f"few broken files to show the rejects table; not real people). For real data, see README.")
         manifest = run(args, resolved)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import Optional, Tuple
 
 import numpy as np
@@ -111,13 +112,23 @@ def jpeg_bytes(im: Image.Image, quality: int = 92, **kw) -> bytes:
     return buf.getvalue()
 
 
+DEMO_NAME = re.compile(r"^\d+_\d_\d_(\d{17}|notes)\.jpg$")
+
+
 def write_demo_folder(folder: str, count: int = 160, seed: int = 7) -> int:
-    """Write `count` synthetic photos (UTKFace-style names) plus 3 broken files; returns files written."""
+    """Write `count` synthetic photos (UTKFace-style names) plus 3 broken files; returns files written.
+
+    A rerun replaces an earlier demo folder; a folder holding anything else is refused (ValueError),
+    so --demo never deletes or mixes with a user's photos.
+    """
     os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(folder):  # a rerun gives the same folder, not a growing one
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            os.remove(path)
+    entries = os.listdir(folder)
+    foreign = [n for n in entries if not (DEMO_NAME.match(n) and os.path.isfile(os.path.join(folder, n)))]
+    if foreign:
+        raise ValueError(f"--demo writes its synthetic photos into {folder}, which holds other files "
+                         f"(e.g. {foreign[0]!r}); give --demo an empty or new --input folder")
+    for name in entries:  # a rerun gives the same folder, not a growing one
+        os.remove(os.path.join(folder, name))
     rng = np.random.default_rng(seed)
     for i in range(count):
         age = int(rng.integers(1, 91))

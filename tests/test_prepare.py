@@ -174,6 +174,14 @@ def test_manifest_labels_and_fgnet_names(spark, tmp_path):
     assert all(len(s) == 1 for s in by_subject.values())  # nobody in two splits
 
 
+def test_demo_never_touches_a_folder_of_other_files(tmp_path, capsys):
+    photos = tmp_path / "mine"
+    write(photos / "holiday.jpg", b"precious")
+    assert prepare.main(["--demo", "--input", str(photos), "--output", str(tmp_path / "out")]) == 2
+    assert "holds other files" in capsys.readouterr().err
+    assert (photos / "holiday.jpg").read_bytes() == b"precious"
+
+
 def test_empty_input_folder_is_a_clear_error(spark, tmp_path, capsys):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     code = prepare.main(["--input", str(tmp_path / "empty"), "--output", str(tmp_path / "out")])
