@@ -22,7 +22,7 @@ def test_train_writes_metrics_and_a_loadable_bundle(tables, tmp_path):
     root, manifest, _ = tables
     out = tmp_path / "run"
     assert train.cli(["--data", str(root / "delta"), "--output", str(out), "--epochs", "2", "--head",
-                      "regression"] + TINY) == 0
+                      "regression", "--reader", "pyarrow"] + TINY) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all(r["train_rows"] == manifest["splits"]["train"] and r["val_rows"] == manifest["splits"]["val"]

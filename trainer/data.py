@@ -247,7 +247,49 @@ def batches(row_groups, batch_size: int, shuffle_buffer: int, generator=None):
             yield {"image": pool_x[i:i + batch_size], "age": pool_y[i:i + batch_size]}
 
 
+def pyarrow_row_groups(source: SplitSource, size: int, strength: float, seed: int, workers: int,
+                       shuffle: bool) -> Iterator:
+    """The same (images, ages) row-group tensors as the Petastorm path, read with pyarrow alone.
+
+    A thread pool decodes up to 2 x workers row groups ahead (bounded memory), in a seeded order.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+    import torch
+
+    jobs = []
+    for uri in source.files:
+        path = layout.local_path(uri)
+        if path is None:
+            raise ValueError(f"--reader pyarrow reads local tables only; {uri} is remote (use petastorm)")
+        jobs += [(path, group) for group in range(pq.ParquetFile(path).num_row_groups)]
+    if shuffle:
+        np.random.default_rng(seed).shuffle(jobs)
+
+    def load(job):
+        path, group = job
+        rng = np.random.default_rng([seed, group, len(path)])
+        table = pq.ParquetFile(path).read_row_group(group, columns=["image", "age"])
+        pixels = np.stack([augment(decode(b, size), rng, strength) for b in table.column("image").to_pylist()])
+        ages = table.column("age").to_numpy().astype(np.float32)
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2), torch.from_numpy(ages)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        pending = deque()
+        for job in jobs:
+            pending.append(pool.submit(load, job))
+            if len(pending) >= 2 * max(1, workers):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 # ----------------------------------------------------------------------------- loaders
+
+READERS = ("petastorm", "pyarrow")
+
 
 @dataclass
 class LoaderSettings:
@@ -257,6 +299,7 @@ class LoaderSettings:
     shuffle_buffer: int = 1024  # rows mixed across row groups (training only)
     workers: int = 2
     seed: int = 0
+    reader: str = "petastorm"  # or "pyarrow": no Petastorm needed (e.g. a GPU box without it)
 
 
 class SplitLoader:
@@ -273,29 +316,38 @@ class SplitLoader:
 
     def __iter__(self) -> Iterator[Dict[str, "object"]]:
         import torch
-        from petastorm import make_batch_reader
 
-        patch_petastorm()
         s = self.settings
+        if s.reader not in READERS:
+            raise ValueError(f"reader {s.reader!r}: use one of {READERS}")
+        if s.reader == "petastorm":
+            from petastorm import make_batch_reader
+
+            patch_petastorm()
         seed = s.seed * 1000 + self.epoch
         self.epoch += 1
-        reader = make_batch_reader(
-            self.source.files, num_epochs=1, workers_count=s.workers,
-            shuffle_row_groups=self.train, seed=seed if self.train else None,
-            transform_spec=transform_spec(s.image_size, s.augment_strength if self.train else 0.0, seed),
-            schema_fields=["image", "age"])
-        # Petastorm's torch adapters refuse byte columns (and its DataLoader re-collates single rows in
-        # Python), so row groups become tensors here and are mixed in our own buffer.
         generator = torch.Generator().manual_seed(seed)
+        strength = s.augment_strength if self.train else 0.0
+        reader = None
+        if s.reader == "pyarrow":
+            groups = pyarrow_row_groups(self.source, s.image_size, strength, seed, s.workers, self.train)
+        else:
+            reader = make_batch_reader(
+                self.source.files, num_epochs=1, workers_count=s.workers,
+                shuffle_row_groups=self.train, seed=seed if self.train else None,
+                transform_spec=transform_spec(s.image_size, strength, seed), schema_fields=["image", "age"])
+            # Petastorm's torch adapters refuse byte columns (and its DataLoader re-collates single rows
+            # in Python), so row groups become tensors here and are mixed in our own buffer.
+            groups = (to_tensors(group, s.image_size) for group in reader)
         seen = 0
         try:
-            groups = (to_tensors(group, s.image_size) for group in reader)
             for batch in batches(groups, s.batch_size, s.shuffle_buffer if self.train else 0, generator):
                 seen += len(batch["age"])
                 yield batch
         finally:
-            reader.stop()
-            reader.join()
+            if reader is not None:
+                reader.stop()
+                reader.join()
         if seen != self.source.rows:
             raise ShortEpochError(f"split {self.source.split!r}: an epoch yielded {seen} rows, the split has "
                                   f"{self.source.rows}; refusing to train or evaluate on a partial epoch")

@@ -56,7 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", type=float, default=1.0, help="augmentation strength (0 = none)")
     p.add_argument("--early-stop", type=int, default=8, help="stop after this many epochs without a better val MAE")
     p.add_argument("--init-weights", default=None, help="local state-dict file to start from (e.g. ImageNet)")
-    p.add_argument("--workers", type=int, default=2, help="Petastorm reader threads")
+    p.add_argument("--workers", type=int, default=2, help="reader threads")
+    p.add_argument("--reader", default="petastorm", choices=D.READERS,
+                   help="petastorm, or pyarrow (local tables, no Petastorm needed: e.g. a GPU box without it)")
     p.add_argument("--shuffle-buffer", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -162,7 +164,8 @@ def main(args) -> dict:
         raise TrainError(str(e)) from None
     image_size = args.image_size or table_image_size(sources["train"])
     settings = D.LoaderSettings(batch_size=args.batch_size, image_size=image_size, augment_strength=args.augment,
-                                shuffle_buffer=args.shuffle_buffer, workers=args.workers, seed=args.seed)
+                                shuffle_buffer=args.shuffle_buffer, workers=args.workers, seed=args.seed,
+                                reader=args.reader)
     loaders = {s: D.SplitLoader(src, settings, train=(s == "train")) for s, src in sources.items()}
 
     model = M.build_model(args.head, args.init_weights).to(device)
