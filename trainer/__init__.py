@@ -1,1 +1,1 @@
-"""Training: Petastorm loaders (data.py); the ResNet-18, the training loop and tuning are not built yet."""
+"""Training: loaders (data.py), ResNet-18 + model bundle (model.py), schedules, the loop (train.py); tuning next."""
