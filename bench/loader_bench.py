@@ -4,7 +4,8 @@ Raw: pyarrow reads the split's Parquet files by row group and a thread pool of `
 for the augmented pair, augments) the JPEG crops with the loader's own functions into uint8 arrays: the
 same per-row work without Petastorm.
 Feed: trainer.data.SplitLoader over the same split, as training sees it (one full epoch, row count
-checked). Both in the same run, same machine, same number of workers.
+checked). Both in the same run, same machine, same number of workers. This VM's speed drifts by +-30 % within minutes, so the variants
+alternate (raw, feed, raw, feed, ...) `--repeats` times and the medians are compared.
 
     python bench/loader_bench.py --data /tmp/utk/parquet --split train --image-size 128
 """
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -64,23 +66,32 @@ def main():
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--reader", default="petastorm", choices=D.READERS)
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     source = D.split_source(args.data, args.split)
-    settings = D.LoaderSettings(batch_size=args.batch_size, image_size=args.image_size, workers=args.workers)
-    raw = raw_decode(source, args.image_size, args.workers, 0.0)
-    plain = feed(source, settings, train=False)
-    raw_aug = raw_decode(source, args.image_size, args.workers, settings.augment_strength)
-    augmented = feed(source, settings, train=True)
+    settings = D.LoaderSettings(batch_size=args.batch_size, image_size=args.image_size, workers=args.workers,
+                                reader=args.reader)
+    runs = {"raw": [], "feed": [], "raw_aug": [], "feed_aug": []}
+    for _ in range(args.repeats):
+        runs["raw"].append(raw_decode(source, args.image_size, args.workers, 0.0)["rows_per_s"])
+        runs["feed"].append(feed(source, settings, train=False)["rows_per_s"])
+    for _ in range(args.repeats):
+        runs["raw_aug"].append(raw_decode(source, args.image_size, args.workers, settings.augment_strength)["rows_per_s"])
+        runs["feed_aug"].append(feed(source, settings, train=True)["rows_per_s"])
+    med = {k: statistics.median(v) for k, v in runs.items()}
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
         "split": args.split, "rows": source.rows, "image_size": args.image_size, "workers": args.workers,
-        "raw_rows_per_s": round(raw["rows_per_s"], 1),
-        "feed_rows_per_s": round(plain["rows_per_s"], 1),
-        "raw_augmented_rows_per_s": round(raw_aug["rows_per_s"], 1),
-        "feed_augmented_rows_per_s": round(augmented["rows_per_s"], 1),
-        "ratio_feed_vs_raw": round(plain["rows_per_s"] / raw["rows_per_s"], 3),
-        "ratio_augmented_feed_vs_raw": round(augmented["rows_per_s"] / raw_aug["rows_per_s"], 3),
+        "reader": args.reader, "repeats": args.repeats,
+        "raw_rows_per_s": round(med["raw"], 1),
+        "feed_rows_per_s": round(med["feed"], 1),
+        "raw_augmented_rows_per_s": round(med["raw_aug"], 1),
+        "feed_augmented_rows_per_s": round(med["feed_aug"], 1),
+        "ratio_feed_vs_raw": round(med["feed"] / med["raw"], 3),
+        "ratio_augmented_feed_vs_raw": round(med["feed_aug"] / med["raw_aug"], 3),
+        "all_runs_rows_per_s": {k: [round(x) for x in v] for k, v in runs.items()},
     }
     print(json.dumps(result, indent=2))
 

@@ -1,4 +1,5 @@
 """trainer/data.py: Petastorm loaders over real prepared tables (synthetic faces, tiny crops)."""
+import dataclasses
 import queue
 import shutil
 
@@ -63,7 +64,8 @@ def test_augmentation_only_in_training(tables):
 def test_short_epoch_is_an_error(tables):
     root, _, _ = tables
     source = data.split_source(str(root / "pq"), "train")
-    lying = data.SplitSource(source.split, source.files, source.rows + 1, source.version)
+    first = source.group_rows[0]
+    lying = dataclasses.replace(source, group_rows=((first[0] + 1,) + first[1:],) + source.group_rows[1:])
     with pytest.raises(data.ShortEpochError, match="refusing"):
         for _ in data.SplitLoader(lying, data.LoaderSettings(batch_size=16, image_size=32), train=False):
             pass
@@ -139,3 +141,48 @@ def test_pyarrow_reader_yields_what_petastorm_yields(tables):
     assert len(rows("pyarrow", False)) == manifest["splits"]["val"]
     assert rows("pyarrow", False) == rows("petastorm", False)  # same pixels, same ages, nothing lost
     assert rows("pyarrow", True) == rows("pyarrow", False)  # shuffling (strength 0) changes order only
+
+
+def _many_row_groups(root, tmp_path, rows_per_group=4):
+    """A copy of the fixture's train split as one Parquet file of several small row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = data.split_source(str(root / "pq"), "train")
+    table = pa.concat_tables(pq.read_table(layout.local_path(f)) for f in source.files)
+    folder = tmp_path / "sharded" / "faces"
+    (folder / "split=train").mkdir(parents=True)
+    pq.write_table(table, folder / "split=train" / "part-0.parquet", row_group_size=rows_per_group)
+    (folder / "_SUCCESS").write_text("")
+    return data.split_source(str(tmp_path / "sharded"), "train")
+
+
+@pytest.mark.parametrize("reader", data.READERS)
+def test_shards_split_the_rows_exactly(tables, tmp_path, reader):
+    root, manifest, _ = tables
+    source = _many_row_groups(root, tmp_path)
+    assert source.rows == manifest["splits"]["train"] and len(source.row_groups()) >= 4
+
+    def rows(shard, epoch):
+        settings = data.LoaderSettings(batch_size=8, image_size=32, reader=reader, augment_strength=0.0,
+                                       cur_shard=shard, shard_count=2, seed=3)
+        loader = data.SplitLoader(source, settings, train=True)
+        loader.epoch = epoch
+        return [(age, int(im.sum())) for b in loader for age, im in zip(b["age"].tolist(), b["image"])]
+
+    whole = sorted((age, int(im.sum())) for b in data.SplitLoader(
+        source, data.LoaderSettings(batch_size=8, image_size=32, reader=reader), train=False)
+        for age, im in zip(b["age"].tolist(), b["image"]))
+    for epoch in (0, 1):
+        a, b = rows(0, epoch), rows(1, epoch)
+        assert a and b  # both ranks get data
+        assert sorted(a + b) == whole  # together exactly the split: nothing lost, nothing twice
+    assert rows(0, 0) != rows(0, 1)  # ranks draw new row groups each epoch, as a sampler's set_epoch does
+
+
+def test_more_shards_than_row_groups_is_refused(tables):
+    root, _, _ = tables
+    source = data.split_source(str(root / "pq"), "val")
+    settings = data.LoaderSettings(cur_shard=0, shard_count=len(source.row_groups()) + 1)
+    with pytest.raises(ValueError, match="fewer than"):
+        list(data.SplitLoader(source, settings, train=True))

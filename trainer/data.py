@@ -4,15 +4,18 @@ Batches are {"image": uint8 N x 3 x H x W, "age": float32 N}; `normalize` turns 
 model's float input on whatever device they were moved to.
 
 The table's live files come from schemas.layout.table_files (the Delta log for a version, or a
-Parquet directory only with _SUCCESS). JPEG crops are decoded (and, for training, augmented) in
-Petastorm's reader workers via a TransformSpec. Every epoch's row count is checked against the
-split's size: a short epoch is an error, never silent.
+Parquet directory only with _SUCCESS). Petastorm reads, shuffles and shards row groups of JPEG bytes;
+a pool of decode workers beside it decodes (and, for training, augments) them (`decode_ahead`: a
+TransformSpec made Petastorm round-trip every decoded row through pandas and Arrow, a third of the
+feed rate). Ranks of a distributed run read disjoint shards of the row groups (`shard_row_groups`,
+Petastorm's own rule). Every epoch's row count is checked against the split's (or shard's) size:
+a short epoch is an error, never silent.
 """
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -92,9 +95,35 @@ def patch_petastorm() -> None:
 @dataclass(frozen=True)
 class SplitSource:
     split: str
-    files: List[str]  # URIs of the split's live Parquet files
+    files: List[str]  # URIs of the split's live Parquet files, sorted
     rows: int
     version: Optional[int]  # Delta version read, None for Parquet
+    group_rows: Tuple[Tuple[int, ...], ...] = ()  # rows of each row group, per file (footers)
+
+    def row_groups(self) -> List[Tuple[str, int, int]]:
+        """(file URI, row-group index, rows) in file order: the order Petastorm numbers them in."""
+        return [(uri, g, n) for uri, groups in zip(self.files, self.group_rows) for g, n in enumerate(groups)]
+
+
+def shard_row_groups(source: SplitSource, cur_shard: Optional[int], shard_count: Optional[int],
+                     seed: Optional[int]) -> List[Tuple[str, int, int]]:
+    """The row groups one rank reads: Petastorm's own rule (shuffle the row-group indexes with the
+    seed when there is one, then keep index % shard_count == cur_shard), so the expected row count
+    of a Petastorm shard is known before reading it. Without sharding: all row groups."""
+    groups = source.row_groups()
+    if shard_count is None and cur_shard is None:
+        return groups
+    if not isinstance(shard_count, int) or not isinstance(cur_shard, int) or not 0 <= cur_shard < shard_count:
+        raise ValueError(f"shard {cur_shard} of {shard_count}: need 0 <= cur_shard < shard_count (both ints)")
+    if len(groups) < shard_count:
+        raise ValueError(f"split {source.split!r} has {len(groups)} row groups, fewer than {shard_count} shards: "
+                         f"some ranks would get no data (use fewer processes or re-prepare with smaller row groups)")
+    indexes = list(range(len(groups)))
+    if seed is not None:
+        import random
+
+        random.Random(seed).shuffle(indexes)
+    return [groups[i] for i in indexes if i % shard_count == cur_shard]
 
 
 def split_source(data_uri: str, split: str, version: Optional[int] = None) -> SplitSource:
@@ -104,24 +133,25 @@ def split_source(data_uri: str, split: str, version: Optional[int] = None) -> Sp
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: use one of {SPLITS}")
     faces = data_uri if data_uri.rstrip("/").endswith("/" + layout.FACES_DIR) else layout.faces_uri(data_uri)
-    files = [f for f in layout.table_files(faces, version) if f"/split={split}/" in f]
+    files = sorted(f for f in layout.table_files(faces, version) if f"/split={split}/" in f)
     if layout.is_delta(faces) and version is None:
         from deltalake import DeltaTable
 
         version = DeltaTable(faces).version()
-    rows = 0
+    group_rows = []
     for uri in files:
         path = layout.local_path(uri)
         if path is not None:
-            rows += pq.ParquetFile(path).metadata.num_rows
+            meta = pq.ParquetFile(path).metadata
         else:
             import fsspec
 
             with fsspec.open(uri, "rb") as f:
-                rows += pq.ParquetFile(f).metadata.num_rows
+                meta = pq.ParquetFile(f).metadata
+        group_rows.append(tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups)))
     if not files:
         raise ValueError(f"{faces} has no rows in split {split!r}")
-    return SplitSource(split, files, rows, version)
+    return SplitSource(split, files, sum(map(sum, group_rows)), version, tuple(group_rows))
 
 
 # ----------------------------------------------------------------------------- decoding and augmentation
@@ -164,11 +194,6 @@ def augment(pixels: np.ndarray, rng: np.random.Generator, strength: float) -> np
     return np.clip(out * brightness, 0, 255).astype(np.uint8)
 
 
-def to_chw(pixels: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 -> normalised 3xHxW float32 (one image; the loader normalises whole batches)."""
-    return ((pixels.astype(np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1).copy()
-
-
 def normalize(images):
     """A uint8 N x 3 x H x W torch batch (as the loader yields it) -> normalised float32, on its device.
 
@@ -181,42 +206,6 @@ def normalize(images):
     mean = torch.as_tensor(MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.as_tensor(STD, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255.0 - mean) / std
-
-
-# A row's pixels travel as bytes plus this marker: numpy's fixed-width bytes type drops trailing NULs.
-_END = b"\x01"
-
-
-def transform_spec(size: int, strength: float, seed: int):
-    """Petastorm TransformSpec: JPEG -> (augmented) raw HxWx3 uint8 pixels as bytes; age -> float32.
-
-    Raw bytes are a flat Arrow binary column, cheap for Petastorm's pandas/Arrow round trip, where
-    arrays of shape (3, H, W) become slow nested lists.
-    """
-    from petastorm import TransformSpec
-
-    rng = np.random.default_rng(seed)
-
-    def transform(frame):
-        frame["image"] = [augment(decode(b, size), rng, strength).tobytes() + _END for b in frame["image"]]
-        frame["age"] = frame["age"].astype(np.float32)
-        return frame
-
-    return TransformSpec(transform,
-                         edit_fields=[("image", np.bytes_, (), False), ("age", np.float32, (), False)],
-                         selected_fields=["image", "age"])
-
-
-def to_tensors(batch, size: int):
-    """One Petastorm row-group batch -> (uint8 N x 3 x H x W images, float32 N ages) tensors."""
-    import torch
-
-    n, length = len(batch.image), size * size * 3
-    pixels = np.empty((n, length), dtype=np.uint8)
-    for i, row in enumerate(batch.image):  # one contiguous copy per row (a transposing copy is 10x slower)
-        pixels[i] = np.frombuffer(row, dtype=np.uint8, count=length)
-    # N x 3 x H x W as a view: channels-last memory, which convolutions take as it is
-    return torch.from_numpy(pixels.reshape(n, size, size, 3)).permute(0, 3, 1, 2), torch.tensor(batch.age)
 
 
 def batches(row_groups, batch_size: int, shuffle_buffer: int, generator=None):
@@ -247,43 +236,50 @@ def batches(row_groups, batch_size: int, shuffle_buffer: int, generator=None):
             yield {"image": pool_x[i:i + batch_size], "age": pool_y[i:i + batch_size]}
 
 
-def pyarrow_row_groups(source: SplitSource, size: int, strength: float, seed: int, workers: int,
-                       shuffle: bool) -> Iterator:
-    """The same (images, ages) row-group tensors as the Petastorm path, read with pyarrow alone.
+def decode_ahead(raw_groups, size: int, strength: float, seed: int, workers: int) -> Iterator:
+    """(JPEG bytes, ages) row groups -> (uint8 N x 3 x H x W images, float32 N ages) tensors.
 
-    A thread pool decodes up to 2 x workers row groups ahead (bounded memory), in a seeded order.
+    A pool of `workers` threads decodes (and augments, strength > 0) whole row groups, up to
+    2 x workers groups ahead of the consumer (bounded memory), yielded in arrival order. PIL releases
+    the GIL while it decodes and warps, so the threads run beside the training loop.
     """
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    import pyarrow.parquet as pq
     import torch
 
-    jobs = []
-    for uri in source.files:
-        path = layout.local_path(uri)
-        if path is None:
-            raise ValueError(f"--reader pyarrow reads local tables only; {uri} is remote (use petastorm)")
-        jobs += [(path, group) for group in range(pq.ParquetFile(path).num_row_groups)]
-    if shuffle:
-        np.random.default_rng(seed).shuffle(jobs)
+    def work(index, images, ages):
+        rng = np.random.default_rng([seed, index])
+        pixels = np.stack([augment(decode(b, size), rng, strength) for b in images])
+        # N x 3 x H x W as a view: channels-last memory, which convolutions take as it is
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2), torch.from_numpy(np.asarray(ages, dtype=np.float32))
 
-    def load(job):
-        path, group = job
-        rng = np.random.default_rng([seed, group, len(path)])
-        table = pq.ParquetFile(path).read_row_group(group, columns=["image", "age"])
-        pixels = np.stack([augment(decode(b, size), rng, strength) for b in table.column("image").to_pylist()])
-        ages = table.column("age").to_numpy().astype(np.float32)
-        return torch.from_numpy(pixels).permute(0, 3, 1, 2), torch.from_numpy(ages)
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    workers = max(1, workers)
+    with ThreadPoolExecutor(workers) as pool:
         pending = deque()
-        for job in jobs:
-            pending.append(pool.submit(load, job))
-            if len(pending) >= 2 * max(1, workers):
+        for index, (images, ages) in enumerate(raw_groups):
+            pending.append(pool.submit(work, index, images, ages))
+            if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def pyarrow_groups(groups: List[Tuple[str, int, int]], seed: int, shuffle: bool) -> Iterator:
+    """(JPEG bytes, ages) of each row group read with pyarrow alone, in a seeded order when shuffling."""
+    import pyarrow.parquet as pq
+
+    jobs = []
+    for uri, group, _ in groups:
+        path = layout.local_path(uri)
+        if path is None:
+            raise ValueError(f"--reader pyarrow reads local tables only; {uri} is remote (use petastorm)")
+        jobs.append((path, group))
+    if shuffle:
+        np.random.default_rng(seed).shuffle(jobs)
+    for path, group in jobs:
+        table = pq.ParquetFile(path).read_row_group(group, columns=["image", "age"])
+        yield table.column("image").to_pylist(), table.column("age").to_numpy()
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -300,6 +296,8 @@ class LoaderSettings:
     workers: int = 2
     seed: int = 0
     reader: str = "petastorm"  # or "pyarrow": no Petastorm needed (e.g. a GPU box without it)
+    cur_shard: Optional[int] = None  # this rank's shard of the row groups (distributed training)
+    shard_count: Optional[int] = None
 
 
 class SplitLoader:
@@ -312,7 +310,15 @@ class SplitLoader:
         self.epoch = 0
 
     def __len__(self) -> int:
-        return -(-self.source.rows // self.settings.batch_size)
+        """Batches per epoch (a shard's share of the split when sharded: exact size varies by epoch)."""
+        rows = self.source.rows // (self.settings.shard_count or 1)
+        return max(1, -(-rows // self.settings.batch_size))
+
+    def epoch_groups(self, epoch: int) -> List[Tuple[str, int, int]]:
+        """The row groups epoch `epoch` reads (this rank's shard of them when sharded)."""
+        s = self.settings
+        seed = s.seed * 1000 + epoch if self.train else None
+        return shard_row_groups(self.source, s.cur_shard, s.shard_count, seed)
 
     def __iter__(self) -> Iterator[Dict[str, "object"]]:
         import torch
@@ -325,20 +331,25 @@ class SplitLoader:
 
             patch_petastorm()
         seed = s.seed * 1000 + self.epoch
+        mine = self.epoch_groups(self.epoch)
+        expected = sum(n for _, _, n in mine)
         self.epoch += 1
         generator = torch.Generator().manual_seed(seed)
         strength = s.augment_strength if self.train else 0.0
         reader = None
         if s.reader == "pyarrow":
-            groups = pyarrow_row_groups(self.source, s.image_size, strength, seed, s.workers, self.train)
+            raw = pyarrow_groups(mine, seed, self.train)
         else:
+            # Petastorm reads, shuffles and shards row groups of JPEG bytes; decoding happens in our
+            # pool (decode_ahead), not in a TransformSpec: Petastorm round-trips transformed rows
+            # through pandas and Arrow, which cost a third of the feed rate (BENCHMARKS.md).
             reader = make_batch_reader(
-                self.source.files, num_epochs=1, workers_count=s.workers,
+                self.source.files, num_epochs=1, workers_count=max(1, s.workers // 2),
                 shuffle_row_groups=self.train, seed=seed if self.train else None,
-                transform_spec=transform_spec(s.image_size, strength, seed), schema_fields=["image", "age"])
-            # Petastorm's torch adapters refuse byte columns (and its DataLoader re-collates single rows
-            # in Python), so row groups become tensors here and are mixed in our own buffer.
-            groups = (to_tensors(group, s.image_size) for group in reader)
+                cur_shard=s.cur_shard, shard_count=s.shard_count, schema_fields=["image", "age"])
+            raw = ((group.image, group.age) for group in reader)
+        aug_seed = seed if s.cur_shard is None else seed * 1009 + s.cur_shard  # ranks augment differently
+        groups = decode_ahead(raw, s.image_size, strength, aug_seed, s.workers)
         seen = 0
         try:
             for batch in batches(groups, s.batch_size, s.shuffle_buffer if self.train else 0, generator):
@@ -348,9 +359,10 @@ class SplitLoader:
             if reader is not None:
                 reader.stop()
                 reader.join()
-        if seen != self.source.rows:
-            raise ShortEpochError(f"split {self.source.split!r}: an epoch yielded {seen} rows, the split has "
-                                  f"{self.source.rows}; refusing to train or evaluate on a partial epoch")
+        if seen != expected:
+            what = "the split has" if s.shard_count is None else f"shard {s.cur_shard}/{s.shard_count} has"
+            raise ShortEpochError(f"split {self.source.split!r}: an epoch yielded {seen} rows, {what} "
+                                  f"{expected}; refusing to train or evaluate on a partial epoch")
 
 
 def make_loaders(data_uri: str, settings: LoaderSettings, version: Optional[int] = None) -> Dict[str, SplitLoader]:
