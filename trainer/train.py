@@ -7,13 +7,15 @@ checkpoints every epoch (resume with --resume), and writes one model bundle plus
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import os
 import random
 import sys
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -55,6 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--augment", type=float, default=1.0, help="augmentation strength (0 = none)")
     p.add_argument("--early-stop", type=int, default=8, help="stop after this many epochs without a better val MAE")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no new epoch after this much training time (a wall-clock budget)")
     p.add_argument("--init-weights", default=None, help="local state-dict file to start from (e.g. ImageNet)")
     p.add_argument("--workers", type=int, default=2, help="reader threads")
     p.add_argument("--reader", default="petastorm", choices=D.READERS,
@@ -63,6 +67,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    p.add_argument("--distributor", default=None, choices=("spark",),
+                   help="spark: run --num-processes training processes through pyspark's TorchDistributor "
+                        "(torchrun works without this flag: it sets RANK/WORLD_SIZE)")
+    p.add_argument("--num-processes", type=int, default=2, help="processes (ranks) for --distributor spark")
+    p.add_argument("--distributor-local-mode", default="auto", choices=("auto", "true", "false"),
+                   help="TorchDistributor local_mode: processes on the driver (auto: when the master is local)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -112,6 +122,15 @@ def table_image_size(source: D.SplitSource) -> int:
 def train_one_epoch(model, loader, optimizer, schedule, head, loss_kind, device, progress) -> Dict[str, float]:
     model.train()
     total, rows, start = 0.0, 0, time.time()
+    with (model.join() if hasattr(model, "join") else contextlib.nullcontext()):  # DDP: shards may differ in length
+        total, rows = _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, progress)
+    seconds = time.time() - start
+    return {"train_loss": total / max(rows, 1), "train_rows": rows, "train_seconds": seconds,
+            "img_per_s": rows / seconds if seconds else float("nan")}
+
+
+def _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, progress):
+    total, rows = 0.0, 0
     use_amp = device.type == "cuda"
     for batch in progress(loader, desc="train", leave=False):
         x = D.normalize(batch["image"].to(device, non_blocking=True))
@@ -126,9 +145,7 @@ def train_one_epoch(model, loader, optimizer, schedule, head, loss_kind, device,
         schedule.step_batch()
         total += loss.item() * len(y)
         rows += len(y)
-    seconds = time.time() - start
-    return {"train_loss": total / max(rows, 1), "train_rows": rows, "train_seconds": seconds,
-            "img_per_s": rows / seconds if seconds else float("nan")}
+    return total, rows
 
 
 @torch.no_grad()
@@ -154,9 +171,13 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
 
 
-def main(args) -> dict:
+def main(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+    """Train as `args` say; `on_epoch(row)` sees every epoch's metrics after its checkpoint (the tuner
+    reports val MAE there and may raise to stop the run, e.g. optuna.TrialPruned)."""
     seed_everything(args.seed)
     device = pick_device(args.device)
+    rank, world, device = init_distributed(device)
+    main_rank = rank == 0
     os.makedirs(args.output, exist_ok=True)
     try:
         sources = {s: D.split_source(args.data, s, args.data_version) for s in ("train", "val", "test")}
@@ -167,10 +188,17 @@ def main(args) -> dict:
                                 shuffle_buffer=args.shuffle_buffer, workers=args.workers, seed=args.seed,
                                 reader=args.reader)
     loaders = {s: D.SplitLoader(src, settings, train=(s == "train")) for s, src in sources.items()}
+    if world > 1:  # each rank reads its own shard of the train row groups; val/test whole on every rank
+        loaders["train"] = D.SplitLoader(sources["train"], dataclasses.replace(
+            settings, cur_shard=rank, shard_count=world), train=True)
 
     model = M.build_model(args.head, args.init_weights).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
     optimizer = OPTIMIZERS[args.optimizer](model.parameters(), args.lr, args.weight_decay)
     schedule = build_schedule(args.schedule, optimizer, args.lr, args.epochs, len(loaders["train"]),
                               base_lr=args.base_lr, step_size_up=args.step_size_up,
@@ -189,24 +217,35 @@ def main(args) -> dict:
         print(f"train: resumed from {ckpt_path} after epoch {ckpt['epoch'] + 1}")
     elif args.resume:
         print(f"train: --resume but no {ckpt_path}; starting fresh")
-    with open(metrics_path, "w") as f:  # rewritten from the checkpoint's history: no duplicate epochs
-        for row in history:
-            f.write(json.dumps(row) + "\n")
+    if main_rank:
+        with open(metrics_path, "w") as f:  # rewritten from the checkpoint's history: no duplicate epochs
+            for row in history:
+                f.write(json.dumps(row) + "\n")
     for loader in loaders.values():
         loader.epoch = start_epoch  # the same shuffles and augmentations as an uninterrupted run
 
-    progress = _progress(args.no_progress)
-    writer = _tensorboard(os.path.join(args.output, "tensorboard"))
+    progress = _progress(args.no_progress or not main_rank)
+    writer = _tensorboard(os.path.join(args.output, "tensorboard")) if main_rank else None
     since_best = epochs_since_best(history)
+    started = time.time()
     for epoch in range(start_epoch, args.epochs):
         if since_best >= args.early_stop:
             print(f"train: early stop after {epoch} epochs ({args.early_stop} without a better val MAE)")
             break
+        if args.max_minutes is not None and time.time() - started > args.max_minutes * 60:
+            print(f"train: --max-minutes {args.max_minutes} spent after {epoch} epochs")
+            break
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(train_one_epoch(model, loaders["train"], optimizer, schedule, args.head, args.loss, device,
+        epoch_start = time.time()
+        row.update(train_one_epoch(net, loaders["train"], optimizer, schedule, args.head, args.loss, device,
                                    progress))
         row.update(evaluate(model, loaders["val"], args.head, device, progress, "val"))
+        if world > 1:  # every rank takes rank 0's numbers, so plateau cuts and early stops agree
+            row = broadcast_row(row, device)
+            row["world_size"] = world
         row["lr_cut"] = schedule.step_epoch(row["val_mae"])
+        row["epoch_seconds"] = time.time() - epoch_start
+        row["elapsed_seconds"] = (history[-1]["elapsed_seconds"] if history else 0.0) + row["epoch_seconds"]
         improved = row["val_mae"] < best
         if improved:
             best = row["val_mae"]
@@ -215,17 +254,27 @@ def main(args) -> dict:
         history.append(row)
         # checkpoint first: a metrics line then always has its checkpoint (a kill between the two
         # loses only the line, which --resume rewrites from the checkpoint's history)
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "schedule": schedule.state_dict(), "epoch": epoch, "best_val_mae": best,
-                                    "best_model": best_state, "history": history, "args": vars(args),
-                                    "torch_rng": torch.get_rng_state()})
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if main_rank:  # only rank 0 writes
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "schedule": schedule.state_dict(), "epoch": epoch, "best_val_mae": best,
+                                        "best_model": best_state, "history": history, "args": vars(args),
+                                        "torch_rng": torch.get_rng_state()})
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         if writer is not None:
             for key in ("train_loss", "val_mae", "val_cs5", "lr", "img_per_s"):
                 writer.add_scalar(key, row[key], epoch + 1)
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.3f} val MAE {row['val_mae']:.2f} "
-              f"lr {row['lr']:.2e} {row['img_per_s']:.0f} img/s" + (" (best)" if improved else ""))
+            writer.flush()
+        if main_rank:
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.3f} val MAE {row['val_mae']:.2f} "
+                  f"lr {row['lr']:.2e} {row['img_per_s']:.0f} img/s" + (" (best)" if improved else ""))
+        if on_epoch is not None:
+            try:
+                on_epoch(row)
+            except BaseException:
+                if writer is not None:
+                    writer.close()
+                raise
     if writer is not None:
         writer.close()
     if best_state is None:
@@ -235,19 +284,52 @@ def main(args) -> dict:
     val = evaluate(model, loaders["val"], args.head, device, progress, "val")
     summary = {"best_val_mae": best, **val, **test, "epochs_run": len(history), "image_size": image_size,
                "device": str(device), "data": args.data, "data_version": sources["train"].version,
-               "rows": {s: src.rows for s, src in sources.items()}}
+               "rows": {s: src.rows for s, src in sources.items()}, "world_size": world}
     crop = _prepare_crop_settings(args.data)
     bundle_path = args.bundle or os.path.join(args.output, "model.pt")
+    summary["bundle"] = bundle_path
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    if not main_rank:
+        return summary
     M.save_bundle(bundle_path, model, args.head, image_size, D.MEAN, D.STD, crop,
                   {"uri": args.data, "version": sources["train"].version, "rows": summary["rows"]},
                   {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress")},
                   {k: summary[k] for k in ("best_val_mae", "val_mae", "test_mae", "test_rmse", "test_cs5")})
-    summary["bundle"] = bundle_path
     with open(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"train: test MAE {test['test_mae']:.2f}, CS@5 {test['test_cs5']:.3f}, RMSE {test['test_rmse']:.2f}; "
           f"bundle {bundle_path}")
     return summary
+
+
+def init_distributed(device: torch.device):
+    """(rank, world size, device) from torchrun's / TorchDistributor's environment; (0, 1, device) alone.
+
+    gloo on CPU, nccl on CUDA (each rank on its LOCAL_RANK's GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def broadcast_row(row: dict, device: torch.device) -> dict:
+    """Rank 0's epoch metrics on every rank."""
+    import torch.distributed as dist
+
+    box = [row]
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    return box[0]
 
 
 def epochs_since_best(history) -> int:
@@ -288,16 +370,67 @@ def _tensorboard(folder: str):
     return SummaryWriter(folder)
 
 
-def cli(argv: Optional[list] = None) -> int:
+def distributed_entry(argv: list) -> dict:
+    """One rank of a TorchDistributor run (module level, so it pickles)."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    apply_params_file(args, parser, argv)
+    return main(args)
+
+
+def run_with_spark(args, argv: list) -> dict:
+    """--distributor spark: the same training in --num-processes ranks via pyspark's TorchDistributor."""
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    from spark_jobs.session import get_spark
+
+    spark = get_spark("faceage-train")
+    local = args.distributor_local_mode == "true" or (
+        args.distributor_local_mode == "auto" and spark.sparkContext.master.startswith("local"))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ["PYTHONPATH"] = os.pathsep.join([repo] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    inner = _strip_distributor_flags(argv)
+    use_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    print(f"train: TorchDistributor with {args.num_processes} processes (local_mode={local}, gpu={use_gpu})")
+    return TorchDistributor(num_processes=args.num_processes, local_mode=local, use_gpu=use_gpu).run(
+        distributed_entry, inner)
+
+
+def _strip_distributor_flags(argv: list) -> list:
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+            continue
+        if word in ("--distributor", "--num-processes", "--distributor-local-mode"):
+            skip = True
+            continue
+        if word.split("=", 1)[0] in ("--distributor", "--num-processes", "--distributor-local-mode"):
+            continue
+        out.append(word)
+    return out
+
+
+def cli(argv: Optional[list] = None) -> int:
+    parser = get_args_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
     try:
-        apply_params_file(args, parser, sys.argv[1:] if argv is None else argv)
-        main(args)
+        apply_params_file(args, parser, argv)
+        if args.distributor == "spark":
+            summary = run_with_spark(args, argv)
+            print(f"train: distributed run finished: test MAE {summary['test_mae']:.2f} "
+                  f"({summary['world_size']} ranks); bundle {summary['bundle']}")
+        else:
+            main(args)
     except (TrainError, M.BundleError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def console_main() -> None:
+    sys.exit(cli())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU check for the trainer, as ONE call on a lent GPU machine (fits its 8-minute slot).
+#
+# Here (prepares at most 64 MiB to carry: UTKFace val + test whole, a train sample, cp312 wheels):
+#     python bench/gpu_data.py --data /tmp/utk/parquet --budget-mib 62
+# There (the device tool):  run(command="bash bench/gpu_train.sh", carry=["bench/out/gpu"], timeout_s=540)
+#
+# It prints and writes under $OUT (or bench/out/gpu-results):
+#   1. img/s fed by the project's loader (--reader pyarrow: that machine has no pyspark/petastorm) vs the
+#      same loop over device-resident batches (bench/train_bench.py), 128 px, batch 128, bf16, channels_last;
+#   2. python -m trainer.train with CyclicLR + ReduceLROnPlateau and with a constant LR, same split, same
+#      wall-clock budget each: val/test MAE, epochs, seconds, img/s (summary.json, metrics.jsonl).
+set -euo pipefail
+DATA=${GPU_DATA:-bench/out/gpu}
+RESULTS=${OUT:-bench/out/gpu-results}
+MINUTES=${GPU_TRAIN_MINUTES:-2.5}   # per schedule
+WORKERS=${GPU_READERS:-$(( $(nproc) - 2 ))}
+mkdir -p "$RESULTS"
+PY=${PYTHON:-python3}
+
+if ! "$PY" -c "import torchvision, PIL" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --find-links "$DATA/wheels" torchvision pillow
+fi
+"$PY" - <<'EOF'
+import torch, torchvision, pyarrow, platform
+print(f"python {platform.python_version()} torch {torch.__version__} torchvision {torchvision.__version__} "
+      f"pyarrow {pyarrow.__version__} cuda {torch.cuda.is_available()} "
+      f"{torch.cuda.get_device_name() if torch.cuda.is_available() else ''}")
+EOF
+
+echo "== 1. loader-fed vs device-resident training throughput"
+"$PY" bench/train_bench.py --data "$DATA/data" --reader pyarrow --workers "$WORKERS" --batches 60 --warmup 5 \
+  --batch-size 128 --image-size 128 --device cuda | tee "$RESULTS/throughput.json"
+
+echo "== 2. CyclicLR + ReduceLROnPlateau vs constant LR, ${MINUTES} min each"
+for run in "cyclic_plateau --lr 3e-3" "constant --lr 1e-3"; do
+  set -- $run
+  "$PY" -m trainer.train --data "$DATA/data" --reader pyarrow --workers "$WORKERS" --device cuda \
+    --image-size 128 --batch-size 128 --epochs 200 --early-stop 1000 --max-minutes "$MINUTES" \
+    --schedule "$1" "$2" "$3" --output "$RESULTS/$1" --no-progress | tail -3
+done
+
+"$PY" - "$RESULTS" <<'EOF'
+import json, sys, os
+results = sys.argv[1]
+for name in ("cyclic_plateau", "constant"):
+    s = json.load(open(os.path.join(results, name, "summary.json")))
+    hist = [json.loads(l) for l in open(os.path.join(results, name, "metrics.jsonl"))]
+    print(f"{name}: epochs {s['epochs_run']}, best val MAE {s['best_val_mae']:.2f}, test MAE {s['test_mae']:.2f}, "
+          f"CS@5 {s['test_cs5']:.3f}, {hist[-1]['elapsed_seconds']:.0f} s, "
+          f"{sum(h['img_per_s'] for h in hist) / len(hist):.0f} img/s; rows {s['rows']}")
+const = [json.loads(l) for l in open(os.path.join(results, "constant", "metrics.jsonl"))]
+cyc = [json.loads(l) for l in open(os.path.join(results, "cyclic_plateau", "metrics.jsonl"))]
+target = min(h["val_mae"] for h in const)
+reach = lambda hist: next(((h["epoch"], h["elapsed_seconds"]) for h in hist if h["val_mae"] <= target), None)
+print(f"constant LR best val MAE {target:.2f}: reached by constant at {reach(const)}, "
+      f"by cyclic_plateau at {reach(cyc)} (epoch, seconds)")
+EOF
