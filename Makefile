@@ -1,5 +1,6 @@
 # One command each: `make demo` (install if needed, then the main job on a built-in synthetic
 # sample) and `make test` (install if needed, then the test suite). See README.md.
+SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -27,7 +28,10 @@ $(STAMP): setup.cfg requirements.lock pyproject.toml
 demo: install
 	$(BIN)/spark-submit spark_jobs/prepare.py --demo
 
+# The multi-worker tuning tests need PostgreSQL: .ci/postgres.sh starts a throwaway one on loopback
+# (installing Debian's package when root); without it those tests skip, except under CI where they fail.
 test: install
+	@. .ci/postgres.sh || echo "test: no PostgreSQL server: the multi-worker tuning test will skip"; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check-env: install

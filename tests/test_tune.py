@@ -1,0 +1,127 @@
+"""python -m trainer.tune on tiny real tables: SQLite, PostgreSQL with two workers, a killed worker."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from conftest import REPO, venv_env
+from trainer import train, tune
+
+TINY = "--image-size 32 --workers 1 --reader pyarrow"
+
+
+def _postgres_url():
+    url = os.environ.get("FACEAGE_TEST_POSTGRES")
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("CI must start PostgreSQL (.ci/postgres.sh) and export FACEAGE_TEST_POSTGRES")
+        pytest.skip("no FACEAGE_TEST_POSTGRES (start one with: source .ci/postgres.sh)")
+    return url
+
+
+def _trials(storage, study):
+    import optuna
+
+    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+
+
+def test_space_is_printed_and_maps_onto_train_flags():
+    out = subprocess.run([sys.executable, "-m", "trainer.tune", "--print-space"], cwd=REPO, env=venv_env(),
+                         capture_output=True, text=True, check=True).stdout
+    helptext = subprocess.run([sys.executable, "-m", "trainer.tune", "--help"], cwd=REPO, env=venv_env(),
+                              capture_output=True, text=True, check=True).stdout
+    for name in tune.SPACE:
+        assert name in out and name in helptext
+    values = {"lr": 1e-3, "base_lr_ratio": 0.1, "step_size_epochs": 2.0, "plateau_factor": 0.5,
+              "plateau_patience": 2, "weight_decay": 1e-4, "batch_size": 64, "augment": 1.0, "head": "regression"}
+    params = tune.train_params(values, train_rows=640)
+    dests = {a.dest for a in train.get_args_parser()._actions}
+    assert set(params) <= dests  # every tuned value is a trainer.train flag
+    assert params["step_size_up"] == 20 and params["base_lr"] == pytest.approx(1e-4)
+
+
+def test_sqlite_study_prunes_reports_and_retrains(tables, tmp_path):
+    root, manifest, _ = tables
+    out = tmp_path / "tune"
+    argv = ["--data", str(root / "pq"), "--study", "s1", "--output", str(out), "--n-trials", "5", "--epochs", "3",
+            "--train-args", TINY, "--seed", "1"]
+    assert tune.cli(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["storage"].startswith("sqlite:///") and (out / "optuna.db").exists()
+    assert report["trials"]["complete"] + report["trials"]["pruned"] == 5
+    assert {p for p in report["plots"]} == {"optimization_history.png", "param_importances.png",
+                                            "best_trial_curve.png"}
+    assert all((out / p).stat().st_size > 1000 for p in report["plots"])
+    # rerunning the finished study adds no trial
+    assert tune.cli(argv) == 0
+    assert len(_trials(report["storage"], "s1")) == 5
+    # the best params retrain through trainer.train
+    best = json.loads((out / "best_params.json").read_text())
+    assert best == report["best"]["train_params"] | {"epochs": 3}
+    run = tmp_path / "retrain"
+    assert train.cli(["--data", str(root / "pq"), "--params", str(out / "best_params.json"), "--output", str(run),
+                      "--epochs", "1", *TINY.split()]) == 0
+    ckpt_args = __import__("torch").load(run / "checkpoint.pt", weights_only=True)["args"]
+    assert ckpt_args["lr"] == pytest.approx(best["lr"]) and ckpt_args["batch_size"] == best["batch_size"]
+    assert ckpt_args["head"] == best["head"] and ckpt_args["epochs"] == 1  # typed flags win over the file
+
+
+def test_postgres_two_workers_share_one_study(tables, tmp_path):
+    url = _postgres_url()
+    root, _, _ = tables
+    study = f"two-workers-{uuid.uuid4().hex[:8]}"
+    out = tmp_path / "tune"
+    assert tune.cli(["--data", str(root / "pq"), "--study", study, "--storage", url, "--output", str(out),
+                     "--n-trials", "6", "--epochs", "2", "--workers", "2", "--train-args", TINY]) == 0
+    trials = _trials(url, study)
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))  # no duplicated trial
+    states = {t.state.name for t in trials}
+    assert states <= {"COMPLETE", "PRUNED"}  # none lost in RUNNING, none failed
+    assert 6 <= len(trials) <= 7  # each worker stops once 6 are finished; one may be in flight then
+    assert len({t.user_attrs["worker_pid"] for t in trials}) == 2  # both processes ran trials
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == len(trials)
+
+
+def test_killed_worker_is_failed_and_the_study_resumes(tables, tmp_path):
+    root, _, _ = tables
+    out = tmp_path / "tune"
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    argv = [sys.executable, "-m", "trainer.tune", "--data", str(root / "pq"), "--study", "killed", "--output",
+            str(out), "--n-trials", "3", "--epochs", "30", "--heartbeat", "1", "--grace", "3",
+            "--pruner", "none", "--train-args", TINY + " --early-stop 100"]
+    proc = subprocess.Popen(argv, cwd=REPO, env=venv_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:  # kill it in the middle of its first trial
+            if (out / "optuna.db").exists():
+                try:
+                    running = [t for t in _trials(storage, "killed") if t.intermediate_values]
+                except Exception:  # noqa: BLE001 - the study may not exist yet
+                    running = []
+                if running:
+                    break
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.5)
+        else:
+            pytest.fail("no trial reported an epoch within 240 s")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed = _trials(storage, "killed")
+    assert [t.state.name for t in killed] == ["RUNNING"]
+    time.sleep(4)  # past the grace period: its heartbeat has stopped
+    rerun = argv[:argv.index("--epochs") + 1] + ["2"] + argv[argv.index("--epochs") + 2:]
+    subprocess.run(rerun, cwd=REPO, env=venv_env(), check=True, capture_output=True)
+    after = _trials(storage, "killed")
+    assert after[0].state.name == "FAIL"  # the killed trial is marked failed, not left running
+    finished = [t for t in after if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 3
+    retried = [t for t in after if "failed_trial" in t.system_attrs]
+    assert retried and retried[0].system_attrs["failed_trial"] == after[0].number
+    assert retried[0].params == after[0].params  # the failed trial's params are tried again

@@ -1,0 +1,395 @@
+"""python -m trainer.tune: Optuna search over trainer.train's hyper-parameters.
+
+TPE (seeded, multivariate, constant liar for parallel workers) or random search; a Median or
+Hyperband pruner fed the val MAE after every epoch. The study lives in an Optuna storage: a SQLite
+file by default, or any SQLAlchemy URL (PostgreSQL for many workers/nodes on one study). Workers send
+heartbeats: a killed worker's running trial is marked FAIL and retried once when any worker (or a
+rerun with the same --study) next starts a trial. --n-trials counts finished trials (complete or
+pruned) in the whole study, so a rerun after a kill goes on to the same total.
+
+Outputs in --output: best_params.json (for `python -m trainer.train --params`), report.json and PNG
+plots (optimisation history, parameter importances, the best trial's learning curve).
+Browse a study live: `optuna-dashboard STORAGE_URL` (pip install optuna-dashboard).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import shlex
+import sys
+import time
+from typing import Dict, List, Optional
+
+# ----------------------------------------------------------------------------- the search space
+
+# name: (kind, low, high, log) or (categorical, choices). Tuned values map onto trainer.train flags in
+# train_params(); the space is printed by --print-space and in --help.
+SPACE: Dict[str, tuple] = {
+    "lr": ("float", 3e-4, 1e-2, True),  # peak LR (CyclicLR max_lr)
+    "base_lr_ratio": ("float", 0.02, 0.5, True),  # CyclicLR lower bound = lr x this
+    "step_size_epochs": ("float", 0.5, 4.0, False),  # CyclicLR half-cycle, in epochs
+    "plateau_factor": ("float", 0.2, 0.8, False),  # cycle bounds x this on a val-MAE plateau
+    "plateau_patience": ("int", 1, 4, False),
+    "weight_decay": ("float", 1e-6, 1e-2, True),
+    "batch_size": ("categorical", (32, 64, 128)),
+    "augment": ("float", 0.0, 1.5, False),  # augmentation strength
+    "head": ("categorical", ("regression", "distribution")),
+}
+
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "hyperband", "none")
+
+
+def describe_space() -> str:
+    lines = []
+    for name, spec in SPACE.items():
+        if spec[0] == "categorical":
+            lines.append(f"  {name:18s} one of {list(spec[1])}")
+        else:
+            kind, low, high, log = spec
+            lines.append(f"  {name:18s} {kind} in [{low:g}, {high:g}]" + (" (log scale)" if log else ""))
+    return "search space:\n" + "\n".join(lines)
+
+
+def suggest(trial) -> dict:
+    params = {}
+    for name, spec in SPACE.items():
+        if spec[0] == "categorical":
+            params[name] = trial.suggest_categorical(name, list(spec[1]))
+        elif spec[0] == "int":
+            params[name] = trial.suggest_int(name, spec[1], spec[2], log=spec[3])
+        else:
+            params[name] = trial.suggest_float(name, spec[1], spec[2], log=spec[3])
+    return params
+
+
+def train_params(space_values: dict, train_rows: int) -> dict:
+    """Tuned values -> trainer.train flag values (the keys --params accepts)."""
+    v = dict(space_values)
+    batches_per_epoch = max(1, math.ceil(train_rows / v["batch_size"]))
+    return {
+        "schedule": "cyclic_plateau",
+        "lr": v["lr"],
+        "base_lr": v["lr"] * v["base_lr_ratio"],
+        "step_size_up": max(1, round(v["step_size_epochs"] * batches_per_epoch)),
+        "plateau_factor": v["plateau_factor"],
+        "plateau_patience": v["plateau_patience"],
+        "weight_decay": v["weight_decay"],
+        "batch_size": v["batch_size"],
+        "augment": v["augment"],
+        "head": v["head"],
+    }
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.tune", description=__doc__.splitlines()[0],
+                                epilog=describe_space(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="prepare output root (Parquet or Delta), as for trainer.train")
+    p.add_argument("--study", default="faceage", help="study name (rerun with the same name to resume)")
+    p.add_argument("--storage", default=None,
+                   help="SQLAlchemy URL (default: sqlite:///OUTPUT/optuna.db); e.g. postgresql://user@host/db")
+    p.add_argument("--output", default="runs/tune", help="folder for trials, best_params.json and the report")
+    p.add_argument("--n-trials", type=int, default=20, help="finished (complete or pruned) trials the study needs")
+    p.add_argument("--timeout", type=float, default=None, help="seconds after which workers start no new trial")
+    p.add_argument("--workers", type=int, default=1, help="workers sharing the study (processes or Spark tasks)")
+    p.add_argument("--backend", default="processes", choices=("processes", "spark"),
+                   help="processes: on this machine; spark: each worker is a Spark task (on a cluster, one per "
+                        "executor core; the storage must then be a database every executor reaches)")
+    p.add_argument("--sampler", default="tpe", choices=SAMPLERS)
+    p.add_argument("--pruner", default="median", choices=PRUNERS)
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (worker k uses seed + k)")
+    p.add_argument("--epochs", type=int, default=10, help="epoch budget of every trial")
+    p.add_argument("--heartbeat", type=int, default=30, help="seconds between a running trial's heartbeats")
+    p.add_argument("--grace", type=int, default=None, help="heartbeat silence before a trial is failed "
+                                                           "(default 2 x heartbeat)")
+    p.add_argument("--train-args", default="", help="fixed trainer.train flags for every trial, "
+                                                    "e.g. \"--image-size 64 --workers 1\"")
+    p.add_argument("--print-space", action="store_true", help="print the search space and exit")
+    p.add_argument("--report-only", action="store_true", help="write best_params.json and the report, no trials")
+    return p
+
+
+class TuneError(Exception):
+    """A problem a user can fix."""
+
+
+def storage_url(args) -> str:
+    return args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.output, 'optuna.db'))}"
+
+
+def make_storage(args):
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    url = storage_url(args)
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: experimental
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=args.heartbeat,
+                              grace_period=args.grace or 2 * args.heartbeat,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+    except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors: say which storage and why
+        raise TuneError(f"--storage {url}: cannot open ({type(e).__name__}: {e})") from None
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def make_sampler(name: str, seed: int):
+    import optuna
+
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=5)
+
+
+def make_pruner(name: str, epochs: int):
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    return optuna.pruners.NopPruner()
+
+
+def load_study(args, seed: int):
+    import optuna
+
+    return optuna.create_study(study_name=args.study, storage=make_storage(args), direction="minimize",
+                               sampler=make_sampler(args.sampler, seed),
+                               pruner=make_pruner(args.pruner, args.epochs), load_if_exists=True)
+
+
+def finished(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def objective_factory(args, train_rows: int):
+    import optuna
+
+    from trainer import train as T
+
+    def objective(trial) -> float:
+        values = suggest(trial)
+        params = train_params(values, train_rows)
+        out = os.path.join(args.output, "trials", f"{trial.number:04d}")
+        argv = ["--data", args.data, "--output", out, "--epochs", str(args.epochs), "--no-progress",
+                *shlex.split(args.train_args)]
+        parser = T.get_args_parser()
+        targs = parser.parse_args(argv)
+        for key, value in params.items():
+            setattr(targs, key, value)
+        trial.set_user_attr("train_params", params)
+        trial.set_user_attr("worker_pid", os.getpid())
+        curve: List[float] = []
+
+        def on_epoch(row):
+            curve.append(row["val_mae"])
+            trial.set_user_attr("val_curve", curve)
+            trial.report(row["val_mae"], row["epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val MAE {row['val_mae']:.2f} after epoch {row['epoch']}")
+
+        summary = T.main(targs, on_epoch=on_epoch)
+        for key in ("test_mae", "test_cs5", "test_rmse", "epochs_run"):
+            trial.set_user_attr(key, summary[key])
+        return summary["best_val_mae"]
+
+    return objective
+
+
+def run_worker(args, worker: int) -> None:
+    """One worker: trials until the study holds --n-trials finished ones (or --timeout)."""
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    from trainer import data as D
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = load_study(args, args.seed + worker)
+    rows = D.split_source(args.data, "train").rows
+    if finished(study) >= args.n_trials:
+        return
+    study.optimize(objective_factory(args, rows), n_trials=None, timeout=args.timeout, catch=(),
+                   callbacks=[MaxTrialsCallback(args.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED))])
+
+
+def _worker_entry(args, worker: int) -> None:
+    import contextlib
+
+    log = os.path.join(args.output, f"worker-{worker}.log")
+    with open(log, "a") as f, contextlib.redirect_stdout(f):
+        run_worker(args, worker)
+
+
+def run(args) -> dict:
+    if not args.data:
+        raise TuneError("--data is required (a prepare output)")
+    os.makedirs(args.output, exist_ok=True)
+    start = time.time()
+    load_study(args, args.seed)  # create it once, before workers race to
+    if args.backend == "spark":
+        run_on_spark(args)
+    elif args.workers <= 1:
+        run_worker(args, 0)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_worker_entry, args=(args, k), name=f"tune-worker-{k}")
+                 for k in range(args.workers)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join()
+        bad = [p.name for p in procs if p.exitcode != 0]
+        if bad:
+            raise TuneError(f"workers {bad} failed: see {args.output}/worker-*.log")
+    return write_report(args, wall_seconds=time.time() - start)
+
+
+def _spark_task(args, worker: int) -> dict:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        run_worker(args, worker)
+    return {"worker": worker, "pid": os.getpid(), "log_tail": out.getvalue()[-2000:]}
+
+
+def run_on_spark(args) -> List[dict]:
+    """--backend spark: --workers Spark tasks, each a tune worker on the shared storage."""
+    from spark_jobs.session import get_spark
+
+    url = storage_url(args)
+    spark = get_spark("faceage-tune")
+    if url.startswith("sqlite") and not spark.sparkContext.master.startswith("local"):
+        raise TuneError("--backend spark on a cluster needs a database every executor reaches "
+                        "(e.g. --storage postgresql://...), not a local SQLite file")
+    k = max(1, args.workers)
+    data = os.path.abspath(args.data) if layout_is_local(args.data) else args.data
+    task_args = argparse.Namespace(**{**vars(args), "data": data, "output": os.path.abspath(args.output)})
+    results = spark.sparkContext.parallelize(range(k), k).map(lambda w: _spark_task(task_args, w)).collect()
+    return results
+
+
+def layout_is_local(uri: str) -> bool:
+    from schemas import layout
+
+    return layout.local_path(uri) is not None and "://" not in uri
+
+
+# ----------------------------------------------------------------------------- results
+
+def write_report(args, wall_seconds: Optional[float] = None) -> dict:
+    from optuna.trial import TrialState
+
+    study = load_study(args, args.seed)
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise TuneError(f"study {args.study!r} has no complete trial yet ({counts})")
+    best = study.best_trial
+    best_params = dict(best.user_attrs["train_params"])
+    best_params["epochs"] = args.epochs
+    best_path = os.path.join(args.output, "best_params.json")
+    with open(best_path, "w") as f:
+        json.dump(best_params, f, indent=2)
+    report = {
+        "study": args.study, "storage": _redact(storage_url(args)), "sampler": args.sampler, "pruner": args.pruner,
+        "epochs_per_trial": args.epochs, "trials": counts, "wall_seconds": wall_seconds,
+        "trial_seconds": sum((t.datetime_complete - t.datetime_start).total_seconds()
+                             for t in trials if t.datetime_complete and t.datetime_start),
+        "best": {"number": best.number, "val_mae": best.value, "params": best.params,
+                 "train_params": best_params, **{k: best.user_attrs.get(k) for k in ("test_mae", "test_cs5")}},
+        "all": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+                 "test_mae": t.user_attrs.get("test_mae"), "epochs": len(t.intermediate_values)} for t in trials],
+        "best_params_file": best_path,
+    }
+    report["plots"] = _plots(study, best, args.output)
+    with open(os.path.join(args.output, "report.json"), "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    return report
+
+
+def _plots(study, best, folder: str) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+
+    written = []
+
+    def save(name, make):
+        try:
+            ax = make()
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.tight_layout()
+            fig.savefig(os.path.join(folder, name), dpi=90)
+            plt.close(fig)
+            written.append(name)
+        except (ValueError, RuntimeError) as e:  # e.g. importances need 2+ complete trials
+            print(f"tune: plot {name} skipped: {e}", file=sys.stderr)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
+        save("optimization_history.png", lambda: ovm.plot_optimization_history(study))
+        save("param_importances.png", lambda: ovm.plot_param_importances(study))
+
+    def curve():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        steps = sorted(best.intermediate_values)
+        ax.plot(steps, [best.intermediate_values[s] for s in steps], marker="o")
+        ax.set(xlabel="epoch", ylabel="val MAE (years)", title=f"best trial #{best.number}: learning curve")
+        return ax
+
+    save("best_trial_curve.png", curve)
+    return written
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a storage URL before it is written anywhere."""
+    if "://" in url and "@" in url.split("://", 1)[1]:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
+    return url
+
+
+def cli(argv: Optional[list] = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.print_space:
+        print(describe_space())
+        return 0
+    try:
+        report = write_report(args) if args.report_only else run(args)
+    except TuneError as e:
+        print(f"tune: error: {e}", file=sys.stderr)
+        return 2
+    b = report["best"]
+    print(f"tune: study {args.study!r}: {report['trials']['complete']} complete, {report['trials']['pruned']} pruned, "
+          f"{report['trials']['fail']} failed; best #{b['number']} val MAE {b['val_mae']:.2f} "
+          f"(test MAE {b['test_mae']:.2f}); params -> {report['best_params_file']}")
+    return 0
+
+
+def console_main() -> None:
+    sys.exit(cli())
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
