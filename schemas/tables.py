@@ -59,3 +59,22 @@ MANIFEST_KEYS = (
     "format", "mode", "counts", "rejects_by_reason", "splits", "age_histogram", "timings_s",
     "table_versions", "spark", "versions",
 )
+
+# spark_jobs/score.py: one row per face found, and one row (face_index null) per photo with no face
+# or that could not be read, so photos in = photos with faces + photos without + unreadable.
+PREDICTIONS = (
+    Field("source_path", "string", doc="URI of the scored photo (or of the faces-table row's source)"),
+    Field("face_index", "int32", nullable=True, doc="0 = the largest face; null when no face was scored"),
+    Field("face_id", "string", nullable=True, doc="content hash + face index: prepare's face_id for face 0"),
+    Field("bbox", "float32_list", nullable=True, length=4, doc="x0, y0, x1, y1 in upright source pixels"),
+    Field("det_score", "float32", nullable=True, doc="detector confidence"),
+    Field("n_faces", "int32", nullable=True, doc="faces the detector found in the photo"),
+    Field("predicted_age", "float32", nullable=True, doc="expected age in years"),
+    Field("uncertainty", "float32", nullable=True, doc="std of the predicted age distribution (NaN: regression)"),
+    Field("status", "string", doc="ok, or the reason there is no prediction (a REASONS key)"),
+    Field("detail", "string", nullable=True, doc="what exactly was wrong, for a person"),
+    Field("model_id", "string", doc="sha256 prefix of the model bundle file"),
+    Field("data_version", "int64", nullable=True, doc="Delta version of the model's training data"),
+    Field("input_version", "int64", nullable=True, doc="Delta version of a scored faces table"),
+    Field("score_run_id", "string"),
+)

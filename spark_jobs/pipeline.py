@@ -220,12 +220,11 @@ def faces_per_file(images, settings: PrepareSettings):
     return images.mapInPandas(lambda it: process_partition(it, settings), schema=schema)
 
 
-def reconcile(listing, processed, max_file_bytes: int, dataset: str, run_id: str):
-    """Listed files that never reached the face function become rejects, so inputs = faces + rejects."""
+def skip_reason(max_file_bytes: int):
+    """(reason, detail) columns for a listed file (path, length, hidden) that the face function never
+    saw: why binaryFile or our filters left it out."""
     from pyspark.sql import functions as sf
 
-    names = [f.name for f in PROCESSED]
-    skipped = listing.join(processed.select(sf.col("source_path").alias("path")), "path", "left_anti")
     hidden = sf.col("hidden")
     reason = (sf.when(sf.col("length").isNull(), sf.lit("unreadable"))
               .when(hidden, sf.lit("hidden_file"))
@@ -242,6 +241,16 @@ def reconcile(listing, processed, max_file_bytes: int, dataset: str, run_id: str
                     sf.concat(sf.col("length").cast("string"), sf.lit(f" bytes is over --max-file-bytes {max_file_bytes}")))
               .when(sf.col("length").isNull(), sf.lit("cannot stat the file (a dangling link, or no permission)"))
               .otherwise(sf.lit("listed but its bytes could not be read (deleted or moved during the run)")))
+    return reason, detail
+
+
+def reconcile(listing, processed, max_file_bytes: int, dataset: str, run_id: str):
+    """Listed files that never reached the face function become rejects, so inputs = faces + rejects."""
+    from pyspark.sql import functions as sf
+
+    names = [f.name for f in PROCESSED]
+    skipped = listing.join(processed.select(sf.col("source_path").alias("path")), "path", "left_anti")
+    reason, detail = skip_reason(max_file_bytes)
     extra = {"source_path": sf.col("path"), "size_bytes": sf.col("length"), "reason": reason, "detail": detail,
              "dataset": sf.lit(dataset), "prepare_run_id": sf.lit(run_id)}
     schema = {f.name: f for f in PROCESSED}

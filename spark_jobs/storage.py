@@ -44,10 +44,13 @@ def table_exists(spark, uri: str, fmt: str) -> bool:
     return exists(spark, layout.join(uri, "_SUCCESS"))
 
 
-def read_table(spark, uri: str, fmt: str):
-    """A finished table as a DataFrame (Delta: latest version; Parquet: only with _SUCCESS)."""
+def read_table(spark, uri: str, fmt: str, version: Optional[int] = None):
+    """A finished table as a DataFrame (Delta: latest version or `version`; Parquet: only with _SUCCESS)."""
     if fmt == "delta":
-        return spark.read.format("delta").load(uri)
+        reader = spark.read.format("delta")
+        return (reader.option("versionAsOf", version) if version is not None else reader).load(uri)
+    if version is not None:
+        raise ValueError(f"{uri}: a version applies to Delta tables only")
     if not exists(spark, layout.join(uri, "_SUCCESS")):
         raise layout.IncompleteTableError(layout._incomplete_message(uri))
     return spark.read.parquet(uri)
@@ -60,6 +63,8 @@ ROW_GROUP_BYTES = 4 * 2**20
 
 def write_table(df, uri: str, fmt: str, mode: str, partition_by: Optional[str] = None) -> None:
     writer = df.write.format(fmt).mode(mode).option("parquet.block.size", ROW_GROUP_BYTES)
+    if fmt == "csv":
+        writer = writer.option("header", "true")
     if partition_by:
         writer = writer.partitionBy(partition_by)
     writer.save(uri)

@@ -1,0 +1,332 @@
+"""spark-submit spark_jobs/evaluate.py: how good and how fair a model's predictions are, at any size.
+
+    spark-submit spark_jobs/evaluate.py --predictions scored/ --labels prepared/ --output report/ [--split test]
+
+Joins predictions with labels in Spark (on face_id when the labels are a faces table, else on
+source_path for face 0 of a photo) and computes every number with Spark aggregations; only
+aggregates reach the driver. Writes metrics.json, slices.csv, confusion.csv, PNG plots and a
+self-contained report.html. Unmatched rows (a prediction without a label, a label without a
+prediction) and photos without a prediction are counted and reported.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import datetime as dt
+import html
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+if __package__ in (None, ""):  # run as a file by spark-submit: make the project importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from schemas import layout  # noqa: E402
+from spark_jobs.storage import to_uri  # noqa: E402
+
+# Age groups: 0-2, 3-9, 10-19, ..., 60-69, 70+ (lower bounds).
+AGE_GROUP_BOUNDS = (0, 3, 10, 20, 30, 40, 50, 60, 70)
+GENDERS = {0: "male", 1: "female"}  # UTKFace coding
+RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
+SLICES = ("age_group", "gender", "race", "dataset")
+
+
+def group_names() -> List[str]:
+    names = []
+    for i, low in enumerate(AGE_GROUP_BOUNDS):
+        high = AGE_GROUP_BOUNDS[i + 1] - 1 if i + 1 < len(AGE_GROUP_BOUNDS) else None
+        names.append(f"{low}-{high}" if high is not None else f"{low}+")
+    return names
+
+
+class UsageError(Exception):
+    """A flag or input a user must fix before anything runs."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spark-submit spark_jobs/evaluate.py", description=__doc__.splitlines()[0])
+    p.add_argument("--predictions", required=True, help="score output folder (or its predictions/ table)")
+    p.add_argument("--labels", required=True,
+                   help="a prepare output / faces table (join on face_id), or a CSV manifest with path and age")
+    p.add_argument("--output", required=True, help="folder for metrics.json, CSVs, PNGs and report.html")
+    p.add_argument("--split", default=None, help="faces-table labels: only this split (e.g. test)")
+    p.add_argument("--labels-version", type=int, default=None, help="Delta version of a faces-table labels input")
+    return p
+
+
+def age_group(col):
+    """Spark column: the age-group name of an age column."""
+    from pyspark.sql import functions as sf
+
+    names = group_names()
+    expr = sf.lit(names[-1])
+    for low, name in reversed(list(zip(AGE_GROUP_BOUNDS[1:], names[:-1]))):
+        expr = sf.when(col < low, sf.lit(name)).otherwise(expr)
+    return expr
+
+
+def load_labels(spark, uri: str, split: Optional[str], version: Optional[int]):
+    """(labels DataFrame, join key, description) from a faces table or a CSV manifest."""
+    from pyspark.sql import functions as sf
+
+    from spark_jobs import storage
+
+    path = layout.local_path(uri)
+    if path and os.path.isfile(path):  # a manifest: path, age[, gender, race]
+        df = spark.read.option("header", "true").option("inferSchema", "true").csv(uri)
+        missing = {"path", "age"} - set(df.columns)
+        if missing:
+            raise UsageError(f"--labels {uri}: a CSV manifest needs columns path and age (missing {sorted(missing)})")
+        cols = [sf.col("path").alias("source_path"), sf.col("age").cast("int").alias("age")]
+        for c in ("gender", "race"):
+            cols.append(sf.col(c).cast("int").alias(c) if c in df.columns else sf.lit(None).cast("int").alias(c))
+        cols.append(sf.col("dataset") if "dataset" in df.columns else sf.lit("manifest").alias("dataset"))
+        return df.select(*cols), "source_path", {"uri": uri, "kind": "manifest"}
+    faces = uri if uri.rstrip("/").endswith("/" + layout.FACES_DIR) else layout.faces_uri(uri)
+    fmt = "delta" if layout.is_delta(faces) else "parquet"
+    try:
+        df = storage.read_table(spark, faces, fmt, version if fmt == "delta" else None)
+    except layout.IncompleteTableError as e:
+        raise UsageError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - a missing path surfaces as an AnalysisException
+        raise UsageError(f"--labels {uri}: cannot read a faces table at {faces} ({type(e).__name__})") from None
+    if split:
+        df = df.where(sf.col("split") == split)
+    version_read = None
+    if fmt == "delta":
+        from deltalake import DeltaTable
+
+        version_read = version if version is not None else DeltaTable(layout.local_path(faces) or faces).version()
+    return (df.select("face_id", "age", "gender", "race", "dataset", "split"), "face_id",
+            {"uri": faces, "kind": f"faces table ({fmt})", "split": split, "version": version_read})
+
+
+def run(args) -> dict:
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as sf
+
+    from spark_jobs.score import read_predictions
+    from spark_jobs.session import get_spark
+
+    started = time.time()
+    spark = get_spark("faceage-evaluate")
+    try:
+        preds = read_predictions(spark, to_uri(args.predictions))
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"--predictions {args.predictions}: not a score output ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    labels, key, label_info = load_labels(spark, to_uri(args.labels), args.split, args.labels_version)
+
+    ok = preds.where(sf.col("status") == "ok")
+    if key == "source_path":
+        ok = ok.where(sf.col("face_index") == 0)
+    ok = ok.select(key, "predicted_age", "uncertainty", "model_id", "data_version")
+    joined = ok.join(labels, key, "full_outer").withColumn(
+        "matched", sf.col("predicted_age").isNotNull() & sf.col("age").isNotNull())
+    # One pass over the join for the bookkeeping; the matched rows are cached for the metrics.
+    book = joined.groupBy(sf.col("predicted_age").isNotNull().alias("has_pred"),
+                          sf.col("age").isNotNull().alias("has_label")).count().collect()
+    bookkeeping = {"matched": 0, "predictions_without_label": 0, "labels_without_prediction": 0}
+    for r in book:
+        if r["has_pred"] and r["has_label"]:
+            bookkeeping["matched"] += r["count"]
+        elif r["has_pred"]:
+            bookkeeping["predictions_without_label"] += r["count"]
+        else:
+            bookkeeping["labels_without_prediction"] += r["count"]
+    no_prediction = {r["status"]: r["count"] for r in preds.where(sf.col("status") != "ok")
+                     .groupBy("status").count().collect()}
+    models = preds.where(sf.col("status") == "ok").groupBy("model_id", "data_version").count().collect()
+    if bookkeeping["matched"] == 0:
+        raise UsageError(f"no prediction matched a label (joined on {key}): {bookkeeping}; are these the "
+                         f"predictions for this table (and --split)?")
+
+    err = sf.col("predicted_age") - sf.col("age")
+    m = (joined.where("matched")
+         .select("age", "predicted_age", "uncertainty", err.alias("err"), sf.abs(err).alias("abs_err"),
+                 age_group(sf.col("age")).alias("age_group"), age_group(sf.col("predicted_age")).alias("pred_group"),
+                 sf.coalesce(sf.col("gender").cast("string"), sf.lit("unknown")).alias("gender"),
+                 sf.coalesce(sf.col("race").cast("string"), sf.lit("unknown")).alias("race"),
+                 sf.coalesce("dataset", sf.lit("unknown")).alias("dataset"))
+         .persist(StorageLevel.MEMORY_AND_DISK))
+    aggs = [sf.count("*").alias("count"), sf.avg("abs_err").alias("mae"),
+            sf.sqrt(sf.avg(sf.col("err") * sf.col("err"))).alias("rmse"),
+            sf.avg((sf.col("abs_err") <= 5).cast("double")).alias("cs5"), sf.avg("err").alias("bias")]
+    overall = m.agg(*aggs).first().asDict()
+    slices = []
+    for name in SLICES:
+        for r in m.groupBy(name).agg(*aggs).collect():
+            value = r[name]
+            if name == "gender" and value.isdigit():
+                value = GENDERS.get(int(value), value)
+            if name == "race" and value.isdigit():
+                value = RACES.get(int(value), value)
+            slices.append({"slice": name, "value": value, **{k: r[k] for k in ("count", "mae", "rmse", "cs5", "bias")}})
+    order = {g: i for i, g in enumerate(group_names())}
+    slices.sort(key=lambda s: (SLICES.index(s["slice"]), order.get(s["value"], 99), str(s["value"])))
+    cells = m.groupBy("age_group", "pred_group").count().collect()
+    by_age = sorted((int(r["age"]), r["count"], r["mae"]) for r in
+                    m.groupBy("age").agg(sf.count("*").alias("count"), sf.avg("abs_err").alias("mae")).collect())
+    density = [(int(r["a"]), int(r["p"]), r["count"]) for r in m.groupBy(
+        sf.floor("age").alias("a"), sf.floor(sf.greatest(sf.lit(0.0), "predicted_age")).alias("p")).count().collect()]
+    m.unpersist()
+
+    os.makedirs(args.output, exist_ok=True)
+    matrix, normalized = confusion(cells)
+    plots = write_plots(args.output, matrix, normalized, by_age, density)
+    write_csv(os.path.join(args.output, "slices.csv"), slices)
+    names = group_names()
+    with open(os.path.join(args.output, "confusion.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted"] + names)
+        for name, row in zip(names, matrix):
+            w.writerow([name] + [int(v) for v in row])
+    metrics = {
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "predictions": to_uri(args.predictions), "labels": label_info, "join_key": key,
+        "models": [{"model_id": r["model_id"], "data_version": r["data_version"], "faces": r["count"]} for r in models],
+        "rows": bookkeeping, "no_prediction_by_reason": no_prediction,
+        "overall": overall, "slices": slices,
+        "confusion": {"labels": names, "counts": matrix.astype(int).tolist(),
+                      "row_normalized": [[round(float(v), 4) for v in row] for row in normalized]},
+        "plots": plots, "seconds": round(time.time() - started, 3),
+        "spark": {"master": spark.sparkContext.master, "app_id": spark.sparkContext.applicationId},
+    }
+    with open(os.path.join(args.output, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2, default=str)
+    write_html(os.path.join(args.output, "report.html"), metrics, args.output)
+    return metrics
+
+
+def confusion(cells):
+    """Age-group confusion matrix (counts, row-normalised) with scikit-learn, from aggregated cells."""
+    import numpy as np
+    from sklearn.metrics import confusion_matrix
+
+    names = group_names()
+    if not cells:
+        return np.zeros((len(names), len(names))), np.zeros((len(names), len(names)))
+    y_true = [r["age_group"] for r in cells]
+    y_pred = [r["pred_group"] for r in cells]
+    weights = [r["count"] for r in cells]
+    counts = confusion_matrix(y_true, y_pred, labels=names, sample_weight=weights)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normalized = np.nan_to_num(counts / counts.sum(axis=1, keepdims=True))
+    return counts, normalized
+
+
+def write_csv(path: str, rows: List[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["slice", "value", "count", "mae", "rmse", "cs5", "bias"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_plots(folder: str, matrix, normalized, by_age, density) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = group_names()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(normalized, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=45)
+    ax.set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if matrix[i][j]:
+                ax.text(j, i, f"{int(matrix[i][j])}", ha="center", va="center", fontsize=7,
+                        color="white" if normalized[i][j] > 0.5 else "black")
+    ax.set(xlabel="predicted age group", ylabel="true age group", title="Age-group confusion (row-normalised colour, counts)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "confusion.png"), dpi=90)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ages = [a for a, _, _ in by_age]
+    ax.bar(ages, [c for _, c, _ in by_age], color="#dddddd", label="faces")
+    ax.set(xlabel="true age", ylabel="faces")
+    ax2 = ax.twinx()
+    ax2.plot(ages, [e for _, _, e in by_age], color="#c0392b", marker=".", label="MAE")
+    ax2.set_ylabel("MAE (years)")
+    ax.set_title("MAE by true age")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "mae_by_age.png"), dpi=90)
+    plt.close(fig)
+
+    grid = np.zeros((121, 121))
+    for a, p, c in density:
+        grid[min(p, 120), min(a, 120)] += c
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(np.log1p(grid), origin="lower", cmap="viridis", extent=(0, 121, 0, 121))
+    ax.plot([0, 120], [0, 120], color="white", lw=0.8, ls="--")
+    ax.set(xlabel="true age", ylabel="predicted age", title="Predicted vs true (log count)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "pred_vs_true.png"), dpi=90)
+    plt.close(fig)
+    return ["confusion.png", "mae_by_age.png", "pred_vs_true.png"]
+
+
+def write_html(path: str, metrics: dict, folder: str) -> None:
+    """One self-contained page: the images are embedded, nothing else is fetched."""
+    def img(name):
+        with open(os.path.join(folder, name), "rb") as f:
+            data = base64.b64encode(f.read()).decode()
+        return f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+
+    o, rows = metrics["overall"], metrics["rows"]
+    models = ", ".join(f"{m['model_id']} (training data version {m['data_version']}, {m['faces']} faces)"
+                       for m in metrics["models"]) or "none"
+    slice_rows = "".join(
+        f"<tr><td>{html.escape(s['slice'])}</td><td>{html.escape(str(s['value']))}</td>"
+        + "".join(f"<td>{fmt(s[k])}</td>" for k in ("count", "mae", "rmse", "cs5", "bias")) + "</tr>"
+        for s in metrics["slices"])
+    label = metrics["labels"]
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>faceage evaluation</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
+<h1>Age estimation: evaluation report</h1>
+<p>Model: {html.escape(models)}.<br>Predictions: {html.escape(metrics['predictions'])}.<br>
+Labels: {html.escape(str(label.get('uri')))} ({html.escape(label.get('kind', ''))}, split {html.escape(str(label.get('split')))},
+version {html.escape(str(label.get('version')))}), joined on {html.escape(metrics['join_key'])}.<br>
+Rows: {rows['matched']} matched; {rows['predictions_without_label']} predictions without a label;
+{rows['labels_without_prediction']} labels without a prediction; photos without a prediction by reason:
+{html.escape(json.dumps(metrics['no_prediction_by_reason']))}. Created {html.escape(metrics['created_at'])}.</p>
+<h2>Overall</h2><table><tr><th>count</th><th>MAE</th><th>RMSE</th><th>CS@5</th><th>bias (mean signed error)</th></tr>
+<tr><td>{o['count']}</td><td>{o['mae']:.3f}</td><td>{o['rmse']:.3f}</td><td>{o['cs5']:.3f}</td><td>{o['bias']:.3f}</td></tr></table>
+<h2>Slices</h2><table><tr><th>slice</th><th>value</th><th>count</th><th>MAE</th><th>RMSE</th><th>CS@5</th><th>bias</th></tr>
+{slice_rows}</table>
+<h2>Age-group confusion matrix</h2>{img('confusion.png')}
+<h2>MAE by true age</h2>{img('mae_by_age.png')}
+<h2>Predicted vs true</h2>{img('pred_vs_true.png')}
+</body></html>"""
+    with open(path, "w") as f:
+        f.write(page)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        metrics = run(args)
+    except UsageError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    o, r = metrics["overall"], metrics["rows"]
+    print(f"evaluate: {r['matched']} matched rows: MAE {o['mae']:.2f}, RMSE {o['rmse']:.2f}, CS@5 {o['cs5']:.3f}, "
+          f"bias {o['bias']:+.2f}; unmatched: {r['predictions_without_label']} predictions, "
+          f"{r['labels_without_prediction']} labels; report {os.path.join(args.output, 'report.html')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""score's per-partition work, shared by the Spark job and the plain-Python benchmark loop.
+
+A Predictor holds one loaded model bundle; `predictor()` caches it per Python process (a Spark
+executor's reused Python worker), keyed by the bundle file, so a model is loaded once per worker,
+never per batch. Photos go through spark_jobs.faces.crop_faces with the bundle's crop settings (the
+exact function prepare used), every face is kept, and the crops are decoded exactly as the trainer's
+loader decodes them before batched inference.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+
+from schemas.tables import PREDICTIONS
+from spark_jobs.faces import CropSettings, Reject, crop_faces, get_detector
+
+NAMES = [f.name for f in PREDICTIONS]
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """What the scoring function needs on the executors (pickled into each task)."""
+
+    bundle: str  # a local path, or a SparkFiles name resolved on the executor
+    model_id: str
+    data_version: Optional[int]
+    input_version: Optional[int]
+    run_id: str
+    batch_size: int = 64
+    device: str = "auto"
+    torch_threads: int = 1  # Spark runs one task per core: one torch thread each
+    spark_file: bool = False
+
+
+def model_id(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+class Predictor:
+    """One model bundle, ready for batched inference on CPU or CUDA."""
+
+    def __init__(self, path: str, device: str = "auto", threads: Optional[int] = None):
+        import torch
+
+        from trainer import model as M
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model, self.bundle = M.load_bundle(path)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.model.to(self.device)
+        self.head = self.bundle["head"]
+        self.size = int(self.bundle["input_size"])
+        self.mean = torch.tensor(self.bundle["normalize"]["mean"], device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.bundle["normalize"]["std"], device=self.device).view(1, 3, 1, 1)
+        crop = dict(self.bundle.get("crop") or {})
+        crop.setdefault("size", self.size)
+        self.crop = CropSettings(**crop)
+
+    def predict(self, pixels: np.ndarray, batch_size: int = 64):
+        """uint8 N x H x W x 3 -> (ages, stds) float32 arrays; std is NaN for a regression head."""
+        import torch
+
+        from trainer import model as M
+
+        ages, stds = [], []
+        with torch.inference_mode():
+            for i in range(0, len(pixels), batch_size):
+                x = torch.from_numpy(pixels[i:i + batch_size]).to(self.device).permute(0, 3, 1, 2)
+                x = (x.float() / 255.0 - self.mean) / self.std
+                age, std = M.decode(self.model(x), self.head)
+                ages.append(age.float().cpu().numpy())
+                stds.append(std.float().cpu().numpy())
+        if not ages:
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+        return np.concatenate(ages), np.concatenate(stds)
+
+
+_PREDICTORS: Dict[str, Predictor] = {}
+LOADS = {"count": 0}  # how often this process loaded a bundle (a test checks it is once per worker)
+
+
+def predictor(settings: ScoreSettings) -> Predictor:
+    path = settings.bundle
+    if settings.spark_file:
+        from pyspark import SparkFiles
+
+        path = SparkFiles.get(settings.bundle)
+    key = f"{path}:{settings.model_id}:{settings.device}"
+    if key not in _PREDICTORS:
+        _PREDICTORS[key] = Predictor(path, settings.device, settings.torch_threads)
+        LOADS["count"] += 1
+    return _PREDICTORS[key]
+
+
+def _row(settings: ScoreSettings, **values) -> dict:
+    row = {name: None for name in NAMES}
+    row.update(model_id=settings.model_id, data_version=settings.data_version,
+               input_version=settings.input_version, score_run_id=settings.run_id)
+    row.update(values)
+    return row
+
+
+def score_photos(records, pred: Predictor, settings: ScoreSettings, detector=None,
+                 timings: Optional[dict] = None) -> List[dict]:
+    """(path, bytes) photos -> prediction rows: one per face, or one with a status when none."""
+    from trainer.data import decode
+
+    detector = detector if detector is not None else (
+        get_detector(pred.crop.detector) if pred.crop.detector != "none" else None)
+    timings = timings if timings is not None else {}
+    rows, pixels = [], []
+    for path, raw in records:
+        raw = bytes(raw)
+        digest = hashlib.sha256(raw).hexdigest()
+        try:
+            crops = crop_faces(raw, pred.crop, detector, all_faces=True, timings=timings)
+        except Reject as e:
+            rows.append(_row(settings, source_path=path, status=e.reason, detail=e.detail))
+            continue
+        except Exception as e:  # noqa: BLE001 - one bad file must not kill the job
+            rows.append(_row(settings, source_path=path, status="corrupt",
+                             detail=f"unexpected {type(e).__name__}: {e}"))
+            continue
+        t0 = time.perf_counter()
+        for crop in crops:
+            pixels.append(decode(crop.image, pred.size))
+            rows.append(_row(settings, source_path=path, face_index=crop.face_index,
+                             face_id=f"{digest[:24]}-{crop.face_index}", bbox=crop.bbox,
+                             det_score=crop.det_score, n_faces=crop.n_faces, status="ok"))
+        timings["align"] = timings.get("align", 0.0) + time.perf_counter() - t0
+    _infer(rows, pixels, pred, settings, timings)
+    return rows
+
+
+def score_faces(records, pred: Predictor, settings: ScoreSettings, timings: Optional[dict] = None) -> List[dict]:
+    """Rows of a prepared faces table (already cropped by prepare) -> prediction rows."""
+    from trainer.data import decode
+
+    timings = timings if timings is not None else {}
+    rows, pixels = [], []
+    t0 = time.perf_counter()
+    for rec in records:
+        pixels.append(decode(bytes(rec["image"]), pred.size))
+        rows.append(_row(settings, source_path=rec["source_path"], face_index=0, face_id=rec["face_id"],
+                         bbox=None if rec["bbox"] is None else [float(v) for v in rec["bbox"]],
+                         det_score=rec["det_score"], n_faces=rec["n_faces"], status="ok"))
+    timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t0
+    _infer(rows, pixels, pred, settings, timings)
+    return rows
+
+
+def _infer(rows, pixels, pred: Predictor, settings: ScoreSettings, timings: dict) -> None:
+    if not pixels:
+        return
+    t0 = time.perf_counter()
+    ages, stds = pred.predict(np.stack(pixels), settings.batch_size)
+    timings["infer"] = timings.get("infer", 0.0) + time.perf_counter() - t0
+    ok = [r for r in rows if r["status"] == "ok"]
+    for row, age, std in zip(ok, ages, stds):
+        row["predicted_age"] = float(age)
+        row["uncertainty"] = float(std)
+
+
+def score_partition(batches: Iterator, settings: ScoreSettings, kind: str) -> Iterator:
+    """mapInPandas body: photo batches (path, content) or faces-table batches -> PREDICTIONS batches."""
+    import pandas as pd
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(settings.torch_threads))
+    pred = predictor(settings)
+    detector = get_detector(pred.crop.detector) if kind == "photos" and pred.crop.detector != "none" else None
+    for batch in batches:
+        if kind == "photos":
+            rows = score_photos(zip(batch["path"], batch["content"]), pred, settings, detector)
+        else:
+            rows = score_faces(batch.to_dict("records"), pred, settings)
+        yield pd.DataFrame(rows, columns=NAMES)

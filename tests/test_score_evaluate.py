@@ -1,0 +1,185 @@
+"""spark_jobs/score.py and evaluate.py on real photos, a tiny trained bundle and real Spark."""
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, encode, spark_submit, synthetic_face, synthetic_photo, venv_env
+from schemas import layout
+from spark_jobs import evaluate, score, scoring
+from spark_jobs.faces import CropSettings
+from trainer import data, train
+
+
+@pytest.fixture(scope="module")
+def bundles(tables, tmp_path_factory):
+    """A bundle trained 1 epoch on the fixture table (crops by --detector none), and a copy whose crop
+    settings use the YuNet detector (for photos)."""
+    root, _, _ = tables
+    out = tmp_path_factory.mktemp("bundle")
+    assert train.cli(["--data", str(root / "pq"), "--output", str(out), "--epochs", "1", "--image-size", "32",
+                      "--batch-size", "16", "--workers", "1", "--reader", "pyarrow", "--no-progress"]) == 0
+    plain = out / "model.pt"
+    bundle = torch.load(plain, weights_only=True)
+    bundle["crop"] = CropSettings(size=32, detector="yunet").to_dict()
+    detecting = out / "model-yunet.pt"
+    torch.save(bundle, detecting)
+    return plain, detecting
+
+
+def _mixed_folder(folder: Path) -> dict:
+    """Photos with two faces, one face, no face, and files that are not usable images."""
+    folder.mkdir()
+    two = Image.new("RGB", (800, 480), (120, 140, 160))
+    two.paste(synthetic_face(30, seed=9, size=160), (40, 200))
+    two.paste(synthetic_face(70, seed=10, size=300), (420, 90))
+    (folder / "two_faces.jpg").write_bytes(encode(two, quality=95))
+    one, _ = synthetic_photo(40, seed=3)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "one face.PNG").write_bytes(encode(one, "PNG"))
+    noise = Image.fromarray(np.random.default_rng(8).integers(0, 255, (480, 640, 3), dtype=np.uint8))
+    (folder / "no_face.jpg").write_bytes(encode(noise))
+    (folder / "truncated.jpg").write_bytes(encode(one)[:3000])
+    (folder / "not_an_image.jpg").write_bytes(b"hello, not a JPEG")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("a text file")
+    (folder / ".hidden.jpg").write_bytes(encode(one))
+    return {"photos": 8, "with_faces": 2, "faces": 3, "without_face": 1, "unreadable": 5}
+
+
+def _rows(out: Path) -> pd.DataFrame:
+    return pd.concat(pq.read_table(p).to_pandas() for p in (out / "predictions").glob("*.parquet"))
+
+
+def test_scoring_a_mixed_folder_accounts_for_every_photo(bundles, tmp_path):
+    _, detecting = bundles
+    expected = _mixed_folder(tmp_path / "photos")
+    out = tmp_path / "scored"
+    assert score.main(["--model", str(detecting), "--input", str(tmp_path / "photos"), "--output", str(out)]) == 0
+    manifest = json.loads((out / score.SCORE_MANIFEST).read_text())
+    c = manifest["counts"]
+    assert (c["photos"], c["photos_with_faces"], c["faces"], c["photos_without_face"], c["unreadable"]) == \
+        (expected["photos"], expected["with_faces"], expected["faces"], expected["without_face"],
+         expected["unreadable"])
+    assert c["photos"] == c["photos_with_faces"] + c["photos_without_face"] + c["unreadable"]
+    rows = _rows(out)
+    by_name = {name: g for name, g in rows.groupby(rows.source_path.map(lambda p: Path(p).name))}
+    assert len(by_name) == expected["photos"]  # every file has at least one row
+    two = by_name["two_faces.jpg"].sort_values("face_index")
+    assert two.face_index.tolist() == [0, 1] and (two.status == "ok").all()
+    assert two.bbox.iloc[0][0] > 400 and two.bbox.iloc[1][0] < 400  # face 0 is the largest
+    assert all(len(b) == 4 for b in two.bbox) and (two.det_score > 0.5).all()
+    assert two.predicted_age.between(0, 120).all() and two.uncertainty.map(math.isfinite).all()
+    assert by_name["one face.PNG"].status.tolist() == ["ok"]
+    statuses = {name: g.status.iloc[0] for name, g in by_name.items()}
+    assert statuses["no_face.jpg"] == "no_face"
+    assert statuses["truncated.jpg"] == "corrupt" and statuses["not_an_image.jpg"] == "not_an_image"
+    assert statuses["empty.jpg"] == "empty_file" and statuses["notes.txt"] == "unsupported_extension"
+    assert statuses[".hidden.jpg"] == "hidden_file"
+    no_pred = rows[rows.status != "ok"]
+    assert no_pred.predicted_age.isna().all() and no_pred.face_index.isna().all() and no_pred.detail.notna().all()
+    assert set(rows.model_id) == {scoring.model_id(str(detecting))}
+    # the output folder is not overwritten by accident
+    assert score.main(["--model", str(detecting), "--input", str(tmp_path / "photos"), "--output", str(out)]) == 2
+
+
+def test_the_model_is_loaded_once_per_worker_process(bundles):
+    plain, _ = bundles
+    settings = scoring.ScoreSettings(bundle=str(plain), model_id="x", data_version=None, input_version=None,
+                                     run_id="r")
+    before = scoring.LOADS["count"]
+    first = scoring.predictor(settings)
+    assert scoring.predictor(settings) is first and scoring.LOADS["count"] == before + 1
+
+
+def test_score_a_table_split_then_evaluate_it(bundles, tables, tmp_path):
+    root, manifest, _ = tables
+    plain, _ = bundles
+    out = tmp_path / "scored"
+    assert score.main(["--model", str(plain), "--input", str(root / "delta"), "--split", "test",
+                       "--output", str(out)]) == 0
+    m = json.loads((out / score.SCORE_MANIFEST).read_text())
+    n = data.split_source(str(root / "delta"), "test").rows  # the latest version's test split
+    total = sum(data.split_source(str(root / "delta"), s).rows for s in ("train", "val", "test"))
+    assert m["counts"]["faces"] == n and m["input"]["version"] == 1
+    rows = _rows(out)
+    assert (rows.status == "ok").all() and (rows.input_version == 1).all()
+
+    report = tmp_path / "report"
+    assert evaluate.main(["--predictions", str(out), "--labels", str(root / "delta"), "--split", "test",
+                          "--output", str(report)]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["rows"] == {"matched": n, "predictions_without_label": 0, "labels_without_prediction": 0}
+    # the Spark aggregates equal the same numbers computed here from the rows
+    labels = pd.concat(pq.read_table(layout.local_path(f)).to_pandas()
+                       for f in layout.table_files(str(root / "delta" / "faces")) if "split=test" in f)
+    joined = rows.merge(labels[["face_id", "age", "gender"]], on="face_id")
+    err = joined.predicted_age - joined.age
+    o = metrics["overall"]
+    assert o["count"] == n and o["mae"] == pytest.approx(err.abs().mean(), rel=1e-5)
+    assert o["rmse"] == pytest.approx(np.sqrt((err ** 2).mean()), rel=1e-5)
+    assert o["cs5"] == pytest.approx((err.abs() <= 5).mean()) and o["bias"] == pytest.approx(err.mean(), rel=1e-5)
+    slices = pd.read_csv(report / "slices.csv")
+    for name in ("age_group", "gender", "race", "dataset"):
+        assert slices[slices.slice == name]["count"].sum() == n
+    female = slices[(slices.slice == "gender") & (slices.value == "female")]
+    if len(female):
+        assert female["mae"].iloc[0] == pytest.approx(err[joined.gender == 1].abs().mean(), rel=1e-5)
+    assert np.array(metrics["confusion"]["counts"]).sum() == n
+    true_groups = np.array(metrics["confusion"]["counts"]).sum(axis=1)
+    assert true_groups.tolist() == [int(((joined.age >= lo) & (joined.age < hi)).sum()) for lo, hi in
+                                    zip(evaluate.AGE_GROUP_BOUNDS, evaluate.AGE_GROUP_BOUNDS[1:] + (999,))]
+    page = (report / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and scoring.model_id(str(plain)) in page
+    assert all((report / p).stat().st_size > 5000 for p in metrics["plots"])
+
+    # without --split, the train and val labels have no prediction: counted, not dropped
+    everything = tmp_path / "report-all"
+    assert evaluate.main(["--predictions", str(out), "--labels", str(root / "delta"), "--output",
+                          str(everything)]) == 0
+    rows_all = json.loads((everything / "metrics.json").read_text())["rows"]
+    assert rows_all["matched"] == n
+    assert rows_all["labels_without_prediction"] == total - n
+
+
+def test_spark_submit_score_to_csv_and_evaluate_against_a_manifest(bundles, tables, tmp_path):
+    root, manifest, _ = tables
+    plain, _ = bundles
+    photos = root / "photos"  # the fixture's source photos: ages in their names
+    out = tmp_path / "scored"
+    proc = subprocess.run([spark_submit(), "--master", "local[2]", str(REPO / "spark_jobs" / "score.py"),
+                           "--model", str(plain), "--input", str(photos), "--output", str(out), "--format", "csv"],
+                          cwd=tmp_path, env=venv_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "80 photos = 80 with faces" in proc.stdout
+    labels = tmp_path / "labels.csv"
+    names = sorted(os.listdir(photos))
+    pd.DataFrame({"path": ["file:" + str(photos / n) for n in names[:70]],
+                  "age": [int(n.split("_")[0]) for n in names[:70]]}).to_csv(labels, index=False)
+    report = tmp_path / "report"
+    assert evaluate.main(["--predictions", str(out), "--labels", str(labels), "--output", str(report)]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["join_key"] == "source_path"
+    assert metrics["rows"] == {"matched": 70, "predictions_without_label": 10, "labels_without_prediction": 0}
+
+
+def test_bad_inputs_are_refused_clearly(bundles, tmp_path, capsys):
+    plain, _ = bundles
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    assert score.main(["--model", str(tmp_path / "junk.pt"), "--input", str(tmp_path), "--output",
+                       str(tmp_path / "o")]) == 2
+    assert "unreadable, corrupt" in capsys.readouterr().err
+    assert score.main(["--model", str(plain), "--input", str(tmp_path / "missing"), "--output",
+                       str(tmp_path / "o")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert evaluate.main(["--predictions", str(tmp_path / "missing"), "--labels", str(tmp_path),
+                          "--output", str(tmp_path / "r")]) == 2
+    assert "not a score output" in capsys.readouterr().err
