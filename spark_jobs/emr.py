@@ -1,0 +1,242 @@
+"""python -m spark_jobs.emr: ship the code to S3 and run prepare / score / evaluate / train / tune as EMR steps.
+
+    # build the code bundle only (dist/: faceage_code.zip for --py-files, job scripts, requirements.lock,
+    # the bootstrap script)
+    python -m spark_jobs.emr build
+    # print the exact requests, touch nothing
+    python -m spark_jobs.emr --dry-run --code s3://bucket/faceage --cluster-id j-XXXX \\
+        --step prepare "--input s3a://bucket/photos --output s3a://bucket/prepared --format delta" \\
+        --step train "--data s3a://bucket/prepared --epochs 30 --distributor spark --num-processes 2"
+    # a transient cluster that runs the steps and terminates
+    python -m spark_jobs.emr --code s3://bucket/faceage --create-cluster --log-uri s3://bucket/logs --step ...
+
+Target: the EMR release label emr-spark-8.0.0 (Spark 4.0.2, Delta 4.0.0, Python 3.11-3.13, JDK 17 by
+default), the first EMR release whose Spark matches this project's pins (pyspark 4.0.x, which Petastorm's
+pyarrow <= 14 cap requires). EMR 7.x ships Spark 3.5 and cannot run these jobs. Delta comes from EMR's
+own jars (delta-defaults), not --packages. The bootstrap action builds /opt/faceage/venv on every node
+from the pinned requirements.lock, and Spark's Python is pointed at it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import zipfile
+from typing import Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE_LABEL = "emr-spark-8.0.0"
+VENV_PYTHON = "/opt/faceage/venv/bin/python"
+CODE_ZIP = "faceage_code.zip"
+BOOTSTRAP = "emr_bootstrap.sh"
+PACKAGES = ("schemas", "spark_jobs", "trainer")
+JOBS = {  # job -> (entry script inside the bundle, spark-submit deploy mode)
+    "prepare": ("spark_jobs/prepare.py", "cluster"),
+    "score": ("spark_jobs/score.py", "cluster"),
+    "evaluate": ("spark_jobs/evaluate.py", "client"),  # writes its report files on the driver: keep it on the master
+    "train": ("trainer/train.py", "client"),  # TorchDistributor starts its processes from the driver
+    "tune": ("trainer/tune.py", "client"),
+}
+SPARK_CONF = {
+    "spark.pyspark.python": VENV_PYTHON,
+    "spark.pyspark.driver.python": VENV_PYTHON,
+    "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+    "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+    "spark.executorEnv.OMP_NUM_THREADS": "1",
+}
+
+
+class EmrError(Exception):
+    """A problem a user can fix."""
+
+
+# ----------------------------------------------------------------------------- the code bundle
+
+def build(out_dir: str) -> Dict[str, str]:
+    """dist/: the zip for --py-files, each job's entry script, requirements.lock and the bootstrap script."""
+    os.makedirs(out_dir, exist_ok=True)
+    zip_path = os.path.join(out_dir, CODE_ZIP)
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as z:
+        for package in PACKAGES:
+            for dirpath, dirnames, filenames in os.walk(os.path.join(REPO, package)):
+                dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+                for name in sorted(filenames):
+                    if name.endswith(".py"):
+                        full = os.path.join(dirpath, name)
+                        z.write(full, os.path.relpath(full, REPO))
+    files = {CODE_ZIP: zip_path}
+    for script, _ in JOBS.values():
+        target = os.path.join(out_dir, script)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(os.path.join(REPO, script), "rb") as src, open(target, "wb") as dst:
+            dst.write(src.read())
+        files[script] = target
+    for name, src in (("requirements.lock", os.path.join(REPO, "requirements.lock")),
+                      (BOOTSTRAP, os.path.join(REPO, "spark_jobs", BOOTSTRAP))):
+        target = os.path.join(out_dir, name)
+        with open(src, "rb") as s, open(target, "wb") as d:
+            d.write(s.read())
+        files[name] = target
+    return files
+
+
+def split_s3(uri: str):
+    if not uri.startswith("s3://"):
+        raise EmrError(f"--code {uri}: use an s3://bucket/prefix URI")
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise EmrError(f"--code {uri}: no bucket")
+    return bucket, prefix.strip("/")
+
+
+def upload(s3, files: Dict[str, str], code_uri: str) -> List[str]:
+    """put_object every bundle file under code_uri (small files: one request each)."""
+    bucket, prefix = split_s3(code_uri)
+    keys = []
+    for name, path in sorted(files.items()):
+        key = f"{prefix}/{name}" if prefix else name
+        with open(path, "rb") as f:
+            s3.put_object(Bucket=bucket, Key=key, Body=f.read())
+        keys.append(f"s3://{bucket}/{key}")
+    return keys
+
+
+# ----------------------------------------------------------------------------- steps and clusters
+
+def step(job: str, args: str, code_uri: str, action_on_failure: str = "CONTINUE") -> dict:
+    """One EMR step: command-runner.jar running spark-submit on the job's entry script."""
+    if job not in JOBS:
+        raise EmrError(f"--step {job}: use one of {sorted(JOBS)}")
+    script, mode = JOBS[job]
+    code = code_uri.rstrip("/")
+    argv = ["spark-submit", "--deploy-mode", mode, "--py-files", f"{code}/{CODE_ZIP}"]
+    for key, value in SPARK_CONF.items():
+        argv += ["--conf", f"{key}={value}"]
+    argv += [f"{code}/{script}"] + shlex.split(args)
+    return {"Name": f"faceage {job}", "ActionOnFailure": action_on_failure,
+            "HadoopJarStep": {"Jar": "command-runner.jar", "Args": argv}}
+
+
+def cluster_request(name: str, steps: List[dict], code_uri: str, log_uri: Optional[str], instance_type: str,
+                    core_count: int, subnet: Optional[str], release: str = RELEASE_LABEL) -> dict:
+    """RunJobFlow request for a transient cluster that runs `steps` and terminates."""
+    code = code_uri.rstrip("/")
+    instances = {
+        "InstanceGroups": [
+            {"Name": "master", "InstanceRole": "MASTER", "InstanceType": instance_type, "InstanceCount": 1},
+            {"Name": "core", "InstanceRole": "CORE", "InstanceType": instance_type, "InstanceCount": core_count},
+        ],
+        "KeepJobFlowAliveWhenNoSteps": False,
+        "TerminationProtected": False,
+    }
+    if subnet:
+        instances["Ec2SubnetId"] = subnet
+    request = {
+        "Name": name,
+        "ReleaseLabel": release,
+        "Applications": [{"Name": "Spark"}, {"Name": "Delta"}],
+        "Instances": instances,
+        "Steps": steps,
+        "BootstrapActions": [{"Name": "faceage pinned Python stack",
+                              "ScriptBootstrapAction": {"Path": f"{code}/{BOOTSTRAP}", "Args": [code]}}],
+        "Configurations": [
+            {"Classification": "delta-defaults", "Properties": {"delta.enabled": "true"}},
+            {"Classification": "spark-defaults", "Properties": dict(SPARK_CONF)},
+        ],
+        "JobFlowRole": "EMR_EC2_DefaultRole",
+        "ServiceRole": "EMR_DefaultRole",
+        "VisibleToAllUsers": True,
+        "Tags": [{"Key": "app", "Value": "faceage"}],
+    }
+    if log_uri:
+        request["LogUri"] = log_uri
+    return request
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m spark_jobs.emr", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[1:]))
+    p.add_argument("command", nargs="?", default="submit", choices=("submit", "build"))
+    p.add_argument("--code", help="s3://bucket/prefix for the code bundle")
+    p.add_argument("--dist", default=os.path.join(REPO, "dist"), help="local folder for the built bundle")
+    p.add_argument("--step", nargs=2, action="append", metavar=("JOB", "ARGS"), default=[],
+                   help=f"a job ({', '.join(JOBS)}) and its arguments as one string; repeatable, run in order")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--cluster-id", help="add the steps to this running cluster (j-...)")
+    where.add_argument("--create-cluster", action="store_true", help="a transient cluster that runs the steps")
+    p.add_argument("--name", default="faceage")
+    p.add_argument("--release-label", default=RELEASE_LABEL)
+    p.add_argument("--instance-type", default="m5.2xlarge")
+    p.add_argument("--core-count", type=int, default=2)
+    p.add_argument("--subnet", default=None)
+    p.add_argument("--log-uri", default=None)
+    p.add_argument("--region", default=None)
+    p.add_argument("--action-on-failure", default="CONTINUE", choices=("CONTINUE", "CANCEL_AND_WAIT", "TERMINATE_CLUSTER"))
+    p.add_argument("--dry-run", action="store_true", help="print the requests as JSON; no AWS call")
+    return p
+
+
+def plan(args) -> dict:
+    """The requests this invocation makes: uploads, then AddJobFlowSteps or RunJobFlow."""
+    if not args.code:
+        raise EmrError("--code s3://bucket/prefix is required")
+    split_s3(args.code)
+    if not args.step:
+        raise EmrError("give at least one --step JOB \"ARGS\"")
+    if not (args.cluster_id or args.create_cluster):
+        raise EmrError("say where the steps run: --cluster-id j-... or --create-cluster")
+    steps = [step(job, job_args, args.code, args.action_on_failure) for job, job_args in args.step]
+    if args.cluster_id:
+        return {"operation": "AddJobFlowSteps", "request": {"JobFlowId": args.cluster_id, "Steps": steps}}
+    return {"operation": "RunJobFlow",
+            "request": cluster_request(args.name, steps, args.code, args.log_uri, args.instance_type,
+                                       args.core_count, args.subnet, args.release_label)}
+
+
+def submit(args, emr=None, s3=None) -> dict:
+    """Build, upload, submit. Clients may be passed in (tests pass stubbed ones)."""
+    planned = plan(args)
+    files = build(args.dist)
+    if args.dry_run:
+        bucket, prefix = split_s3(args.code)
+        planned["uploads"] = [f"s3://{bucket}/{prefix + '/' if prefix else ''}{name}" for name in sorted(files)]
+        return planned
+    import boto3
+
+    emr = emr or boto3.client("emr", region_name=args.region)
+    s3 = s3 or boto3.client("s3", region_name=args.region)
+    planned["uploads"] = upload(s3, files, args.code)
+    if planned["operation"] == "AddJobFlowSteps":
+        planned["response"] = emr.add_job_flow_steps(**planned["request"])
+    else:
+        planned["response"] = emr.run_job_flow(**planned["request"])
+    return planned
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        if args.command == "build":
+            files = build(args.dist)
+            print(json.dumps(files, indent=2))
+            return 0
+        result = submit(args)
+    except EmrError as e:
+        print(f"emr: error: {e}", file=sys.stderr)
+        return 2
+    result.get("response", {}).pop("ResponseMetadata", None)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def console_main() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
