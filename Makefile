@@ -10,7 +10,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 UTKFACE ?= ../shared/data/utkface
 OUT ?= out
 
-.PHONY: install demo test check-env bench-prepare prepare-utkface lock clean
+.PHONY: install demo e2e test check-env bench-prepare prepare-utkface lock clean dist
 
 install: $(STAMP)
 
@@ -30,6 +30,25 @@ demo: install
 
 # The multi-worker tuning tests need PostgreSQL: .ci/postgres.sh starts a throwaway one on loopback
 # (installing Debian's package when root); without it those tests skip, except under CI where they fail.
+# prepare -> train -> score -> evaluate on a generated sample, ending in an HTML report (a few minutes on 2 cores)
+E2E ?= demo_out/e2e
+E2E_EPOCHS ?= 8
+E2E_PHOTOS ?= 240
+e2e: install
+	rm -rf $(E2E)
+	$(BIN)/spark-submit spark_jobs/prepare.py --demo --demo-count $(E2E_PHOTOS) --input $(E2E)/photos --output $(E2E)/prepared --size 64
+	$(BIN)/python -m trainer.train --data $(E2E)/prepared --output $(E2E)/train --epochs $(E2E_EPOCHS) --batch-size 32 \
+		--lr 1e-3 --no-progress
+	$(BIN)/spark-submit spark_jobs/score.py --model $(E2E)/train/model.pt --input $(E2E)/photos --output $(E2E)/scored
+	$(BIN)/spark-submit spark_jobs/evaluate.py --predictions $(E2E)/scored --labels $(E2E)/prepared --split test \
+		--output $(E2E)/report
+	@echo "e2e: open $(E2E)/report/report.html"
+
+# what spark-submit needs on a cluster: dist/faceage_code.zip (--py-files), the job scripts, the pins, the EMR bootstrap
+dist: install
+	$(BIN)/python -m spark_jobs.emr build --dist dist
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
+
 test: install
 	@. .ci/postgres.sh || echo "test: no PostgreSQL server: the multi-worker tuning test will skip"; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -72,7 +72,7 @@ def main():
                 images = [reencode(b, args.train_quality) for b in table.column("image").to_pylist()]
                 table = table.set_column(table.schema.get_field_index("image"), "image",
                                          pa.array(images, pa.binary()))
-            per_row = table.column("image").nbytes / max(table.num_rows, 1) * 1.02
+            per_row = table.column("image").nbytes / max(table.num_rows, 1) * 1.06
             keep = int(min(table.num_rows, budget // per_row))
             order = np.random.default_rng(args.seed).permutation(table.num_rows)[:keep]
             table = table.take(pa.array(np.sort(order)))

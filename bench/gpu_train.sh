@@ -2,7 +2,7 @@
 # The GPU check for the trainer, as ONE call on a lent GPU machine (fits its 8-minute slot).
 #
 # Here (prepares at most 64 MiB to carry: UTKFace val + test whole, a train sample, cp312 wheels):
-#     python bench/gpu_data.py --data /tmp/utk/parquet --budget-mib 62
+#     python bench/gpu_data.py --data /tmp/utk/parquet --budget-mib 62 --train-quality 75   (~8k train rows)
 # There (the device tool):  run(command="bash bench/gpu_train.sh", carry=["bench/out/gpu"], timeout_s=540)
 #
 # It prints and writes under $OUT (or bench/out/gpu-results):
@@ -15,6 +15,9 @@ DATA=${GPU_DATA:-bench/out/gpu}
 RESULTS=${OUT:-bench/out/gpu-results}
 MINUTES=${GPU_TRAIN_MINUTES:-2.5}   # per schedule
 WORKERS=${GPU_READERS:-$(( $(nproc) - 2 ))}
+DEVICE=${GPU_DEVICE:-cuda}          # cpu only for a smoke run of this script
+BATCHES=${GPU_BENCH_BATCHES:-60}
+WARMUP=${GPU_BENCH_WARMUP:-5}
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 
@@ -29,13 +32,13 @@ print(f"python {platform.python_version()} torch {torch.__version__} torchvision
 EOF
 
 echo "== 1. loader-fed vs device-resident training throughput"
-"$PY" bench/train_bench.py --data "$DATA/data" --reader pyarrow --workers "$WORKERS" --batches 60 --warmup 5 \
-  --batch-size 128 --image-size 128 --device cuda | tee "$RESULTS/throughput.json"
+"$PY" bench/train_bench.py --data "$DATA/data" --reader pyarrow --workers "$WORKERS" --batches "$BATCHES" --warmup "$WARMUP" \
+  --batch-size 128 --image-size 128 --device "$DEVICE" | tee "$RESULTS/throughput.json"
 
 echo "== 2. CyclicLR + ReduceLROnPlateau vs constant LR, ${MINUTES} min each"
 for run in "cyclic_plateau --lr 3e-3" "constant --lr 1e-3"; do
   set -- $run
-  "$PY" -m trainer.train --data "$DATA/data" --reader pyarrow --workers "$WORKERS" --device cuda \
+  "$PY" -m trainer.train --data "$DATA/data" --reader pyarrow --workers "$WORKERS" --device "$DEVICE" \
     --image-size 128 --batch-size 128 --epochs 200 --early-stop 1000 --max-minutes "$MINUTES" \
     --schedule "$1" "$2" "$3" --output "$RESULTS/$1" --no-progress | tail -3
 done

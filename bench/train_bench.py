@@ -69,6 +69,8 @@ def main():
         runs["fed"].append(run(itertools.islice(iter(loader), total), args.head, args.warmup, device))
         runs["memory"].append(run(in_memory, args.head, args.warmup, device))
     fed, memory = statistics.median(runs["fed"]), statistics.median(runs["memory"])
+    if not memory or len(in_memory) < total:
+        raise SystemExit(f"the split holds {len(in_memory)} batches, fewer than --warmup + --batches = {total}")
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, "

@@ -299,8 +299,8 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:10
 <p>Model: {html.escape(models)}.<br>Predictions: {html.escape(metrics['predictions'])}.<br>
 Labels: {html.escape(str(label.get('uri')))} ({html.escape(label.get('kind', ''))}, split {html.escape(str(label.get('split')))},
 version {html.escape(str(label.get('version')))}), joined on {html.escape(metrics['join_key'])}.<br>
-Rows: {rows['matched']} matched; {rows['predictions_without_label']} predictions without a label;
-{rows['labels_without_prediction']} labels without a prediction; photos without a prediction by reason:
+Rows: {rows['matched']} matched; {rows['predictions_without_label']} predictions without a label in these labels
+(e.g. faces of other splits); {rows['labels_without_prediction']} labels without a prediction; photos without a prediction by reason:
 {html.escape(json.dumps(metrics['no_prediction_by_reason']))}. Created {html.escape(metrics['created_at'])}.</p>
 <h2>Overall</h2><table><tr><th>count</th><th>MAE</th><th>RMSE</th><th>CS@5</th><th>bias (mean signed error)</th></tr>
 <tr><td>{o['count']}</td><td>{o['mae']:.3f}</td><td>{o['rmse']:.3f}</td><td>{o['cs5']:.3f}</td><td>{o['bias']:.3f}</td></tr></table>
