@@ -148,7 +148,9 @@ def run(args, resolved: dict) -> dict:
     kind = resolved["kind"]
     scored = faces.mapInPandas(lambda it: scoring.score_partition(it, settings, kind), schema=schema)
     if kind == "photos":  # listed files binaryFile never read (empty, hidden, odd names...) get their row
-        skipped = listing.join(scored.select(sf.col("source_path").alias("path")).distinct(), "path", "left_anti")
+        # against binaryFile's paths (content not selected, so not read), never against `scored`, which
+        # would run the scoring a second time
+        skipped = listing.join(faces.select("path"), "path", "left_anti")
         reason, detail = pipeline.skip_reason(args.max_file_bytes)
         extra = {"source_path": sf.col("path"), "status": reason, "detail": detail,
                  "model_id": sf.lit(settings.model_id), "data_version": sf.lit(settings.data_version),

@@ -105,7 +105,8 @@ def test_score_a_table_split_then_evaluate_it(bundles, tables, tmp_path):
     plain, _ = bundles
     out = tmp_path / "scored"
     assert score.main(["--model", str(plain), "--input", str(root / "delta"), "--split", "test",
-                       "--output", str(out)]) == 0
+                       "--output", str(out), "--format", "delta"]) == 0
+    assert (out / "predictions" / "_delta_log").is_dir()
     m = json.loads((out / score.SCORE_MANIFEST).read_text())
     n = data.split_source(str(root / "delta"), "test").rows  # the latest version's test split
     total = sum(data.split_source(str(root / "delta"), s).rows for s in ("train", "val", "test"))

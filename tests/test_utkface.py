@@ -80,3 +80,35 @@ def test_prepare_a_utkface_slice_with_duplicates_and_malformed_names(spark, utkf
         label = parse_utkface(name)
         assert (by_name[name]["age"], by_name[name]["gender"], by_name[name]["race"]) == \
             (label.age, label.gender, label.race)
+
+
+def test_evaluate_on_a_utkface_test_split_reports_real_slices(spark, utkface_dir, tmp_path):
+    """prepare -> train (1 epoch) -> score the test split -> evaluate, on real UTKFace faces."""
+    from spark_jobs import evaluate, score
+    from trainer import data, train
+
+    photos = tmp_path / "utk"
+    photos.mkdir()
+    for name in sample(utkface_dir, 240, seed=5):
+        shutil.copy(utkface_dir / name, photos / name)
+    prepared = tmp_path / "prepared"
+    assert prepare.main(["--input", str(photos), "--output", str(prepared), "--labels", "utkface",
+                         "--detector", "none", "--size", "64"]) == 0
+    run = tmp_path / "run"
+    assert train.cli(["--data", str(prepared), "--output", str(run), "--epochs", "1", "--image-size", "32",
+                      "--batch-size", "32", "--workers", "1", "--no-progress"]) == 0
+    scored, report = tmp_path / "scored", tmp_path / "report"
+    assert score.main(["--model", str(run / "model.pt"), "--input", str(prepared), "--split", "test",
+                       "--output", str(scored)]) == 0
+    assert evaluate.main(["--predictions", str(scored), "--labels", str(prepared), "--split", "test",
+                          "--output", str(report)]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    n = data.split_source(str(prepared), "test").rows
+    assert metrics["rows"]["matched"] == n and metrics["overall"]["count"] == n
+    values = {(s["slice"], s["value"]) for s in metrics["slices"]}
+    assert {("gender", "male"), ("gender", "female"), ("race", "White"), ("dataset", "utkface")} <= values
+    assert sum(s["count"] for s in metrics["slices"] if s["slice"] == "race") == n
+    summary = json.loads((run / "summary.json").read_text())
+    assert metrics["overall"]["mae"] == pytest.approx(summary["test_mae"], rel=1e-4)  # scoring = training's test pass
+    for name in ("slices.csv", "confusion.csv", "confusion.png", "mae_by_age.png", "pred_vs_true.png", "report.html"):
+        assert (report / name).stat().st_size > 100
