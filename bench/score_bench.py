@@ -77,6 +77,7 @@ def main():
     p.add_argument("--photos-dir", required=True)
     p.add_argument("--photos", type=int, default=400)
     p.add_argument("--size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="faceage-score-bench-"))
@@ -87,10 +88,14 @@ def main():
         shutil.copy(os.path.join(args.photos_dir, name), folder / name)
     bundle = str(work / "model.pt")
     make_bundle(bundle, args.size)
-    spark = spark_run(str(folder), bundle, str(work / "scored"))  # first: the page cache is warm for both after it
-    plain = plain_loop(str(folder), bundle)
-    spark2 = spark_run(str(folder), bundle, str(work / "scored"))
-    best_spark = min(spark, spark2, key=lambda r: r["seconds"])
+    # alternating, --repeats times each; this VM's speed drifts (another tenant's load shows up as minutes
+    # of 2-3x slower runs), so each side's fastest run is compared and every run is reported
+    sparks, plains = [], []
+    for _ in range(args.repeats):
+        sparks.append(spark_run(str(folder), bundle, str(work / "scored")))
+        plains.append(plain_loop(str(folder), bundle))
+    best_spark = min(sparks, key=lambda r: r["seconds"])
+    plain = min(plains, key=lambda r: r["seconds"])
     import torch
 
     result = {
@@ -105,8 +110,9 @@ def main():
         "ratio_end_to_end": round(plain["seconds"] / best_spark["seconds"], 3),
         "ratio_job": round(plain["seconds"] / best_spark["job_seconds"], 3),
         "plain_seconds": round(plain["seconds"], 1), "plain_phases_s": plain["phases_s"],
-        "spark_runs_s": [round(spark["seconds"], 1), round(spark2["seconds"], 1)],
-        "spark_job_runs_s": [spark["job_seconds"], spark2["job_seconds"]],
+        "spark_runs_s": [round(r["seconds"], 1) for r in sparks],
+        "spark_job_runs_s": [r["job_seconds"] for r in sparks],
+        "plain_runs_s": [round(r["seconds"], 1) for r in plains],
     }
     print(json.dumps(result, indent=2))
 
