@@ -232,9 +232,13 @@ def main(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
         if since_best >= args.early_stop:
             print(f"train: early stop after {epoch} epochs ({args.early_stop} without a better val MAE)")
             break
-        if args.max_minutes is not None and time.time() - started > args.max_minutes * 60:
-            print(f"train: --max-minutes {args.max_minutes} spent after {epoch} epochs")
-            break
+        if args.max_minutes is not None:
+            spent = time.time() - started > args.max_minutes * 60
+            if world > 1:  # rank 0's clock decides: ranks that disagree would wait for each other forever
+                spent = broadcast_row({"spent": spent}, device)["spent"]
+            if spent:
+                print(f"train: --max-minutes {args.max_minutes} spent after {epoch} epochs")
+                break
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         epoch_start = time.time()
         row.update(train_one_epoch(net, loaders["train"], optimizer, schedule, args.head, args.loss, device,
@@ -324,7 +328,7 @@ def init_distributed(device: torch.device):
 
 
 def broadcast_row(row: dict, device: torch.device) -> dict:
-    """Rank 0's epoch metrics on every rank."""
+    """Rank 0's dict (epoch metrics, decisions) on every rank."""
     import torch.distributed as dist
 
     box = [row]
