@@ -108,3 +108,13 @@ def test_resume_after_a_kill_follows_the_same_schedule(tables, tmp_path):
     # timing-dependent shuffling, so their MAEs are only compared in BENCHMARKS.md, at a useful size
     assert b[0]["train_loss"] == a[0]["train_loss"] and b[0]["val_mae"] == a[0]["val_mae"]
     assert json.loads((out / "summary.json").read_text())["epochs_run"] == 4
+
+
+def test_max_minutes_stops_after_the_epoch_that_spends_it(tables, tmp_path):
+    root, _, _ = tables
+    out = tmp_path / "budget"
+    assert train.cli(["--data", str(root / "pq"), "--output", str(out), "--epochs", "5", "--max-minutes", "0",
+                      "--reader", "pyarrow"] + TINY) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]  # one epoch always runs; no new one once the budget is spent
+    assert json.loads((out / "summary.json").read_text())["epochs_run"] == 1

@@ -58,7 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", type=float, default=1.0, help="augmentation strength (0 = none)")
     p.add_argument("--early-stop", type=int, default=8, help="stop after this many epochs without a better val MAE")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="start no new epoch after this much training time (a wall-clock budget)")
+                   help="start no new epoch after this much training time (a wall-clock budget; the first "
+                        "epoch of a run always runs)")
     p.add_argument("--init-weights", default=None, help="local state-dict file to start from (e.g. ImageNet)")
     p.add_argument("--workers", type=int, default=2, help="reader threads")
     p.add_argument("--reader", default="petastorm", choices=D.READERS,
@@ -232,7 +233,7 @@ def main(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
         if since_best >= args.early_stop:
             print(f"train: early stop after {epoch} epochs ({args.early_stop} without a better val MAE)")
             break
-        if args.max_minutes is not None:
+        if args.max_minutes is not None and epoch > start_epoch:  # at least one epoch per run
             spent = time.time() - started > args.max_minutes * 60
             if world > 1:  # rank 0's clock decides: ranks that disagree would wait for each other forever
                 spent = broadcast_row({"spent": spent}, device)["spent"]
