@@ -16,7 +16,9 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from typing import List, Optional
@@ -118,7 +120,12 @@ def run(args, resolved: dict) -> dict:
         if spark.conf.get(key, None) is None:
             spark.conf.set(key, value)
     bundle = resolved["bundle"]
-    spark.sparkContext.addFile(resolved["model"])  # shipped once per executor, loaded once per worker
+    # Shipped once per executor and loaded once per Python worker, under a name unique to its content:
+    # SparkContext refuses a second file of the same name with other bytes (two models, one session).
+    mid = scoring.model_id(resolved["model"])
+    shipped = os.path.join(tempfile.mkdtemp(prefix="faceage-score-"), f"model-{mid}.pt")
+    shutil.copyfile(resolved["model"], shipped)
+    spark.sparkContext.addFile(shipped)
     input_version = None
     schema = F.spark_schema(PREDICTIONS)
     if resolved["kind"] == "table":
@@ -142,7 +149,7 @@ def run(args, resolved: dict) -> dict:
         listing = pipeline.inventory_frame(spark, inventory)
         faces = pipeline.read_images(spark, resolved["inputs"], args.max_file_bytes)
     settings = scoring.ScoreSettings(
-        bundle=os.path.basename(resolved["model"]), spark_file=True, model_id=scoring.model_id(resolved["model"]),
+        bundle=os.path.basename(shipped), spark_file=True, model_id=mid,
         data_version=(bundle.get("data") or {}).get("version"), input_version=input_version, run_id=run_id,
         batch_size=args.batch_size, device=args.device)
     kind = resolved["kind"]

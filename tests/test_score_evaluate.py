@@ -184,3 +184,22 @@ def test_bad_inputs_are_refused_clearly(bundles, tmp_path, capsys):
     assert evaluate.main(["--predictions", str(tmp_path / "missing"), "--labels", str(tmp_path),
                           "--output", str(tmp_path / "r")]) == 2
     assert "not a score output" in capsys.readouterr().err
+
+
+def test_two_models_of_the_same_file_name_score_in_one_session(bundles, tables, tmp_path):
+    """SparkContext.addFile refuses a second file of the same name with other bytes: each model ships
+    under a name unique to its content."""
+    import shutil
+
+    root, _, _ = tables
+    plain, _ = bundles
+    other = torch.load(plain, weights_only=True)
+    other["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in other["state_dict"].items()}
+    for name, make in (("a", lambda p: shutil.copy(plain, p)), ("b", lambda p: torch.save(other, p))):
+        (tmp_path / name).mkdir()
+        make(tmp_path / name / "model.pt")
+        assert score.main(["--model", str(tmp_path / name / "model.pt"), "--input", str(root / "pq"),
+                           "--split", "val", "--output", str(tmp_path / f"scored-{name}")]) == 0
+    a, b = _rows(tmp_path / "scored-a"), _rows(tmp_path / "scored-b")
+    assert set(a.model_id) != set(b.model_id) and len(a) == len(b)
+    assert not np.allclose(a.sort_values("face_id").predicted_age, b.sort_values("face_id").predicted_age)
