@@ -123,7 +123,8 @@ def run(args, resolved: dict) -> dict:
     # Shipped once per executor and loaded once per Python worker, under a name unique to its content:
     # SparkContext refuses a second file of the same name with other bytes (two models, one session).
     mid = scoring.model_id(resolved["model"])
-    shipped = os.path.join(tempfile.mkdtemp(prefix="faceage-score-"), f"model-{mid}.pt")
+    resolved["ship_dir"] = tempfile.mkdtemp(prefix="faceage-score-")
+    shipped = os.path.join(resolved["ship_dir"], f"model-{mid}.pt")
     shutil.copyfile(resolved["model"], shipped)
     spark.sparkContext.addFile(shipped)
     input_version = None
@@ -232,7 +233,11 @@ def read_predictions(spark, uri: str):
 def main(argv: Optional[List[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        manifest = run(args, validate(args))
+        resolved = validate(args)
+        try:
+            manifest = run(args, resolved)
+        finally:  # the copy shipped with addFile (its jobs are done or failed by now)
+            shutil.rmtree(resolved.get("ship_dir") or "", ignore_errors=True)
     except UsageError as e:
         print(f"score: error: {e}", file=sys.stderr)
         return 2
