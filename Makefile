@@ -28,14 +28,14 @@ $(STAMP): setup.cfg requirements.lock pyproject.toml
 demo: install
 	$(BIN)/spark-submit spark_jobs/prepare.py --demo
 
-# The multi-worker tuning tests need PostgreSQL: .ci/postgres.sh starts a throwaway one on loopback
-# (installing Debian's package when root); without it those tests skip, except under CI where they fail.
 # prepare -> train -> score -> evaluate on a generated sample, ending in an HTML report (a few minutes on 2 cores)
 E2E ?= demo_out/e2e
 E2E_EPOCHS ?= 8
 E2E_PHOTOS ?= 240
 e2e: install
+	@test ! -e $(E2E) || test -e $(E2E)/.faceage-e2e || { echo "e2e: $(E2E) exists and was not made by make e2e; refusing to delete it (set E2E=another/folder)"; exit 2; }
 	rm -rf $(E2E)
+	mkdir -p $(E2E) && touch $(E2E)/.faceage-e2e
 	$(BIN)/spark-submit spark_jobs/prepare.py --demo --demo-count $(E2E_PHOTOS) --input $(E2E)/photos --output $(E2E)/prepared --size 64
 	$(BIN)/python -m trainer.train --data $(E2E)/prepared --output $(E2E)/train --epochs $(E2E_EPOCHS) --batch-size 32 \
 		--lr 1e-3 --no-progress
@@ -49,6 +49,8 @@ dist: install
 	$(BIN)/python -m spark_jobs.emr build --dist dist
 	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
 
+# The multi-worker tuning tests need PostgreSQL: .ci/postgres.sh starts a throwaway one on loopback
+# (installing Debian's package when root); without it those tests skip, except under CI where they fail.
 test: install
 	@. .ci/postgres.sh || echo "test: no PostgreSQL server: the multi-worker tuning test will skip"; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

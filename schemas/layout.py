@@ -61,7 +61,15 @@ def table_files(uri: str, version: Optional[int] = None) -> List[str]:
     if is_delta(uri):
         from deltalake import DeltaTable
 
-        table = DeltaTable(uri, version=version)
+        try:
+            table = DeltaTable(uri, version=version)
+        except Exception as e:  # noqa: BLE001 - deltalake raises its own error types for a missing version
+            if version is None:
+                raise ValueError(f"{uri}: cannot read the Delta table ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200]})") from None
+            latest = DeltaTable(uri).version()
+            raise ValueError(f"{uri}: Delta version {version} does not exist (versions 0..{latest}); "
+                             f"give one of those, or leave the version out for the latest") from None
         files = table.file_uris()
         return [("file://" + f) if f.startswith("/") else f for f in files]
     if version is not None:
@@ -91,3 +99,55 @@ def _incomplete_message(uri: str) -> str:
     return (f"{uri} has no _SUCCESS marker: the prepare run that wrote it did not finish (killed or failed). "
             f"Rerun spark_jobs/prepare.py with --mode overwrite, or use --format delta for tables that "
             f"always show their last committed version.")
+
+
+def faces_table(data_uri: str) -> str:
+    """The faces table of a prepare output root, or `data_uri` itself when it already names faces/."""
+    return data_uri.rstrip("/") if data_uri.rstrip("/").endswith("/" + FACES_DIR) else faces_uri(data_uri)
+
+
+def output_root(data_uri: str) -> str:
+    """The prepare output root of a root or of its faces/ table."""
+    root = data_uri.rstrip("/")
+    return root[: -len(FACES_DIR) - 1] if root.endswith("/" + FACES_DIR) else root
+
+
+def read_text(uri: str) -> str:
+    """A small text file at a local path, file: URI or any fsspec URI (s3://, gs://, hdfs://, ...)."""
+    path = local_path(uri)
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    import fsspec
+
+    with fsspec.open(uri.replace("s3a://", "s3://", 1), "r", encoding="utf-8") as f:
+        return f.read()
+
+
+def read_prepare_manifest(data_uri: str) -> dict:
+    """The run manifest (manifest.json) of the prepare output holding `data_uri`'s table.
+
+    Fails loudly (schemas.cli.UserError) when it is missing or unreadable: a caller never guesses."""
+    import json
+
+    from schemas.cli import UserError
+
+    uri = join(output_root(data_uri), LATEST_MANIFEST)
+    try:
+        data = json.loads(read_text(uri))
+    except FileNotFoundError:
+        raise UserError(f"{uri}: no prepare run manifest beside the table; the crop settings the model must "
+                        f"score with are recorded there (prepare the data with spark_jobs/prepare.py)") from None
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError(f"{uri}: cannot read the prepare run manifest ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("settings", {}).get("crop"), dict):
+        raise UserError(f"{uri}: not a prepare run manifest (no settings.crop)")
+    return data
+
+
+def table_crop_settings(data_uri: str):
+    """The CropSettings the table under `data_uri` was prepared with (from its run manifest)."""
+    from schemas.crop import CropSettings
+
+    uri = join(output_root(data_uri), LATEST_MANIFEST)
+    return CropSettings.from_dict(read_prepare_manifest(data_uri)["settings"]["crop"], uri)

@@ -26,6 +26,11 @@ import sys
 import zipfile
 from typing import Dict, List, Optional
 
+if __package__ in (None, ""):  # run as a file: make the project importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from schemas.cli import Parser, UserError, positive_int, run_main  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_LABEL = "emr-spark-8.0.0"
 VENV_PYTHON = "/opt/faceage/venv/bin/python"
@@ -48,7 +53,7 @@ SPARK_CONF = {
 }
 
 
-class EmrError(Exception):
+class EmrError(UserError):
     """A problem a user can fix."""
 
 
@@ -158,9 +163,8 @@ def cluster_request(name: str, steps: List[dict], code_uri: str, log_uri: Option
 # ----------------------------------------------------------------------------- CLI
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m spark_jobs.emr", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[1:]))
+    p = Parser("emr", prog="python -m spark_jobs.emr", description=__doc__.splitlines()[0],
+               epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("command", nargs="?", default="submit", choices=("submit", "build"))
     p.add_argument("--code", help="s3://bucket/prefix for the code bundle")
     p.add_argument("--dist", default=os.path.join(REPO, "dist"), help="local folder for the built bundle")
@@ -172,7 +176,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="faceage")
     p.add_argument("--release-label", default=RELEASE_LABEL)
     p.add_argument("--instance-type", default="m5.2xlarge")
-    p.add_argument("--core-count", type=int, default=2)
+    p.add_argument("--core-count", type=positive_int, default=2)
     p.add_argument("--subnet", default=None)
     p.add_argument("--log-uri", default=None)
     p.add_argument("--region", default=None)
@@ -218,20 +222,20 @@ def submit(args, emr=None, s3=None) -> dict:
     return planned
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _job(argv: Optional[List[str]]) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        if args.command == "build":
-            files = build(args.dist)
-            print(json.dumps(files, indent=2))
-            return 0
-        result = submit(args)
-    except EmrError as e:
-        print(f"emr: error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "build":
+        print(json.dumps(build(args.dist), indent=2))
+        return 0
+    result = submit(args)
     result.get("response", {}).pop("ResponseMetadata", None)
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The CLI: exit 0, or 2 with one `emr: error: ...` line for anything the user can fix."""
+    return run_main("emr", lambda: _job(argv))
 
 
 def console_main() -> None:

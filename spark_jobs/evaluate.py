@@ -19,12 +19,15 @@ import json
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 if __package__ in (None, ""):  # run as a file by spark-submit: make the project importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from schemas import layout  # noqa: E402
+from schemas.cli import Parser, UserError, dumps, new_run_id, non_negative_int, redact, run_main  # noqa: E402
+from schemas.outputs import LocalFS, Outputs  # noqa: E402
+from schemas.tables import SPLITS  # noqa: E402
 from spark_jobs.storage import to_uri  # noqa: E402
 
 # Age groups: 0-2, 3-9, 10-19, ..., 60-69, 70+ (lower bounds).
@@ -42,18 +45,22 @@ def group_names() -> List[str]:
     return names
 
 
-class UsageError(Exception):
-    """A flag or input a user must fix before anything runs."""
+REPORT_FILES = ("metrics.json", "slices.csv", "confusion.csv", "confusion.png", "mae_by_age.png",
+                "pred_vs_true.png", "report.html")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spark-submit spark_jobs/evaluate.py", description=__doc__.splitlines()[0])
+    p = Parser("evaluate", prog="spark-submit spark_jobs/evaluate.py", description=__doc__.splitlines()[0])
     p.add_argument("--predictions", required=True, help="score output folder (or its predictions/ table)")
     p.add_argument("--labels", required=True,
-                   help="a prepare output / faces table (join on face_id), or a CSV manifest with path and age")
-    p.add_argument("--output", required=True, help="folder for metrics.json, CSVs, PNGs and report.html")
-    p.add_argument("--split", default=None, help="faces-table labels: only this split (e.g. test)")
-    p.add_argument("--labels-version", type=int, default=None, help="Delta version of a faces-table labels input")
+                   help="a prepare output / faces table (join on face_id), or a CSV/Parquet manifest with path "
+                        "and age (join on source_path)")
+    p.add_argument("--output", required=True,
+                   help="local folder for metrics.json, CSVs, PNGs and report.html (only files faceage wrote "
+                        "are ever replaced)")
+    p.add_argument("--split", default=None, choices=SPLITS, help="faces-table labels: only this split")
+    p.add_argument("--data-version", "--labels-version", dest="labels_version", type=non_negative_int,
+                   default=None, help="Delta version of a faces-table labels input (default: latest)")
     return p
 
 
@@ -68,40 +75,82 @@ def age_group(col):
     return expr
 
 
+def parse_manifest_labels(batches: Iterator) -> Iterator:
+    """mapInPandas body: manifest rows (all strings) -> source_path, age, gender, race, dataset, label_error,
+    through the one label parser prepare uses (a bad value is counted, never a failed cast)."""
+    import pandas as pd
+
+    from spark_jobs import labels as L
+
+    for batch in batches:
+        rows = []
+        for rec in batch.itertuples(index=False):
+            try:
+                label = L.label_from_manifest(rec.path or "", rec.age, rec.gender, rec.race)
+                rows.append((rec.path, label.age, label.gender, label.race, rec.dataset or "manifest", None))
+            except L.LabelError as e:
+                rows.append((rec.path, None, None, None, rec.dataset or "manifest", str(e)))
+        yield pd.DataFrame(rows, columns=["source_path", "age", "gender", "race", "dataset", "label_error"])
+
+
+LABELS_SCHEMA = "source_path string, age int, gender int, race int, dataset string, label_error string"
+
+
 def load_labels(spark, uri: str, split: Optional[str], version: Optional[int]):
-    """(labels DataFrame, join key, description) from a faces table or a CSV manifest."""
+    """(labels DataFrame with label_error, join key, description) from a faces table or a manifest file."""
     from pyspark.sql import functions as sf
 
-    from spark_jobs import storage
+    from spark_jobs import label_manifest, storage
 
     path = layout.local_path(uri)
-    if path and os.path.isfile(path):  # a manifest: path, age[, gender, race]
-        df = spark.read.option("header", "true").option("inferSchema", "true").csv(uri)
-        missing = {"path", "age"} - set(df.columns)
-        if missing:
-            raise UsageError(f"--labels {uri}: a CSV manifest needs columns path and age (missing {sorted(missing)})")
-        cols = [sf.col("path").alias("source_path"), sf.col("age").cast("int").alias("age")]
-        for c in ("gender", "race"):
-            cols.append(sf.col(c).cast("int").alias(c) if c in df.columns else sf.lit(None).cast("int").alias(c))
-        cols.append(sf.col("dataset") if "dataset" in df.columns else sf.lit("manifest").alias("dataset"))
-        return df.select(*cols), "source_path", {"uri": uri, "kind": "manifest"}
-    faces = uri if uri.rstrip("/").endswith("/" + layout.FACES_DIR) else layout.faces_uri(uri)
+    if path and os.path.isfile(path):  # a manifest: path, age[, gender, race, dataset]
+        if split or version is not None:
+            raise UserError("--split and --data-version apply to faces-table labels, not a manifest file")
+        df = label_manifest.read(spark, uri).mapInPandas(parse_manifest_labels, schema=LABELS_SCHEMA)
+        return df, "source_path", {"uri": uri, "kind": "manifest"}
+    faces = layout.faces_table(uri)
     fmt = "delta" if layout.is_delta(faces) else "parquet"
+    if version is not None and fmt != "delta":
+        raise UserError(f"--data-version applies to Delta tables; {faces} is Parquet")
     try:
         df = storage.read_table(spark, faces, fmt, version if fmt == "delta" else None)
     except layout.IncompleteTableError as e:
-        raise UsageError(str(e)) from None
-    except Exception as e:  # noqa: BLE001 - a missing path surfaces as an AnalysisException
-        raise UsageError(f"--labels {uri}: cannot read a faces table at {faces} ({type(e).__name__})") from None
+        raise UserError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - a missing path or version surfaces as an AnalysisException
+        raise UserError(f"--labels {uri}: cannot read a faces table at {faces} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160]})") from None
     if split:
         df = df.where(sf.col("split") == split)
+        if df.limit(1).count() == 0:
+            raise UserError(f"--split {split}: {faces} has no rows in that split; nothing to evaluate")
     version_read = None
     if fmt == "delta":
         from deltalake import DeltaTable
 
         version_read = version if version is not None else DeltaTable(layout.local_path(faces) or faces).version()
-    return (df.select("face_id", "age", "gender", "race", "dataset", "split"), "face_id",
-            {"uri": faces, "kind": f"faces table ({fmt})", "split": split, "version": version_read})
+    df = df.select("face_id", "age", "gender", "race", "dataset",
+                   sf.when(sf.col("age").isNull(), sf.lit("no age")).alias("label_error"))
+    return df, "face_id", {"uri": faces, "kind": f"faces table ({fmt})", "split": split, "version": version_read}
+
+
+def dedupe_keys(df, key: str, value_cols: List[str], what: str):
+    """(one row per key, extra identical copies dropped). Keys that repeat with different values are
+    refused: no metric can say which one is right."""
+    from pyspark.sql import functions as sf
+
+    per_key = df.groupBy(key).agg(sf.count("*").alias("_n"),
+                                  sf.countDistinct(sf.to_json(sf.struct(*value_cols))).alias("_distinct"),
+                                  sf.collect_set(sf.to_json(sf.struct(*value_cols))).alias("_values"))
+    stats = per_key.where("_n > 1").agg(
+        sf.sum(sf.col("_n") - 1).alias("extra"), sf.sum((sf.col("_distinct") > 1).cast("int")).alias("conflicts"),
+        sf.first(sf.when(sf.col("_distinct") > 1, sf.struct(sf.col(key).alias("k"), sf.col("_values").alias("v"))),
+                 ignorenulls=True).alias("example")).first()
+    extra, conflicts = int(stats["extra"] or 0), int(stats["conflicts"] or 0)
+    if conflicts:
+        example = stats["example"]
+        raise UserError(f"{what}: {conflicts} key(s) appear more than once with different values, e.g. {key} "
+                        f"{example['k']}: {' vs '.join(sorted(example['v']))[:200]}; keep one row per {key}")
+    return df.dropDuplicates([key]), extra
 
 
 def run(args) -> dict:
@@ -112,18 +161,38 @@ def run(args) -> dict:
     from spark_jobs.session import get_spark
 
     started = time.time()
+    out_path = layout.local_path(to_uri(args.output))
+    if out_path is None:
+        raise UserError(f"--output {args.output}: the report is written to a local folder; give a local path")
+    outputs = Outputs(LocalFS(), os.path.abspath(out_path), "evaluate", new_run_id())
+    outputs.check(REPORT_FILES)  # before any work: never replace files faceage did not write
     spark = get_spark("faceage-evaluate")
     try:
         preds = read_predictions(spark, to_uri(args.predictions))
+        preds.schema  # noqa: B018 - resolve now: a missing or foreign table fails here, with its name
     except Exception as e:  # noqa: BLE001
-        raise UsageError(f"--predictions {args.predictions}: not a score output ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"--predictions {args.predictions}: not a score output ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
     labels, key, label_info = load_labels(spark, to_uri(args.labels), args.split, args.labels_version)
 
+    # --- valid rows only; every row left out is counted by reason
     ok = preds.where(sf.col("status") == "ok")
     if key == "source_path":
         ok = ok.where(sf.col("face_index") == 0)
     ok = ok.select(key, "predicted_age", "uncertainty", "model_id", "data_version")
+    finite = sf.col("predicted_age").isNotNull() & ~sf.isnan("predicted_age") & \
+        (sf.abs(sf.col("predicted_age")) < sf.lit(float("inf")))
+    excluded = {r["bad"]: r["count"] for r in ok.groupBy((~finite).alias("bad")).count().collect()}
+    excluded = {"non_finite_prediction": int(excluded.get(True, 0))}
+    ok = ok.where(finite)
+    bad_labels = labels.where(sf.col("label_error").isNotNull() | sf.col("age").isNull())
+    excluded["invalid_label"] = bad_labels.count()
+    labels = labels.where(sf.col("label_error").isNull() & sf.col("age").isNotNull()).drop("label_error")
+    labels, excluded["duplicate_label_key"] = dedupe_keys(labels, key, ["age", "gender", "race", "dataset"],
+                                                          f"--labels {args.labels}")
+    ok, excluded["duplicate_prediction_key"] = dedupe_keys(ok, key, ["predicted_age", "model_id"],
+                                                           f"--predictions {args.predictions}")
+
     joined = ok.join(labels, key, "full_outer").withColumn(
         "matched", sf.col("predicted_age").isNotNull() & sf.col("age").isNotNull())
     # One pass over the join for the bookkeeping; the matched rows are cached for the metrics.
@@ -141,8 +210,8 @@ def run(args) -> dict:
                      .groupBy("status").count().collect()}
     models = preds.where(sf.col("status") == "ok").groupBy("model_id", "data_version").count().collect()
     if bookkeeping["matched"] == 0:
-        raise UsageError(f"no prediction matched a label (joined on {key}): {bookkeeping}; are these the "
-                         f"predictions for this table (and --split)?")
+        raise UserError(f"no prediction matched a label (joined on {key}): {bookkeeping}, left out {excluded}; "
+                        f"are these the predictions for this table (and --split)?")
 
     err = sf.col("predicted_age") - sf.col("age")
     m = (joined.where("matched")
@@ -174,30 +243,36 @@ def run(args) -> dict:
         sf.floor("age").alias("a"), sf.floor(sf.greatest(sf.lit(0.0), "predicted_age")).alias("p")).count().collect()]
     m.unpersist()
 
-    os.makedirs(args.output, exist_ok=True)
-    matrix, normalized = confusion(cells)
-    plots = write_plots(args.output, matrix, normalized, by_age, density)
-    write_csv(os.path.join(args.output, "slices.csv"), slices)
-    names = group_names()
-    with open(os.path.join(args.output, "confusion.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["true \\ predicted"] + names)
-        for name, row in zip(names, matrix):
-            w.writerow([name] + [int(v) for v in row])
-    metrics = {
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "predictions": to_uri(args.predictions), "labels": label_info, "join_key": key,
-        "models": [{"model_id": r["model_id"], "data_version": r["data_version"], "faces": r["count"]} for r in models],
-        "rows": bookkeeping, "no_prediction_by_reason": no_prediction,
-        "overall": overall, "slices": slices,
-        "confusion": {"labels": names, "counts": matrix.astype(int).tolist(),
-                      "row_normalized": [[round(float(v), 4) for v in row] for row in normalized]},
-        "plots": plots, "seconds": round(time.time() - started, 3),
-        "spark": {"master": spark.sparkContext.master, "app_id": spark.sparkContext.applicationId},
-    }
-    with open(os.path.join(args.output, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2, default=str)
-    write_html(os.path.join(args.output, "report.html"), metrics, args.output)
+    staging = outputs.staging_root
+    try:
+        os.makedirs(staging, exist_ok=True)
+        matrix, normalized = confusion(cells)
+        plots = write_plots(staging, matrix, normalized, by_age, density)
+        write_csv(os.path.join(staging, "slices.csv"), slices)
+        names = group_names()
+        with open(os.path.join(staging, "confusion.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["true \\ predicted"] + names)
+            for name, row in zip(names, matrix):
+                w.writerow([name] + [int(v) for v in row])
+        metrics = {
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "predictions": to_uri(args.predictions), "labels": label_info, "join_key": key,
+            "models": [{"model_id": r["model_id"], "data_version": r["data_version"], "faces": r["count"]}
+                       for r in models],
+            "rows": bookkeeping, "excluded": excluded, "no_prediction_by_reason": no_prediction,
+            "overall": overall, "slices": slices,
+            "confusion": {"labels": names, "counts": matrix.astype(int).tolist(),
+                          "row_normalized": [[round(float(v), 4) for v in row] for row in normalized]},
+            "plots": plots, "seconds": round(time.time() - started, 3),
+            "spark": {"master": spark.sparkContext.master, "app_id": spark.sparkContext.applicationId},
+        }
+        with open(os.path.join(staging, "metrics.json"), "w") as f:
+            f.write(redact(dumps(metrics, default=str)))
+        write_html(os.path.join(staging, "report.html"), json.loads(redact(dumps(metrics, default=str))), staging)
+        outputs.commit(REPORT_FILES)
+    finally:
+        outputs.finish()
     return metrics
 
 
@@ -301,7 +376,8 @@ Labels: {html.escape(str(label.get('uri')))} ({html.escape(label.get('kind', '')
 version {html.escape(str(label.get('version')))}), joined on {html.escape(metrics['join_key'])}.<br>
 Rows: {rows['matched']} matched; {rows['predictions_without_label']} predictions without a label in these labels
 (e.g. faces of other splits); {rows['labels_without_prediction']} labels without a prediction; photos without a prediction by reason:
-{html.escape(json.dumps(metrics['no_prediction_by_reason']))}. Created {html.escape(metrics['created_at'])}.</p>
+{html.escape(json.dumps(metrics['no_prediction_by_reason']))}; rows left out of every metric by reason:
+{html.escape(json.dumps(metrics.get('excluded', {})))}. Created {html.escape(metrics['created_at'])}.</p>
 <h2>Overall</h2><table><tr><th>count</th><th>MAE</th><th>RMSE</th><th>CS@5</th><th>bias (mean signed error)</th></tr>
 <tr><td>{o['count']}</td><td>{o['mae']:.3f}</td><td>{o['rmse']:.3f}</td><td>{o['cs5']:.3f}</td><td>{o['bias']:.3f}</td></tr></table>
 <h2>Slices</h2><table><tr><th>slice</th><th>value</th><th>count</th><th>MAE</th><th>RMSE</th><th>CS@5</th><th>bias</th></tr>
@@ -314,18 +390,21 @@ Rows: {rows['matched']} matched; {rows['predictions_without_label']} predictions
         f.write(page)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _job(argv: Optional[List[str]]) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        metrics = run(args)
-    except UsageError as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
+    metrics = run(args)
     o, r = metrics["overall"], metrics["rows"]
+    left_out = {k: v for k, v in metrics["excluded"].items() if v}
     print(f"evaluate: {r['matched']} matched rows: MAE {o['mae']:.2f}, RMSE {o['rmse']:.2f}, CS@5 {o['cs5']:.3f}, "
           f"bias {o['bias']:+.2f}; unmatched: {r['predictions_without_label']} predictions, "
-          f"{r['labels_without_prediction']} labels; report {os.path.join(args.output, 'report.html')}")
+          f"{r['labels_without_prediction']} labels; left out {left_out or 'none'}; "
+          f"report {os.path.join(args.output, 'report.html')}")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The CLI: exit 0, or 2 with one `evaluate: error: ...` line for anything the user can fix."""
+    return run_main("evaluate", lambda: _job(argv))
 
 
 if __name__ == "__main__":

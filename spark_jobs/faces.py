@@ -10,22 +10,19 @@ import io
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from schemas.crop import DETECTORS, CropSettings  # noqa: F401 - the contract, re-exported for callers
+from schemas.crop import TEMPLATE as TEMPLATE_POINTS
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is "corrupt", never half a face
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
-DETECTORS = ("yunet", "hog", "none")
-
-# Where the 5 landmarks (right eye, left eye, nose, right and left mouth corner; the subject's right
-# eye is on the image's left) sit in a UTKFace "aligned & cropped" chip, as fractions of its side:
-# the mean of YuNet's landmarks over 600 chips (std 0.02-0.03). With margin 0, a crop of a face in
-# the wild is framed like those chips, so a model trained on chips sees the same framing at scoring.
-TEMPLATE = np.array([[0.282, 0.288], [0.684, 0.290], [0.477, 0.520], [0.308, 0.672], [0.667, 0.670]])
+TEMPLATE = np.array(TEMPLATE_POINTS)
 
 # Where those landmarks sit inside a dlib HOG box (fractions of box width/height; mean over 296 UTKFace
 # faces). HOG gives a box only: these pseudo-landmarks let it share the one alignment path.
@@ -39,31 +36,6 @@ class Reject(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-
-
-@dataclass(frozen=True)
-class CropSettings:
-    """Everything that decides what a crop looks like; stored with tables and model bundles."""
-
-    size: int = 128
-    margin: float = 0.0  # extra border on each side, as a fraction of the crop (0: UTKFace chip framing)
-    detector: str = "yunet"
-    min_score: float = 0.5  # detector confidence, 0..1
-    min_face: int = 24  # smallest accepted face (box side, source pixels)
-    detect_max_side: int = 800  # larger images are downscaled for detection only
-    max_pixels: int = 64_000_000  # decompression-bomb cap (width x height)
-    jpeg_quality: int = 95
-
-    def __post_init__(self):
-        if self.detector not in DETECTORS:
-            raise ValueError(f"detector {self.detector!r}: use one of {DETECTORS}")
-        if not 16 <= self.size <= 1024:
-            raise ValueError(f"size {self.size}: use 16..1024 pixels")
-        if not 0.0 <= self.margin <= 2.0:
-            raise ValueError(f"margin {self.margin}: use 0..2 (fraction of the face box per side)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -31,9 +31,11 @@ def check_age(age, name: str) -> int:
     """The age as an int in MIN_AGE..MAX_AGE, else LabelError."""
     try:
         value = float(age)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise LabelError(f"{name}: age {age!r} is not a number") from None
-    if value != value or not value.is_integer():
+    if value != value or value in (float("inf"), float("-inf")):
+        raise LabelError(f"{name}: age {age!r} is not a finite number")
+    if not value.is_integer():
         raise LabelError(f"{name}: age {age!r} is not a whole number of years")
     if not MIN_AGE <= value <= MAX_AGE:
         raise LabelError(f"{name}: age {int(value)} is outside {MIN_AGE}..{MAX_AGE}")
@@ -75,24 +77,36 @@ def parse_fgnet(path: str) -> Label:
     return Label(age=check_age(m.group(2), name), subject_id=f"fgnet:{m.group(1)}")
 
 
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value) or \
+        (isinstance(value, str) and value.strip() == "")
+
+
 def label_from_manifest(path: str, age, gender=None, race=None, subject_id=None) -> Label:
-    """A manifest row (already joined to its file): age required, the rest optional."""
+    """A manifest row (already joined to its file): age required, the rest optional.
+
+    Values may be strings as read from the file ("25", "25.0", "abc", "NaN"); anything that is not a
+    usable value raises LabelError, never another exception."""
     name = basename(path)
-    if age is None or (isinstance(age, float) and age != age):
+    if _missing(age):
         raise LabelError(f"{name}: no row in the label manifest (or its age is empty)")
 
     def code(value, allowed, what):
-        if value is None or (isinstance(value, float) and value != value):
+        if _missing(value):
             return None
-        if int(value) not in allowed or float(value) != int(value):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if number != number or not number.is_integer() or int(number) not in allowed:
             raise LabelError(f"{name}: {what} {value!r} is not one of {sorted(allowed)}")
-        return int(value)
+        return int(number)
 
     return Label(
         age=check_age(age, name),
         gender=code(gender, {0, 1}, "gender"),
         race=code(race, {0, 1, 2, 3, 4}, "race"),
-        subject_id=None if subject_id in (None, "") or subject_id != subject_id else str(subject_id),
+        subject_id=None if _missing(subject_id) else str(subject_id).strip(),
     )
 
 

@@ -1,18 +1,21 @@
 """prepare's transforms: DataFrame -> DataFrame functions plus the per-partition face function.
 
-`main()` in prepare.py wires them: list inputs -> read images -> faces per partition ->
-reconcile (every listed file is a face or a reject) -> dedupe -> write.
+`run()` in prepare.py wires them: list inputs -> file rows (bytes, or why not read) -> faces per
+file (every listed file is a face or a reject) -> dedupe -> check -> write.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import re
 from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 from schemas import fields as F
-from schemas import layout
+from schemas import ids, layout
 from schemas.tables import FACES, REJECTS
+from spark_jobs import label_manifest
 from spark_jobs import labels as L
 from spark_jobs.faces import IMAGE_EXTENSIONS, CropSettings, Reject, crop_faces, get_detector
 from spark_jobs.splits import assign_split, split_key
@@ -24,7 +27,6 @@ PROCESSED = tuple(replace(f, nullable=True) for f in FACES) + (
     F.Field("detail", "string", nullable=True),
     F.Field("size_bytes", "int64", nullable=True),
 )
-LABEL_COLUMNS = ("label_age", "label_gender", "label_race", "label_subject_id")
 EXTENSION_PATTERN = r"(?i)\.(" + "|".join(IMAGE_EXTENSIONS) + r")$"
 
 
@@ -42,16 +44,17 @@ class PrepareSettings:
 
 # ----------------------------------------------------------------------------- per file
 
-def face_id(content_sha256: str, face_index: int = 0) -> str:
-    return f"{content_sha256[:24]}-{face_index}"
+def process_file(path: str, raw: Optional[bytes], settings: PrepareSettings, label_row: Optional[dict] = None,
+                 detector=None, skipped: Optional[Tuple[str, str, Optional[int]]] = None) -> dict:
+    """One input file -> one PROCESSED row (a face, or a reject with reason and detail).
 
-
-def process_file(path: str, raw: bytes, settings: PrepareSettings, label_row: Optional[dict] = None,
-                 detector=None) -> dict:
-    """One input file -> one PROCESSED row (a face, or a reject with reason and detail)."""
+    `skipped` = (reason, detail, size) for a listed file whose bytes were never read (see classify_file)."""
     row = {f.name: None for f in PROCESSED}
-    row.update(source_path=path, size_bytes=len(raw), dataset=settings.dataset, prepare_run_id=settings.run_id)
-    row["content_sha256"] = hashlib.sha256(raw).hexdigest()
+    row.update(source_path=path, dataset=settings.dataset, prepare_run_id=settings.run_id)
+    if skipped is not None:
+        row.update(reason=skipped[0], detail=skipped[1], size_bytes=skipped[2])
+        return row
+    row.update(size_bytes=len(raw), content_sha256=hashlib.sha256(raw).hexdigest())
     try:
         if settings.labels == "manifest":
             label = L.label_from_manifest(path, **(label_row or {"age": None}))
@@ -69,7 +72,7 @@ def process_file(path: str, raw: bytes, settings: PrepareSettings, label_row: Op
         row.update(reason="corrupt", detail=f"unexpected {type(e).__name__}: {e}")
         return row
     row.update(
-        face_id=face_id(row["content_sha256"], crop.face_index),
+        face_id=ids.face_id(row["content_sha256"], crop.face_index),
         image=crop.image,
         image_size=settings.crop.size,
         age=label.age,
@@ -89,7 +92,7 @@ def process_file(path: str, raw: bytes, settings: PrepareSettings, label_row: Op
 
 
 def process_partition(batches: Iterator, settings: PrepareSettings) -> Iterator:
-    """mapInPandas body: (path, content[, label_*]) batches -> PROCESSED batches."""
+    """mapInPandas body: FILE_ROWS batches (+ label_* columns with a manifest) -> PROCESSED batches."""
     import pandas as pd
 
     detector = get_detector(settings.crop.detector)
@@ -97,12 +100,29 @@ def process_partition(batches: Iterator, settings: PrepareSettings) -> Iterator:
     for batch in batches:
         rows = []
         for rec in batch.itertuples(index=False):
+            if rec.reason is not None:
+                rows.append(process_file(rec.path, None, settings,
+                                         skipped=(rec.reason, rec.detail, _int_or_none(rec.size_bytes))))
+                continue
             label_row = None
             if settings.labels == "manifest":
+                if rec.label_conflict:
+                    rows.append(process_file(rec.path, None, settings, skipped=(
+                        "bad_label", f"{L.basename(rec.path)}: the label manifest lists this file more than once "
+                                     f"with different labels ({rec.label_conflict}); keep one row per file",
+                        _int_or_none(rec.size_bytes))))
+                    continue
                 label_row = {"age": rec.label_age, "gender": rec.label_gender, "race": rec.label_race,
                              "subject_id": rec.label_subject_id}
             rows.append(process_file(rec.path, bytes(rec.content), settings, label_row, detector))
         yield pd.DataFrame(rows, columns=names)
+
+
+def _int_or_none(value) -> Optional[int]:
+    try:
+        return None if value is None or value != value else int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------- DataFrames
@@ -112,12 +132,14 @@ def is_hidden(relative_path: str) -> bool:
     return any(part[:1] in (".", "_") for part in relative_path.split("/") if part)
 
 
-def list_files(spark, inputs: Sequence[str]) -> List[Tuple[str, Optional[int], bool]]:
-    """Every file under the inputs as (path, length, hidden), in the path format binaryFile uses.
+def list_files(spark, inputs: Sequence[str]) -> List[Tuple[str, Optional[int], bool, Optional[bytes]]]:
+    """Every file under the inputs as (path, length, hidden, os_path).
 
     Spark's own listing drops zero-byte files, dangling links and names starting with '.' or '_',
-    so it cannot be the inventory: local folders are walked here (a dangling link gets length
-    None), Hadoop URIs are listed with FileSystem.listFiles.
+    and Hadoop's Path cannot even hold some legal names (a colon, for one), so it cannot be the
+    inventory: local folders are walked here (a dangling link gets length None; `path` is the name
+    as the user wrote it, bytes that are not UTF-8 shown as \\xNN; `os_path` the exact bytes to open).
+    Hadoop URIs are listed with FileSystem.listFiles (os_path None).
     """
     found = []
     for uri in inputs:
@@ -132,9 +154,10 @@ def list_files(spark, inputs: Sequence[str]) -> List[Tuple[str, Optional[int], b
                     except OSError:
                         length = None
                     rel = os.path.relpath(full, local).replace(os.sep, "/")
-                    found.append(("file:" + os.path.abspath(full), length, is_hidden(rel)))
+                    raw = os.fsencode(os.path.abspath(full))
+                    found.append(("file:" + raw.decode("utf-8", "backslashreplace"), length, is_hidden(rel), raw))
             continue
-        found += list_hadoop(spark, uri)
+        found += [(p, n, h, None) for p, n, h in list_hadoop(spark, uri)]
     return found
 
 
@@ -153,111 +176,165 @@ def list_hadoop(spark, uri: str) -> List[Tuple[str, Optional[int], bool]]:
     return found
 
 
-def inventory_frame(spark, inventory: List[Tuple[str, Optional[int], bool]]):
+def inventory_frame(spark, inventory: List[tuple]):
     """list_files' result as a DataFrame: path, length (null when unreadable), hidden."""
-    return spark.createDataFrame(inventory, "path string, length long, hidden boolean")
+    return spark.createDataFrame([tuple(r[:3]) for r in inventory], "path string, length long, hidden boolean")
 
 
-def read_images(spark, inputs: Sequence[str], max_file_bytes: int):
-    """Image-named files with their bytes; over-size files are filtered before their bytes are read."""
+# What every listed input becomes before the face function: its bytes, or why they were not read.
+FILE_ROWS = "path string, content binary, size_bytes long, reason string, detail string"
+FILES_PER_TASK = 48  # small photos per Spark task: cheap to start, short enough that the cores finish together
+
+
+def classify_file(path: str, length: Optional[int], hidden: bool, max_file_bytes: int
+                  ) -> Optional[Tuple[str, str]]:
+    """(reason, detail) for a listed file that is not read at all, or None when its bytes should be read."""
+    if length is None:
+        return "unreadable", "cannot stat the file (a dangling link, or no permission)"
+    if hidden:
+        return "hidden_file", "a file or folder name starting with '.' or '_' (hidden or metadata): not read"
+    if not re.search(EXTENSION_PATTERN, path):
+        return "unsupported_extension", f"not one of {', '.join(IMAGE_EXTENSIONS)} (any case)"
+    if length == 0:
+        return "empty_file", "the file has zero bytes"
+    if length > max_file_bytes:
+        return "too_large", f"{length} bytes is over --max-file-bytes {max_file_bytes}"
+    return None
+
+
+def read_local_partition(batches: Iterator, max_file_bytes: int) -> Iterator:
+    """mapInPandas body: listed local files (path, os_path, length, hidden) -> FILE_ROWS, bytes read here
+    with Python's open(): no Hadoop Path ever parses a user's file name (colons, '%', '#', bytes that
+    are not UTF-8 all work)."""
+    import pandas as pd
+
+    for batch in batches:
+        out = []
+        for rec in batch.itertuples(index=False):
+            length = _int_or_none(rec.length)
+            skip = classify_file(rec.path, length, bool(rec.hidden), max_file_bytes)
+            content = None
+            if skip is None:
+                try:
+                    with open(bytes(rec.os_path), "rb") as f:
+                        content = f.read(max_file_bytes + 1)
+                except OSError as e:
+                    skip = ("unreadable", f"listed but its bytes could not be read ({e.strerror or e})")
+                else:
+                    if len(content) > max_file_bytes or not content:  # changed since it was listed
+                        skip = classify_file(rec.path, len(content), False, max_file_bytes) or \
+                            ("unreadable", "the file changed while the job ran")
+                        content = None
+            out.append({"path": rec.path, "content": content, "size_bytes": length,
+                        "reason": skip[0] if skip else None, "detail": skip[1] if skip else None})
+        yield pd.DataFrame(out, columns=["path", "content", "size_bytes", "reason", "detail"])
+
+
+def classify_partition(batches: Iterator, max_file_bytes: int) -> Iterator:
+    """mapInPandas body: listed files binaryFile did not read (path, length, hidden) -> FILE_ROWS rejects."""
+    import pandas as pd
+
+    for batch in batches:
+        out = []
+        for rec in batch.itertuples(index=False):
+            length = _int_or_none(rec.length)
+            skip = classify_file(rec.path, length, bool(rec.hidden), max_file_bytes) or (
+                "unreadable", "listed but its bytes could not be read (deleted or moved during the run)")
+            out.append({"path": rec.path, "content": None, "size_bytes": length, "reason": skip[0],
+                        "detail": skip[1]})
+        yield pd.DataFrame(out, columns=["path", "content", "size_bytes", "reason", "detail"])
+
+
+def file_rows(spark, inputs: Sequence[str], inventory: List[tuple], max_file_bytes: int):
+    """Every listed file as one FILE_ROWS row: its bytes, or the reason they were not read.
+
+    Local inputs are read by Python on the executors (path strings a Hadoop Path cannot parse are
+    fine); Hadoop URIs (s3a://, hdfs://) through Spark's binaryFile, with the listed files it did not
+    return (empty, hidden, odd names) classified by the same rule."""
     from pyspark.sql import functions as sf
 
-    return (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(list(inputs))
-            .where((sf.col("length") <= max_file_bytes) & sf.col("path").rlike(EXTENSION_PATTERN))
-            .select("path", "content"))
+    local = [r for r in inventory if r[3] is not None]
+    remote_inputs = [u for u in inputs if layout.local_path(u) is None]
+    frames = []
+    if local:
+        slices = max(spark.sparkContext.defaultParallelism, math.ceil(len(local) / FILES_PER_TASK))
+        listed = spark.createDataFrame(spark.sparkContext.parallelize(
+            [tuple(r) for r in local], slices),
+            "path string, length long, hidden boolean, os_path binary")
+        frames.append(listed.mapInPandas(lambda it: read_local_partition(it, max_file_bytes), schema=FILE_ROWS))
+    if remote_inputs:
+        remote = [r for r in inventory if r[3] is None]
+        listing = inventory_frame(spark, remote)
+        images = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(remote_inputs)
+                  .where((sf.col("length") <= max_file_bytes) & (sf.col("length") > 0)
+                         & sf.col("path").rlike(EXTENSION_PATTERN))
+                  .select("path", "content", sf.col("length").alias("size_bytes"),
+                          sf.lit(None).cast("string").alias("reason"), sf.lit(None).cast("string").alias("detail")))
+        skipped = listing.join(images.select("path"), "path", "left_anti")
+        frames.append(images)
+        frames.append(skipped.mapInPandas(lambda it: classify_partition(it, max_file_bytes), schema=FILE_ROWS))
+    out = frames[0]
+    for frame in frames[1:]:
+        out = out.unionByName(frame)
+    return out
 
 
 def read_manifest(spark, uri: str):
-    """A label manifest (CSV with a header, or Parquet): path, age, optional gender/race/subject_id."""
+    """A label manifest (CSV with a header, or Parquet): path, age, optional gender/race/subject_id.
+
+    Every value stays a string here (no cast can fail on a bad value and kill the job); the one label
+    parser (labels.label_from_manifest) turns them into a Label or a bad_label reject per file."""
     from pyspark.sql import functions as sf
 
-    if uri.lower().endswith(".csv"):
-        df = spark.read.option("header", "true").csv(uri)
-    else:
-        df = spark.read.parquet(uri)
-    missing = {"path", "age"} - set(df.columns)
-    if missing:
-        raise ValueError(f"label manifest {uri} lacks column(s) {sorted(missing)}; it needs path and age "
-                         f"(optional: gender, race, subject_id)")
-    cols = [sf.col("path").alias("m_path"), sf.col("age").cast("double").alias("label_age")]
-    for name in ("gender", "race"):
-        cols.append((sf.col(name).cast("double") if name in df.columns else sf.lit(None).cast("double"))
-                    .alias(f"label_{name}"))
-    cols.append((sf.col("subject_id").cast("string") if "subject_id" in df.columns
-                 else sf.lit(None).cast("string")).alias("label_subject_id"))
+    df = label_manifest.read(spark, uri)
+    cols = [sf.col("path").alias("m_path"), sf.col("age").alias("label_age")]
+    for name in ("gender", "race", "subject_id"):
+        cols.append(sf.col(name).alias(f"label_{name}"))
     return df.select(*cols)
 
 
-def attach_manifest_labels(images, manifest, inputs: Sequence[str]):
-    """Left-join manifest labels: a manifest path matches a file's full URI or its path under an input."""
+def attach_manifest_labels(files, manifest, inputs: Sequence[str]):
+    """Left-join manifest labels: a manifest path matches a file's full URI or its path under an input.
+
+    A file the manifest lists more than once with different labels gets `label_conflict` (a bad_label
+    reject later); identical repeats are one label."""
     from pyspark.sql import functions as sf
 
     from spark_jobs.storage import to_uri
 
+    labelled = [f"label_{n}" for n in ("age", "gender", "race", "subject_id")]
     manifest = manifest.withColumn("m_key", sf.regexp_replace(sf.regexp_replace("m_path", r"^\./", ""),
                                                               r"^(/|file:/+)", "file:/"))
-    manifest = manifest.dropDuplicates(["m_key"])
     rel = sf.lit(None).cast("string")
     for root in inputs:
         prefix = to_uri(root).rstrip("/") + "/"
         prefix = prefix.replace("file:///", "file:/")
         rel = sf.when(sf.col("path").startswith(prefix), sf.expr(f"substring(path, {len(prefix) + 1})")) \
             .otherwise(rel)
-    keyed = images.withColumn("rel_key", rel)
-    labelled = [f"label_{n}" for n in ("age", "gender", "race", "subject_id")]
-    by_full = manifest.select(sf.col("m_key").alias("full_key"), *[sf.col(c).alias("f_" + c) for c in labelled])
-    by_rel = manifest.select(sf.col("m_key").alias("rel_key"), *[sf.col(c).alias("r_" + c) for c in labelled])
-    joined = keyed.join(by_full, keyed.path == by_full.full_key, "left").join(by_rel, "rel_key", "left")
-    return joined.select("path", "content",
-                         *[sf.coalesce(sf.col("f_" + c), sf.col("r_" + c)).alias(c) for c in labelled])
+    keyed = files.withColumn("rel_key", rel)
+    by_full = manifest.select(sf.col("m_key").alias("key"), *labelled)
+    joined_full = keyed.select("path", sf.col("path").alias("key")).join(by_full, "key")
+    joined_rel = keyed.where(sf.col("rel_key").isNotNull()).select("path", sf.col("rel_key").alias("key")) \
+        .join(by_full, "key")
+    # every label row that names a file, by either key; distinct label tuples per file
+    label_text = sf.concat_ws("/", *[sf.coalesce(sf.col(c).cast("string"), sf.lit("")) for c in labelled])
+    per_file = (joined_full.unionByName(joined_rel).select("path", *labelled, label_text.alias("_text")).distinct()
+                .groupBy("path")
+                .agg(sf.count("*").alias("_n"), sf.first(sf.struct(*labelled)).alias("_label"),
+                     sf.concat_ws(" vs ", sf.sort_array(sf.collect_set("_text"))).alias("_texts")))
+    per_file = per_file.select(
+        "path", *[sf.when(sf.col("_n") == 1, sf.col("_label." + c)).alias(c) for c in labelled],
+        sf.when(sf.col("_n") > 1, sf.concat(sf.lit("age/gender/race/subject "), sf.col("_texts")))
+        .alias("label_conflict"))
+    return files.join(per_file, "path", "left")
 
 
-def faces_per_file(images, settings: PrepareSettings):
-    """Run the face function over every image file (one PROCESSED row per file)."""
+def faces_per_file(files, settings: PrepareSettings):
+    """Run the face function over every listed file (one PROCESSED row per file)."""
     if settings.labels != "manifest":
-        images = images.select("path", "content")
+        files = files.select("path", "content", "size_bytes", "reason", "detail")
     schema = F.spark_schema(PROCESSED)
-    return images.mapInPandas(lambda it: process_partition(it, settings), schema=schema)
-
-
-def skip_reason(max_file_bytes: int):
-    """(reason, detail) columns for a listed file (path, length, hidden) that the face function never
-    saw: why binaryFile or our filters left it out."""
-    from pyspark.sql import functions as sf
-
-    hidden = sf.col("hidden")
-    reason = (sf.when(sf.col("length").isNull(), sf.lit("unreadable"))
-              .when(hidden, sf.lit("hidden_file"))
-              .when(~sf.col("path").rlike(EXTENSION_PATTERN), sf.lit("unsupported_extension"))
-              .when(sf.col("length") == 0, sf.lit("empty_file"))
-              .when(sf.col("length") > max_file_bytes, sf.lit("too_large"))
-              .otherwise(sf.lit("unreadable")))
-    detail = (sf.when(reason == "hidden_file",
-                      sf.lit("a file or folder name starting with '.' or '_' (hidden or metadata): not read"))
-              .when(reason == "unsupported_extension",
-                    sf.lit(f"not one of {', '.join(IMAGE_EXTENSIONS)} (any case)"))
-              .when(reason == "empty_file", sf.lit("the file has zero bytes"))
-              .when(reason == "too_large",
-                    sf.concat(sf.col("length").cast("string"), sf.lit(f" bytes is over --max-file-bytes {max_file_bytes}")))
-              .when(sf.col("length").isNull(), sf.lit("cannot stat the file (a dangling link, or no permission)"))
-              .otherwise(sf.lit("listed but its bytes could not be read (deleted or moved during the run)")))
-    return reason, detail
-
-
-def reconcile(listing, processed, max_file_bytes: int, dataset: str, run_id: str):
-    """Listed files that never reached the face function become rejects, so inputs = faces + rejects."""
-    from pyspark.sql import functions as sf
-
-    names = [f.name for f in PROCESSED]
-    skipped = listing.join(processed.select(sf.col("source_path").alias("path")), "path", "left_anti")
-    reason, detail = skip_reason(max_file_bytes)
-    extra = {"source_path": sf.col("path"), "size_bytes": sf.col("length"), "reason": reason, "detail": detail,
-             "dataset": sf.lit(dataset), "prepare_run_id": sf.lit(run_id)}
-    schema = {f.name: f for f in PROCESSED}
-    skipped_rows = skipped.select(*[
-        (extra[n] if n in extra else sf.lit(None)).cast(F.spark_schema([schema[n]])[0].dataType).alias(n)
-        for n in names])
-    return processed.unionByName(skipped_rows)
+    return files.mapInPandas(lambda it: process_partition(it, settings), schema=schema)
 
 
 def mark_duplicates(results, existing_hashes=None):

@@ -16,8 +16,10 @@ from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 
+from schemas import ids
+from schemas.crop import CropSettings, scoring_settings
 from schemas.tables import PREDICTIONS
-from spark_jobs.faces import CropSettings, Reject, crop_faces, get_detector
+from spark_jobs.faces import Reject, crop_faces, get_detector
 
 NAMES = [f.name for f in PREDICTIONS]
 
@@ -35,6 +37,7 @@ class ScoreSettings:
     device: str = "auto"
     torch_threads: int = 1  # Spark runs one task per core: one torch thread each
     spark_file: bool = False
+    detector: str = "auto"  # photos: auto (detect + align to the bundle's framing) | yunet | hog | none (chips)
 
 
 def model_id(path: str) -> str:
@@ -46,9 +49,13 @@ def model_id(path: str) -> str:
 
 
 class Predictor:
-    """One model bundle, ready for batched inference on CPU or CUDA."""
+    """One model bundle, ready for batched inference on CPU or CUDA.
 
-    def __init__(self, path: str, device: str = "auto", threads: Optional[int] = None):
+    `crop` is how PHOTOS are cropped for it: the bundle's training crop settings with the detector
+    chosen by schemas.crop.scoring_settings (photos are detected and aligned to the model's framing,
+    unless detector 'none' says they are aligned chips already)."""
+
+    def __init__(self, path: str, device: str = "auto", threads: Optional[int] = None, detector: str = "auto"):
         import torch
 
         from trainer import model as M
@@ -62,9 +69,13 @@ class Predictor:
         self.size = int(self.bundle["input_size"])
         self.mean = torch.tensor(self.bundle["normalize"]["mean"], device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.bundle["normalize"]["std"], device=self.device).view(1, 3, 1, 1)
-        crop = dict(self.bundle.get("crop") or {})
-        crop.setdefault("size", self.size)
-        self.crop = CropSettings(**crop)
+        self.crop = self.crop_for(self.bundle, detector)
+
+    @staticmethod
+    def crop_for(bundle: dict, detector: str = "auto") -> CropSettings:
+        """How photos are cropped for `bundle` with the --detector choice (see the class docstring)."""
+        trained = CropSettings.from_dict(dict(bundle["crop"]), "model bundle")
+        return scoring_settings(trained, detector, size=trained.size)
 
     def predict(self, pixels: np.ndarray, batch_size: int = 64):
         """uint8 N x H x W x 3 -> (ages, stds) float32 arrays; std is NaN for a regression head."""
@@ -95,9 +106,9 @@ def predictor(settings: ScoreSettings) -> Predictor:
         from pyspark import SparkFiles
 
         path = SparkFiles.get(settings.bundle)
-    key = f"{path}:{settings.model_id}:{settings.device}"
+    key = f"{path}:{settings.model_id}:{settings.device}:{settings.detector}"
     if key not in _PREDICTORS:
-        _PREDICTORS[key] = Predictor(path, settings.device, settings.torch_threads)
+        _PREDICTORS[key] = Predictor(path, settings.device, settings.torch_threads, settings.detector)
         LOADS["count"] += 1
     return _PREDICTORS[key]
 
@@ -119,9 +130,13 @@ def score_photos(records, pred: Predictor, settings: ScoreSettings, detector=Non
         get_detector(pred.crop.detector) if pred.crop.detector != "none" else None)
     timings = timings if timings is not None else {}
     rows, pixels = [], []
-    for path, raw in records:
+    for record in records:
+        path, raw = record[0], record[1]
+        if len(record) > 2 and record[2] is not None:  # listed but never read: (path, None, reason, detail)
+            rows.append(_row(settings, source_path=path, status=record[2], detail=record[3]))
+            continue
         raw = bytes(raw)
-        digest = hashlib.sha256(raw).hexdigest()
+        digest = ids.content_sha256(raw)
         try:
             crops = crop_faces(raw, pred.crop, detector, all_faces=True, timings=timings)
         except Reject as e:
@@ -135,7 +150,7 @@ def score_photos(records, pred: Predictor, settings: ScoreSettings, detector=Non
         for crop in crops:
             pixels.append(decode(crop.image, pred.size))
             rows.append(_row(settings, source_path=path, face_index=crop.face_index,
-                             face_id=f"{digest[:24]}-{crop.face_index}", bbox=crop.bbox,
+                             face_id=ids.face_id(digest, crop.face_index), bbox=crop.bbox,
                              det_score=crop.det_score, n_faces=crop.n_faces, status="ok"))
         timings["align"] = timings.get("align", 0.0) + time.perf_counter() - t0
     _infer(rows, pixels, pred, settings, timings)
@@ -180,7 +195,8 @@ def score_partition(batches: Iterator, settings: ScoreSettings, kind: str) -> It
     detector = get_detector(pred.crop.detector) if kind == "photos" and pred.crop.detector != "none" else None
     for batch in batches:
         if kind == "photos":
-            rows = score_photos(zip(batch["path"], batch["content"]), pred, settings, detector)
+            rows = score_photos(zip(batch["path"], batch["content"], batch["reason"], batch["detail"]), pred,
+                                settings, detector)
         else:
             rows = score_faces(batch.to_dict("records"), pred, settings)
         yield pd.DataFrame(rows, columns=NAMES)

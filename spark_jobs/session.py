@@ -39,6 +39,23 @@ def base_conf(ivy_dir: str = IVY_DIR, python: Optional[str] = None) -> Dict[str,
     }
 
 
+# Jobs over photo folders (prepare, score): with Spark's defaults (4 MB "open cost" per file) a task
+# holds one photo; with these, ~50 small photos (fewer big ones), so tasks are cheap to start yet short
+# enough that 2 cores finish together. Arrow batches stay small (image bytes are big).
+PHOTO_JOB_CONF = {
+    "spark.sql.files.openCostInBytes": str(256 * 1024),
+    "spark.sql.files.maxPartitionBytes": str(16 * 2**20),
+    "spark.sql.execution.arrow.maxRecordsPerBatch": "64",
+}
+
+
+def apply_conf_defaults(spark, conf: Dict[str, str]) -> None:
+    """Set session conf values that nobody set (a --conf given to spark-submit wins)."""
+    for key, value in conf.items():
+        if spark.conf.get(key, None) is None:
+            spark.conf.set(key, value)
+
+
 def get_spark(app_name: str, extra: Optional[Dict[str, str]] = None):
     """getOrCreate a session with base_conf (+ `extra`).
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Optional, Sequence, Tuple
 
 from schemas.tables import SPLITS
@@ -13,8 +14,8 @@ def parse_fractions(text: str) -> Tuple[float, float, float]:
         parts = tuple(float(p) for p in text.split(","))
     except ValueError:
         raise ValueError(f"--splits {text!r}: give three numbers like 0.8,0.1,0.1") from None
-    if len(parts) != 3 or any(p < 0 for p in parts):
-        raise ValueError(f"--splits {text!r}: give three non-negative numbers (train,val,test)")
+    if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts):
+        raise ValueError(f"--splits {text!r}: give three finite, non-negative numbers (train,val,test)")
     if abs(sum(parts) - 1.0) > 1e-6:
         raise ValueError(f"--splits {text!r}: the fractions add up to {sum(parts):g}, not 1")
     return parts  # type: ignore[return-value]

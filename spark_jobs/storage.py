@@ -8,6 +8,7 @@ from schemas import layout
 
 FORMATS = ("parquet", "delta")
 MODES = ("overwrite", "append")
+MAX_FILE_BYTES = 64 * 2**20  # input files larger than this are rejected unread (prepare and score alike)
 
 
 def to_uri(path: str) -> str:
@@ -21,6 +22,77 @@ def _hadoop_path(spark, uri: str):
     jvm = spark._jvm
     path = jvm.org.apache.hadoop.fs.Path(uri)
     return path, path.getFileSystem(spark._jsc.hadoopConfiguration())
+
+
+def qualify(spark, uri: str) -> str:
+    """`uri` as Hadoop resolves it (scheme, authority, absolute path): the form to compare URIs in."""
+    path, fs = _hadoop_path(spark, uri)
+    return str(fs.makeQualified(path).toString()).rstrip("/")
+
+
+class HadoopFS:
+    """schemas.outputs' filesystem interface over Hadoop's FileSystem (file:, s3a://, hdfs://, ...)."""
+
+    def __init__(self, spark):
+        self.spark = spark
+
+    def _p(self, uri: str):
+        return _hadoop_path(self.spark, to_uri(uri))
+
+    def exists(self, uri: str) -> bool:
+        path, fs = self._p(uri)
+        return bool(fs.exists(path))
+
+    def isdir(self, uri: str) -> bool:
+        path, fs = self._p(uri)
+        return bool(fs.exists(path)) and bool(fs.getFileStatus(path).isDirectory())
+
+    def listdir(self, uri: str):
+        path, fs = self._p(uri)
+        return sorted(str(s.getPath().getName()) for s in fs.listStatus(path))
+
+    def read_text(self, uri: str) -> str:
+        path, fs = self._p(uri)
+        if not fs.exists(path):
+            raise FileNotFoundError(uri)
+        stream = fs.open(path)
+        try:
+            chunks = []
+            buf = self.spark._jvm.java.io.ByteArrayOutputStream()
+            self.spark._jvm.org.apache.hadoop.io.IOUtils.copyBytes(stream, buf, 65536, False)
+            chunks.append(bytes(buf.toByteArray()))
+        finally:
+            stream.close()
+        return b"".join(chunks).decode("utf-8")
+
+    def write_text(self, uri: str, text: str) -> None:
+        write_text(self.spark, to_uri(uri), text)
+
+    def rename(self, src: str, dst: str) -> None:
+        s, fs = self._p(src)
+        d, _ = self._p(dst)
+        fs.mkdirs(d.getParent())
+        if fs.exists(d):
+            raise OSError(f"rename {src} -> {dst}: the target exists")
+        if not fs.rename(s, d):
+            raise OSError(f"rename {src} -> {dst} failed")
+
+    def delete(self, uri: str) -> None:
+        path, fs = self._p(uri)
+        if fs.exists(path):
+            fs.delete(path, True)
+
+    def mkdirs(self, uri: str) -> None:
+        path, fs = self._p(uri)
+        fs.mkdirs(path)
+
+    def walk_files(self, uri: str):
+        path, fs = self._p(uri)
+        root = str(fs.makeQualified(path).toString()).rstrip("/")
+        found, files = [], fs.listFiles(path, True)
+        while files.hasNext():
+            found.append(str(files.next().getPath().toString())[len(root) + 1:])
+        return sorted(found)
 
 
 def exists(spark, uri: str) -> bool:
@@ -74,3 +146,73 @@ def delta_version(spark, uri: str) -> Optional[int]:
     """The latest committed version of a Delta table."""
     row = spark.sql(f"DESCRIBE HISTORY delta.`{uri}` LIMIT 1").select("version").first()
     return None if row is None else int(row[0])
+
+
+def table_format(spark, uri: str) -> Optional[str]:
+    """'delta', 'parquet' (a finished Spark write: _SUCCESS) or None (absent or something else)."""
+    if exists(spark, layout.join(uri, "_delta_log")):
+        return "delta"
+    if exists(spark, layout.join(uri, "_SUCCESS")):
+        return "parquet"
+    return None
+
+
+class TableWrite:
+    """One table of a run, written so that readers see it only after every check passed.
+
+    stage(df) writes into the run's staging folder (nothing a reader looks at); commit() then makes it
+    the table: a rename for a new or replaced table, a file move for a Parquet append, or ONE Delta
+    commit in place when the target already is a Delta table (overwrite = a new version; the previous
+    versions stay readable). Only a target that faceage wrote is ever replaced (schemas.outputs)."""
+
+    def __init__(self, spark, outputs, name: str, fmt: str, mode: str, partition_by: Optional[str] = None,
+                 in_place_delta: bool = True):
+        from schemas.cli import UserError
+
+        self.spark, self.outputs, self.name, self.fmt, self.mode = spark, outputs, name, fmt, mode
+        self.partition_by = partition_by
+        self.target = layout.join(outputs.root, name)
+        existing = table_format(spark, self.target) if exists(spark, self.target) else None
+        if mode == "append" and existing is not None and existing != (fmt if fmt != "csv" else "parquet"):
+            raise UserError(f"--mode append: {self.target} is a {existing} table, not {fmt}; append in its own "
+                            f"format (--format {existing}) or overwrite it")
+        if fmt == "delta" and existing == "delta" and in_place_delta:
+            self.how = "in_place"
+        elif mode == "append" and existing is not None:
+            self.how = "append_files"
+        else:
+            self.how = "rename"
+        self.df = None
+
+    def stage(self, df) -> None:
+        self.df = df
+        if self.how != "in_place":
+            write_table(df, self.outputs.staging(self.name), self.fmt, "overwrite", self.partition_by)
+
+    def staged_rows(self) -> Optional[int]:
+        """Rows in the staged table (None when it is written at commit: a Delta commit in place)."""
+        if self.how == "in_place":
+            return None
+        reader = self.spark.read.format("delta") if self.fmt == "delta" else (
+            self.spark.read.option("header", "true").format("csv") if self.fmt == "csv" else self.spark.read.format("parquet"))
+        return reader.load(self.outputs.staging(self.name)).count()
+
+    def commit(self) -> None:
+        fs, outputs = self.outputs.fs, self.outputs
+        if self.how == "in_place":
+            write_table(self.df, self.target, self.fmt, self.mode, self.partition_by)
+            outputs.mark_folder(self.name)
+            outputs.record([self.name])
+        elif self.how == "rename":
+            outputs.commit([self.name], folder_markers=[self.name])
+        else:  # append_files: move the staged part files into the table, then mark it finished again
+            staged = outputs.staging(self.name)
+            success = layout.join(self.target, "_SUCCESS")
+            fs.delete(success)  # mid-move the table is visibly unfinished, never silently partial
+            for rel in fs.walk_files(staged):
+                if any(part[:1] in ("_", ".") for part in rel.split("/")):
+                    continue
+                fs.rename(layout.join(staged, rel), layout.join(self.target, rel))
+            fs.write_text(success, "")
+            outputs.mark_folder(self.name)
+            outputs.record([self.name])

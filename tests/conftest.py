@@ -91,3 +91,24 @@ def tables(spark, tmp_path_factory):
                          "--mode", "append"] + common) == 0
     pq_manifest = json.loads((root / "pq" / "manifest.json").read_text())
     return root, pq_manifest, v0
+
+
+@pytest.fixture(scope="session")
+def bundles(tables, tmp_path_factory):
+    """A bundle trained 1 epoch on the fixture table (crops by --detector none), and a copy whose crop
+    settings use the YuNet detector (for photos)."""
+    import torch
+
+    from schemas.crop import CropSettings
+    from trainer import train
+
+    root, _, _ = tables
+    out = tmp_path_factory.mktemp("bundle")
+    assert train.cli(["--data", str(root / "pq"), "--output", str(out), "--epochs", "1", "--image-size", "32",
+                      "--batch-size", "16", "--workers", "1", "--reader", "pyarrow", "--no-progress"]) == 0
+    plain = out / "model.pt"
+    bundle = torch.load(plain, weights_only=True)
+    bundle["crop"] = CropSettings(size=32, detector="yunet").to_dict()
+    detecting = out / "model-yunet.pt"
+    torch.save(bundle, detecting)
+    return plain, detecting

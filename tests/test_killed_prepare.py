@@ -49,21 +49,41 @@ def kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
     pytest.fail("prepare never reached its write phase")
 
 
-def test_killed_parquet_prepare_is_refused_by_readers(many_photos, tmp_path):
-    out = tmp_path / "out"
-    proc = start_prepare(many_photos, out, "parquet")
-    kill_when(proc, lambda: (out / "faces" / "_temporary").exists())
-    assert not (out / "faces" / "_SUCCESS").exists()
-    assert not (out / "manifest.json").exists()
-    with pytest.raises(layout.IncompleteTableError, match="no _SUCCESS marker.*did not finish"):
-        layout.table_files(str(out / "faces"))
-
-
-def test_killed_delta_prepare_keeps_the_previous_version(many_photos, tmp_path):
+def _small_folder(tmp_path: Path) -> Path:
     small = tmp_path / "small"
     small.mkdir()
     for i in range(3):
         (small / f"{30 + i}_1_0_20260101000{i:05d}.jpg").write_bytes(encode(synthetic_photo(30 + i, seed=i)[0]))
+    return small
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_killed_parquet_prepare_keeps_the_previous_table(many_photos, tmp_path):
+    """The new rows are written to a staging folder; a kill there leaves the previous table byte for byte."""
+    out = tmp_path / "out"
+    assert start_prepare(_small_folder(tmp_path), out, "parquet").wait(timeout=600) == 0
+    before = _snapshot(out / "faces")
+    assert live_rows(out / "faces") == 3
+    proc = start_prepare(many_photos, out, "parquet")  # overwrite with 200 photos
+    kill_when(proc, lambda: any(out.glob("_faceage_staging_*/faces/_temporary")))
+    assert _snapshot(out / "faces") == before  # same files, same bytes, _SUCCESS included
+    assert live_rows(out / "faces") == 3
+
+
+def test_killed_first_parquet_prepare_leaves_no_table(many_photos, tmp_path):
+    out = tmp_path / "out"
+    proc = start_prepare(many_photos, out, "parquet")
+    kill_when(proc, lambda: any(out.glob("_faceage_staging_*/faces/_temporary")))
+    assert not (out / "faces").exists() and not (out / "manifest.json").exists()
+    with pytest.raises(FileNotFoundError, match="no such table"):
+        layout.table_files(str(out / "faces"))
+
+
+def test_killed_delta_prepare_keeps_the_previous_version(many_photos, tmp_path):
+    small = _small_folder(tmp_path)
     out = tmp_path / "out"
     first = start_prepare(small, out, "delta")
     assert first.wait(timeout=600) == 0

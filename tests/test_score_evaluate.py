@@ -19,22 +19,6 @@ from spark_jobs.faces import CropSettings
 from trainer import data, train
 
 
-@pytest.fixture(scope="module")
-def bundles(tables, tmp_path_factory):
-    """A bundle trained 1 epoch on the fixture table (crops by --detector none), and a copy whose crop
-    settings use the YuNet detector (for photos)."""
-    root, _, _ = tables
-    out = tmp_path_factory.mktemp("bundle")
-    assert train.cli(["--data", str(root / "pq"), "--output", str(out), "--epochs", "1", "--image-size", "32",
-                      "--batch-size", "16", "--workers", "1", "--reader", "pyarrow", "--no-progress"]) == 0
-    plain = out / "model.pt"
-    bundle = torch.load(plain, weights_only=True)
-    bundle["crop"] = CropSettings(size=32, detector="yunet").to_dict()
-    detecting = out / "model-yunet.pt"
-    torch.save(bundle, detecting)
-    return plain, detecting
-
-
 def _mixed_folder(folder: Path) -> dict:
     """Photos with two faces, one face, no face, and files that are not usable images."""
     folder.mkdir()
@@ -157,7 +141,8 @@ def test_spark_submit_score_to_csv_and_evaluate_against_a_manifest(bundles, tabl
     photos = root / "photos"  # the fixture's source photos: ages in their names
     out = tmp_path / "scored"
     proc = subprocess.run([spark_submit(), "--master", "local[2]", str(REPO / "spark_jobs" / "score.py"),
-                           "--model", str(plain), "--input", str(photos), "--output", str(out), "--format", "csv"],
+                           "--model", str(plain), "--input", str(photos), "--output", str(out), "--format", "csv",
+                           "--aligned"],  # the fixture's photos are aligned chips
                           cwd=tmp_path, env=venv_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "80 photos = 80 with faces" in proc.stdout

@@ -19,13 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from schemas.cli import UserError
+from schemas.crop import CropSettings
+
 MAX_AGE = 120
 HEADS = ("regression", "distribution")
 BUNDLE_FORMAT = "faceage-model-bundle"
 BUNDLE_VERSION = 1
 
 
-class BundleError(ValueError):
+class BundleError(UserError, ValueError):
     """A file that is not a usable model bundle; the message says what it is instead."""
 
 
@@ -129,6 +132,8 @@ def save_bundle(path: str, model: nn.Module, head: str, input_size: int, mean, s
         "input_size": int(input_size),
         "normalize": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
         "crop": _plain(crop),
+        # how the training crops are framed: scoring photos detects and aligns to this (schemas/crop.py)
+        "framing": _plain(CropSettings.from_dict(crop, "bundle crop settings").framing()) if crop else None,
         "data": _plain(data),
         "params": _plain(params),
         "metrics": _plain(metrics),
@@ -137,6 +142,15 @@ def save_bundle(path: str, model: nn.Module, head: str, input_size: int, mean, s
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(bundle, tmp)
     os.replace(tmp, path)
+
+
+def is_bundle(path: str) -> bool:
+    """True when `path` is a faceage model bundle (safe to replace with a newer one)."""
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001
+        return False
+    return isinstance(bundle, dict) and bundle.get("format") == BUNDLE_FORMAT
 
 
 def load_bundle(path: str) -> Tuple[nn.Module, dict]:
@@ -155,7 +169,29 @@ def load_bundle(path: str) -> Tuple[nn.Module, dict]:
     if bundle.get("format_version", 0) > BUNDLE_VERSION:
         raise BundleError(f"model bundle {path}: format version {bundle['format_version']} is newer than this "
                           f"code ({BUNDLE_VERSION}); update the project")
+    if bundle.get("head") not in HEADS:
+        raise BundleError(f"model bundle {path}: head {bundle.get('head')!r} is not one of {HEADS}")
+    size = bundle.get("input_size")
+    if not isinstance(size, int) or not 16 <= size <= 1024:
+        raise BundleError(f"model bundle {path}: input_size {size!r} is not a pixel size 16..1024")
+    normalize = bundle.get("normalize") or {}
+    if not all(isinstance(normalize.get(k), list) and len(normalize[k]) == 3 for k in ("mean", "std")):
+        raise BundleError(f"model bundle {path}: normalize needs 3 mean and 3 std values")
+    crop = bundle.get("crop")
+    if not crop:
+        raise BundleError(f"model bundle {path}: no crop settings; it cannot say how to crop faces for it "
+                          f"(retrain with python -m trainer.train on a prepared table)")
+    try:
+        CropSettings.from_dict(crop, f"model bundle {path}")
+    except UserError as e:
+        raise BundleError(str(e)) from None
     model = build_model(bundle["head"])
-    model.load_state_dict(bundle["state_dict"])
+    try:
+        model.load_state_dict(bundle["state_dict"])
+    except (RuntimeError, TypeError, KeyError, AttributeError) as e:
+        first = str(e).strip().splitlines()
+        raise BundleError(f"model bundle {path}: its weights do not fit a ResNet-18 with the {bundle['head']} head "
+                          f"({first[0][:160] if first else type(e).__name__}{' ...' if len(first) > 1 else ''})") \
+            from None
     model.eval()
     return model, bundle

@@ -21,6 +21,9 @@ import numpy as np
 import torch
 
 from schemas import layout
+from schemas.cli import (Parser, UserError, apply_params, dumps, non_negative_int, number, positive_int, redact,
+                         run_main)
+from schemas.outputs import LocalFS, Outputs
 from trainer import data as D
 from trainer import model as M
 from trainer.schedules import SCHEDULES, build_schedule
@@ -31,47 +34,60 @@ OPTIMIZERS = {
 }
 
 
-class TrainError(Exception):
-    """A problem a user can fix (bad data path, unfinished table, bad params file)."""
+class TrainError(UserError):
+    """A problem a user can fix (bad data path, unfinished table, bad params file, diverged run)."""
+
+
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "model.pt", "summary.json", "tensorboard")
+# flags a checkpoint must agree with to be resumed (they change the model, its input or its schedule)
+RESUME_KEYS = ("head", "image_size", "optimizer", "schedule", "batch_size", "data", "data_version")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.splitlines()[0])
+    p = Parser("train", prog="python -m trainer.train", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="prepare output root (or its faces/ table): Parquet or Delta")
-    p.add_argument("--data-version", type=int, default=None, help="Delta version to read (default: latest)")
-    p.add_argument("--output", default="runs/train", help="run folder: checkpoint, metrics, bundle (default runs/train)")
+    p.add_argument("--data-version", type=non_negative_int, default=None,
+                   help="Delta version to read (default: latest)")
+    p.add_argument("--output", default="runs/train", help="run folder: checkpoint, metrics, bundle")
     p.add_argument("--bundle", default=None, help="model bundle path (default OUTPUT/model.pt)")
     p.add_argument("--params", default=None, help="JSON file of flag values (e.g. trainer.tune's best params)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--image-size", type=int, default=None, help="input side (default: the table's crop size)")
+    p.add_argument("--epochs", type=positive_int, default=30)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--image-size", type=number(16, 1024, integer=True), default=None,
+                   help="input side (default: the table's crop size)")
     p.add_argument("--head", default="distribution", choices=M.HEADS)
     p.add_argument("--loss", default="l1", choices=("l1", "smooth_l1"), help="regression head loss")
     p.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (CyclicLR max_lr, OneCycle max_lr)")
-    p.add_argument("--base-lr", type=float, default=None, help="CyclicLR lower bound (default lr/10)")
-    p.add_argument("--step-size-up", type=int, default=None, help="CyclicLR half-cycle in batches (default 2 epochs)")
-    p.add_argument("--plateau-factor", type=float, default=0.5, help="cycle bounds x this on a val-MAE plateau")
-    p.add_argument("--plateau-patience", type=int, default=2, help="epochs without improvement before a cut")
+    p.add_argument("--lr", type=number(0.0, 1000.0, low_open=True), default=3e-3,
+                   help="peak learning rate (CyclicLR max_lr, OneCycle max_lr)")
+    p.add_argument("--base-lr", type=number(0.0, 1000.0, low_open=True), default=None,
+                   help="CyclicLR lower bound (default lr/10)")
+    p.add_argument("--step-size-up", type=positive_int, default=None,
+                   help="CyclicLR half-cycle in batches (default 2 epochs)")
+    p.add_argument("--plateau-factor", type=number(0.0, 1.0, low_open=True), default=0.5,
+                   help="cycle bounds x this on a val-MAE plateau")
+    p.add_argument("--plateau-patience", type=non_negative_int, default=2,
+                   help="epochs without improvement before a cut")
     p.add_argument("--schedule", default="cyclic_plateau", choices=SCHEDULES)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--augment", type=float, default=1.0, help="augmentation strength (0 = none)")
-    p.add_argument("--early-stop", type=int, default=8, help="stop after this many epochs without a better val MAE")
-    p.add_argument("--max-minutes", type=float, default=None,
+    p.add_argument("--weight-decay", type=number(0.0, 1.0), default=1e-4)
+    p.add_argument("--augment", type=number(0.0, 5.0), default=1.0, help="augmentation strength (0 = none)")
+    p.add_argument("--early-stop", type=positive_int, default=8,
+                   help="stop after this many epochs without a better val MAE")
+    p.add_argument("--max-minutes", type=number(0.0, low_open=True), default=None,
                    help="start no new epoch after this much training time (a wall-clock budget; the first "
                         "epoch of a run always runs)")
     p.add_argument("--init-weights", default=None, help="local state-dict file to start from (e.g. ImageNet)")
-    p.add_argument("--workers", type=int, default=2, help="reader threads")
+    p.add_argument("--workers", type=positive_int, default=2, help="reader threads")
     p.add_argument("--reader", default="petastorm", choices=D.READERS,
                    help="petastorm, or pyarrow (local tables, no Petastorm needed: e.g. a GPU box without it)")
-    p.add_argument("--shuffle-buffer", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--shuffle-buffer", type=non_negative_int, default=1024)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     p.add_argument("--distributor", default=None, choices=("spark",),
                    help="spark: run --num-processes training processes through pyspark's TorchDistributor "
                         "(torchrun works without this flag: it sets RANK/WORLD_SIZE)")
-    p.add_argument("--num-processes", type=int, default=2, help="processes (ranks) for --distributor spark")
+    p.add_argument("--num-processes", type=positive_int, default=2, help="processes (ranks) for --distributor spark")
     p.add_argument("--distributor-local-mode", default="auto", choices=("auto", "true", "false"),
                    help="TorchDistributor local_mode: processes on the driver (auto: when the master is local)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -79,7 +95,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def apply_params_file(args, parser, argv) -> None:
-    """Values from --params override defaults; flags typed on the command line override both."""
+    """Values from --params go through each flag's own type and choices (exactly as if typed);
+    flags typed on the command line override them."""
     if not args.params:
         return
     try:
@@ -87,15 +104,26 @@ def apply_params_file(args, parser, argv) -> None:
             params = json.load(f)
     except (OSError, ValueError) as e:
         raise TrainError(f"--params {args.params}: {e}") from None
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise TrainError(f"--params {args.params}: unknown keys {unknown}")
-    typed = {a.dest for a in parser._actions for opt in a.option_strings
-             if any(word == opt or word.startswith(opt + "=") for word in argv)}
-    for key, value in params.items():
-        if key not in typed:
-            setattr(args, key, value)
+    try:
+        apply_params(parser, args, params, argv, f"--params {args.params}")
+    except UserError as e:
+        raise TrainError(str(e)) from None
+
+
+def check_output(args) -> Outputs:
+    """The run folder may hold only what a faceage run wrote (refused otherwise, before any work)."""
+    for flag, value in (("--output", args.output), ("--bundle", args.bundle)):
+        if value and "://" in value and not value.startswith("file:"):
+            raise TrainError(f"{flag} {value}: remote URIs are not written by the trainer yet; give a local "
+                             f"path and copy the run folder afterwards")
+    outputs = Outputs(LocalFS(), os.path.abspath(layout.local_path(args.output)), "train")
+    outputs.check(RUN_FILES)
+    if args.bundle:
+        bundle = os.path.abspath(layout.local_path(args.bundle))
+        if os.path.lexists(bundle) and not M.is_bundle(bundle):
+            raise TrainError(f"--bundle {args.bundle}: the file there is not a faceage model bundle; refusing to "
+                             f"overwrite it (choose another path or move it away)")
+    return outputs
 
 
 def seed_everything(seed: int) -> None:
@@ -133,13 +161,17 @@ def train_one_epoch(model, loader, optimizer, schedule, head, loss_kind, device,
 def _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, progress):
     total, rows = 0.0, 0
     use_amp = device.type == "cuda"
-    for batch in progress(loader, desc="train", leave=False):
+    for index, batch in enumerate(progress(loader, desc="train", leave=False)):
         x = D.normalize(batch["image"].to(device, non_blocking=True))
         y = batch["age"].to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss = M.loss_fn(model(x), y, head, loss_kind)
+        if not torch.isfinite(loss.detach()):
+            raise TrainError(f"training diverged: the loss is {loss.item()} at batch {index + 1} (learning rate "
+                             f"{optimizer.param_groups[0]['lr']:.2e}); nothing from this epoch was kept. Lower --lr "
+                             f"(e.g. to a tenth) and rerun (add --resume to go on from the last good epoch)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -179,11 +211,16 @@ def main(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     device = pick_device(args.device)
     rank, world, device = init_distributed(device)
     main_rank = rank == 0
-    os.makedirs(args.output, exist_ok=True)
+    outputs = check_output(args)
     try:
         sources = {s: D.split_source(args.data, s, args.data_version) for s in ("train", "val", "test")}
     except (layout.IncompleteTableError, FileNotFoundError, ValueError) as e:
         raise TrainError(str(e)) from None
+    # read now, not after hours of training: the bundle must say how its crops were made
+    crop = layout.table_crop_settings(args.data).to_dict()
+    os.makedirs(args.output, exist_ok=True)
+    if main_rank:  # the folder is ours from now on: a killed run never blocks its rerun
+        outputs.record(RUN_FILES)
     image_size = args.image_size or table_image_size(sources["train"])
     settings = D.LoaderSettings(batch_size=args.batch_size, image_size=image_size, augment_strength=args.augment,
                                 shuffle_buffer=args.shuffle_buffer, workers=args.workers, seed=args.seed,
@@ -208,10 +245,15 @@ def main(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     metrics_path = os.path.join(args.output, "metrics.jsonl")
     start_epoch, best, best_state, history = 0, math.inf, None, []
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
+        ckpt = load_checkpoint(ckpt_path, device, args, image_size)
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            schedule.load_state_dict(ckpt["schedule"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise TrainError(f"--resume: {ckpt_path} does not fit this run's model/optimizer/schedule "
+                             f"({str(e).splitlines()[0][:160]}); rerun with the flags it was written with, or "
+                             f"without --resume into a new --output") from None
         start_epoch, best, best_state, history = ckpt["epoch"] + 1, ckpt["best_val_mae"], ckpt["best_model"], \
             ckpt["history"]
         torch.set_rng_state(ckpt["torch_rng"])
@@ -248,6 +290,10 @@ def main(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
         if world > 1:  # every rank takes rank 0's numbers, so plateau cuts and early stops agree
             row = broadcast_row(row, device)
             row["world_size"] = world
+        if not math.isfinite(row["val_mae"]) or not math.isfinite(row["train_loss"]):
+            raise TrainError(f"training diverged: after epoch {epoch + 1} the train loss is {row['train_loss']:.3g} "
+                             f"and the val MAE {row['val_mae']:.3g} (learning rate {row['lr']:.2e}); this epoch "
+                             f"was not kept. Lower --lr (e.g. to a tenth) and rerun")
         row["lr_cut"] = schedule.step_epoch(row["val_mae"])
         row["epoch_seconds"] = time.time() - epoch_start
         row["elapsed_seconds"] = (history[-1]["elapsed_seconds"] if history else 0.0) + row["epoch_seconds"]
@@ -290,7 +336,6 @@ def main(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     summary = {"best_val_mae": best, **val, **test, "epochs_run": len(history), "image_size": image_size,
                "device": str(device), "data": args.data, "data_version": sources["train"].version,
                "rows": {s: src.rows for s, src in sources.items()}, "world_size": world}
-    crop = _prepare_crop_settings(args.data)
     bundle_path = args.bundle or os.path.join(args.output, "model.pt")
     summary["bundle"] = bundle_path
     if world > 1:
@@ -305,7 +350,7 @@ def main(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
                   {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress")},
                   {k: summary[k] for k in ("best_val_mae", "val_mae", "test_mae", "test_rmse", "test_cs5")})
     with open(os.path.join(args.output, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        f.write(redact(dumps(summary)))
     print(f"train: test MAE {test['test_mae']:.2f}, CS@5 {test['test_cs5']:.3f}, RMSE {test['test_rmse']:.2f}; "
           f"bundle {bundle_path}")
     return summary
@@ -345,17 +390,26 @@ def epochs_since_best(history) -> int:
     return count
 
 
-def _prepare_crop_settings(data_uri: str) -> dict:
-    """The crop settings prepare used (from its run manifest), stored in the bundle for scoring."""
-    root = data_uri.rstrip("/")
-    if root.endswith("/" + layout.FACES_DIR):
-        root = root[: -len(layout.FACES_DIR) - 1]
-    path = layout.local_path(layout.join(root, layout.LATEST_MANIFEST))
+def load_checkpoint(path: str, device, args, image_size: int) -> dict:
+    """A checkpoint to resume from, checked against this run's flags; TrainError otherwise."""
     try:
-        with open(path) as f:
-            return json.load(f)["settings"]["crop"]
-    except (OSError, TypeError, KeyError, ValueError):
-        return {}
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt, or carrying code that is never run
+        raise TrainError(f"--resume: {path} is not a readable checkpoint (truncated, corrupt or holding code that "
+                         f"will not be run: {type(e).__name__}); delete it to start fresh, or resume another "
+                         f"--output") from None
+    needed = ("model", "optimizer", "schedule", "epoch", "best_val_mae", "best_model", "history", "args")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
+        raise TrainError(f"--resume: {path} is not a trainer checkpoint; delete it to start fresh")
+    saved = dict(ckpt["args"])
+    saved.setdefault("image_size", None)
+    now = {**vars(args), "image_size": args.image_size}
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} then, {now.get(k)!r} now" for k in RESUME_KEYS
+              if k in saved and saved.get(k) != now.get(k)]
+    if differ:
+        raise TrainError(f"--resume: {path} was written with other settings ({'; '.join(differ)}); rerun with the "
+                         f"same flags, or without --resume into a new --output")
+    return ckpt
 
 
 def _progress(disabled: bool):
@@ -416,22 +470,24 @@ def _strip_distributor_flags(argv: list) -> list:
     return out
 
 
-def cli(argv: Optional[list] = None) -> int:
+def _job(argv: Optional[list]) -> int:
     parser = get_args_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    try:
-        apply_params_file(args, parser, argv)
-        if args.distributor == "spark":
-            summary = run_with_spark(args, argv)
-            print(f"train: distributed run finished: test MAE {summary['test_mae']:.2f} "
-                  f"({summary['world_size']} ranks); bundle {summary['bundle']}")
-        else:
-            main(args)
-    except (TrainError, M.BundleError) as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        return 2
+    apply_params_file(args, parser, argv)
+    if args.distributor == "spark":
+        check_output(args)
+        summary = run_with_spark(args, argv)
+        print(f"train: distributed run finished: test MAE {summary['test_mae']:.2f} "
+              f"({summary['world_size']} ranks); bundle {summary['bundle']}")
+    else:
+        main(args)
     return 0
+
+
+def cli(argv: Optional[list] = None) -> int:
+    """The CLI: exit 0, or 2 with one `train: error: ...` line for anything the user can fix."""
+    return run_main("train", lambda: _job(argv))
 
 
 def console_main() -> None:

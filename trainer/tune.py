@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from schemas.cli import Parser, UserError, dumps, non_negative_int, number, positive_int, redact, run_main
+
 # ----------------------------------------------------------------------------- the search space
 
 # name: (kind, low, high, log) or (categorical, choices). Tuned values map onto trainer.train flags in
@@ -87,26 +89,28 @@ def train_params(space_values: dict, train_rows: int) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer.tune", description=__doc__.splitlines()[0],
-                                epilog=describe_space(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser("tune", prog="python -m trainer.tune", description=__doc__.splitlines()[0], epilog=describe_space())
     p.add_argument("--data", help="prepare output root (Parquet or Delta), as for trainer.train")
     p.add_argument("--study", default="faceage", help="study name (rerun with the same name to resume)")
     p.add_argument("--storage", default=None,
                    help="SQLAlchemy URL (default: sqlite:///OUTPUT/optuna.db); e.g. postgresql://user@host/db")
     p.add_argument("--output", default="runs/tune", help="folder for trials, best_params.json and the report")
-    p.add_argument("--n-trials", type=int, default=20, help="finished (complete or pruned) trials the study needs")
-    p.add_argument("--timeout", type=float, default=None, help="seconds after which workers start no new trial")
-    p.add_argument("--workers", type=int, default=1, help="workers sharing the study (processes or Spark tasks)")
+    p.add_argument("--n-trials", type=positive_int, default=20,
+                   help="finished (complete or pruned) trials the study needs")
+    p.add_argument("--timeout", type=number(0.0, low_open=True), default=None,
+                   help="seconds after which workers start no new trial")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="workers sharing the study (processes or Spark tasks)")
     p.add_argument("--backend", default="processes", choices=("processes", "spark"),
                    help="processes: on this machine; spark: each worker is a Spark task (on a cluster, one per "
                         "executor core; the storage must then be a database every executor reaches)")
     p.add_argument("--sampler", default="tpe", choices=SAMPLERS)
     p.add_argument("--pruner", default="median", choices=PRUNERS)
-    p.add_argument("--seed", type=int, default=0, help="sampler seed (worker k uses seed + k)")
-    p.add_argument("--epochs", type=int, default=10, help="epoch budget of every trial")
-    p.add_argument("--heartbeat", type=int, default=30, help="seconds between a running trial's heartbeats")
-    p.add_argument("--grace", type=int, default=None, help="heartbeat silence before a trial is failed "
-                                                           "(default 2 x heartbeat)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="sampler seed (worker k uses seed + k)")
+    p.add_argument("--epochs", type=positive_int, default=10, help="epoch budget of every trial")
+    p.add_argument("--heartbeat", type=positive_int, default=30, help="seconds between a running trial's heartbeats")
+    p.add_argument("--grace", type=positive_int, default=None, help="heartbeat silence before a trial is failed "
+                                                                    "(default 2 x heartbeat)")
     p.add_argument("--train-args", default="", help="fixed trainer.train flags for every trial, "
                                                     "e.g. \"--image-size 64 --workers 1\"")
     p.add_argument("--print-space", action="store_true", help="print the search space and exit")
@@ -114,7 +118,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-class TuneError(Exception):
+class TuneError(UserError):
     """A problem a user can fix."""
 
 
@@ -137,7 +141,7 @@ def make_storage(args):
                               grace_period=args.grace or 2 * args.heartbeat,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
     except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors: say which storage and why
-        raise TuneError(f"--storage {url}: cannot open ({type(e).__name__}: {e})") from None
+        raise TuneError(f"--storage {redact(url)}: cannot open ({type(e).__name__}: {redact(e)})") from None
     finally:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -233,9 +237,34 @@ def _worker_entry(args, worker: int) -> None:
         run_worker(args, worker)
 
 
-def run(args) -> dict:
+def check_data(args) -> int:
+    """The training table's train rows, or TuneError before anything (a study database) is created;
+    the fixed --train-args are parsed once here too, so a typo fails now, not in every trial."""
+    from trainer import data as D
+    from trainer import train as T
+
     if not args.data:
         raise TuneError("--data is required (a prepare output)")
+    try:
+        rows = D.split_source(args.data, "train").rows
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise TuneError(f"--data {args.data}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - IncompleteTableError and reader errors: say which table
+        raise TuneError(f"--data {args.data}: {type(e).__name__}: {e}") from None
+    train_argv = ["--data", args.data, *shlex.split(args.train_args)]
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            T.get_args_parser().parse_args(train_argv)
+        except SystemExit:
+            raise TuneError(f"--train-args {args.train_args!r}: {err.getvalue().strip()}") from None
+    return rows
+
+
+def run(args) -> dict:
+    check_data(args)
     os.makedirs(args.output, exist_ok=True)
     start = time.time()
     load_study(args, args.seed)  # create it once, before workers race to
@@ -277,16 +306,13 @@ def run_on_spark(args) -> List[dict]:
         raise TuneError("--backend spark on a cluster needs a database every executor reaches "
                         "(e.g. --storage postgresql://...), not a local SQLite file")
     k = max(1, args.workers)
-    data = os.path.abspath(args.data) if layout_is_local(args.data) else args.data
+    from schemas import layout
+
+    data = os.path.abspath(args.data) if layout.local_path(args.data) is not None and "://" not in args.data \
+        else args.data
     task_args = argparse.Namespace(**{**vars(args), "data": data, "output": os.path.abspath(args.output)})
     results = spark.sparkContext.parallelize(range(k), k).map(lambda w: _spark_task(task_args, w)).collect()
     return results
-
-
-def layout_is_local(uri: str) -> bool:
-    from schemas import layout
-
-    return layout.local_path(uri) is not None and "://" not in uri
 
 
 # ----------------------------------------------------------------------------- results
@@ -305,9 +331,9 @@ def write_report(args, wall_seconds: Optional[float] = None) -> dict:
     best_params["epochs"] = args.epochs
     best_path = os.path.join(args.output, "best_params.json")
     with open(best_path, "w") as f:
-        json.dump(best_params, f, indent=2)
+        f.write(dumps(best_params))
     report = {
-        "study": args.study, "storage": _redact(storage_url(args)), "sampler": args.sampler, "pruner": args.pruner,
+        "study": args.study, "storage": redact(storage_url(args)), "sampler": args.sampler, "pruner": args.pruner,
         "epochs_per_trial": args.epochs, "trials": counts, "wall_seconds": wall_seconds,
         "trial_seconds": sum((t.datetime_complete - t.datetime_start).total_seconds()
                              for t in trials if t.datetime_complete and t.datetime_start),
@@ -319,7 +345,7 @@ def write_report(args, wall_seconds: Optional[float] = None) -> dict:
     }
     report["plots"] = _plots(study, best, args.output)
     with open(os.path.join(args.output, "report.json"), "w") as f:
-        json.dump(report, f, indent=2, default=str)
+        f.write(redact(dumps(report, default=str)))
     return report
 
 
@@ -361,30 +387,22 @@ def _plots(study, best, folder: str) -> List[str]:
     return written
 
 
-def _redact(url: str) -> str:
-    """Hide a password in a storage URL before it is written anywhere."""
-    if "://" in url and "@" in url.split("://", 1)[1]:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
-    return url
-
-
-def cli(argv: Optional[list] = None) -> int:
+def _job(argv: Optional[list]) -> int:
     args = get_args_parser().parse_args(argv)
     if args.print_space:
         print(describe_space())
         return 0
-    try:
-        report = write_report(args) if args.report_only else run(args)
-    except TuneError as e:
-        print(f"tune: error: {e}", file=sys.stderr)
-        return 2
+    report = write_report(args) if args.report_only else run(args)
     b = report["best"]
     print(f"tune: study {args.study!r}: {report['trials']['complete']} complete, {report['trials']['pruned']} pruned, "
           f"{report['trials']['fail']} failed; best #{b['number']} val MAE {b['val_mae']:.2f} "
           f"(test MAE {b['test_mae']:.2f}); params -> {report['best_params_file']}")
     return 0
+
+
+def cli(argv: Optional[list] = None) -> int:
+    """The CLI: exit 0, or 2 with one `tune: error: ...` line (credentials redacted) for a user's mistake."""
+    return run_main("tune", lambda: _job(argv))
 
 
 def console_main() -> None:

@@ -1,0 +1,225 @@
+"""The command-line contract every stage shares: one user-error type, one error line, one exit code.
+
+Every CLI (prepare, score, evaluate, train, tune, emr) builds its parser with `Parser` and runs its
+job inside `run_main`, so a user's mistake always ends as ONE line on stderr,
+
+    <stage>: error: <what is wrong and what to do>
+
+with exit code 2 and every credential redacted, while an unexpected internal error keeps its
+traceback (exit 1). Flag values are checked while parsing by the typed converters below (finite
+numbers in range, positive ints, fractions), and `--params` files go through the same converters
+(`apply_params`), so there is one validation path for flags and params.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import re
+import sys
+import uuid
+from typing import Callable, Iterable, List, Optional, Sequence
+
+USAGE_EXIT = 2
+
+
+class UserError(Exception):
+    """Something the user gave (a flag, a file, a table) that they must fix; the message says what."""
+
+
+# ----------------------------------------------------------------------------- redaction
+
+# scheme://user:secret@host -> scheme://user:***@host ; key=secret / "key": "secret" for secret-looking keys
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@/\s]+)@")
+_SECRET_KEYS = r"(?:password|passwd|pwd|secret|token|credential|api[_.\-]?key|access[_.\-]?key)"
+_KEY_VALUE = re.compile(r"(?i)(?P<key>[\w.\-]*" + _SECRET_KEYS + r"[\w.\-]*)(?P<sep>\s*[=:]\s*[\"']?)"
+                        r"(?P<value>[^\s\"',;&}]+)")
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD",
+               "MLFLOW_TRACKING_TOKEN", "PGPASSWORD", "DATABRICKS_TOKEN")
+
+
+def redact(text) -> str:
+    """`text` with credentials replaced by ***: passwords in URLs, secret-looking key=value pairs, and the
+    values of well-known secret environment variables wherever they appear."""
+    text = str(text)
+    text = _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    text = _KEY_VALUE.sub(lambda m: f"{m['key']}{m['sep']}***", text)
+    for name in _SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def redact_all(values: Iterable) -> List[str]:
+    return [redact(v) for v in values]
+
+
+# ----------------------------------------------------------------------------- strict JSON
+
+def plain(value):
+    """`value` with every non-finite float (NaN, +-inf) replaced by None, recursively: JSON a strict
+    parser (and every other language) reads."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        try:
+            return plain(value.item())  # numpy scalars
+        except (TypeError, ValueError):
+            return value
+    return value
+
+
+def dumps(value, **kw) -> str:
+    """Strict JSON (never NaN/Infinity): non-finite numbers become null."""
+    kw.setdefault("indent", 2)
+    return json.dumps(plain(value), allow_nan=False, **kw)
+
+
+# ----------------------------------------------------------------------------- run ids
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time + 8 random hex digits."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+# ----------------------------------------------------------------------------- typed flag values
+
+def _number(text, kind: type, what: str):
+    if isinstance(text, bool):
+        raise argparse.ArgumentTypeError(f"{what}: {text!r} is not a number")
+    if kind is int and isinstance(text, float):
+        if not math.isfinite(text) or not text.is_integer():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        return int(text)
+    try:
+        value = kind(text) if not isinstance(text, str) else (int(text, 10) if kind is int else float(text))
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") \
+            from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def number(low: Optional[float] = None, high: Optional[float] = None, *, integer: bool = False,
+           low_open: bool = False) -> Callable:
+    """argparse `type=`: a finite float (or int) within [low, high] (low excluded with low_open)."""
+    kind = int if integer else float
+
+    def convert(text):
+        value = _number(text, kind, "value")
+        if integer and isinstance(value, float):
+            if not value.is_integer():
+                raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+            value = int(value)
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {'>' if low_open else '>='} {low:g}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text!r} must be <= {high:g}")
+        return value
+
+    convert.__name__ = "whole number" if integer else "number"  # argparse names the type in its messages
+    return convert
+
+
+positive_int = number(1, integer=True)
+non_negative_int = number(0, integer=True)
+positive_float = number(0.0, low_open=True)
+fraction = number(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- the parser
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the house rules: defaults shown in --help, and a bad flag is one line
+    `<stage>: error: ...` with exit 2 (argparse's own usage dump is left out; --help shows it)."""
+
+    def __init__(self, stage: str, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        super().__init__(**kw)
+        self.stage = stage
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        sys.stderr.write(f"{self.stage}: error: {redact(message)} (see --help)\n")
+        sys.exit(USAGE_EXIT)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in every flag's help; descriptions and epilogs kept as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or "(default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def apply_params(parser: argparse.ArgumentParser, args, params, argv: Sequence[str], source: str) -> None:
+    """Set flag values from a dict (a --params JSON file): each value goes through the flag's own type
+    and choices, exactly as if typed; flags typed on the command line win. UserError otherwise."""
+    if not isinstance(params, dict):
+        raise UserError(f"{source}: holds a JSON {type(params).__name__}, not an object of flag values")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    unknown = sorted(set(params) - set(actions))
+    if unknown:
+        raise UserError(f"{source}: unknown keys {unknown}; known: {sorted(actions)}")
+    typed = {a.dest for a in actions.values() for opt in a.option_strings
+             if any(word == opt or word.startswith(opt + "=") for word in argv)}
+    for key, value in params.items():
+        action = actions[key]
+        value = _param_value(action, key, value, source)
+        if key not in typed:
+            setattr(args, key, value)
+
+
+def _param_value(action, key: str, value, source: str):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise UserError(f"{source}: {key} must be true or false, not {json.dumps(value)}")
+        return value
+    if value is None:
+        if action.default is None:
+            return None
+        raise UserError(f"{source}: {key} is null; give a value (default {action.default!r}) or leave the key out")
+    convert = action.type
+    if convert is int or getattr(convert, "__name__", "") == "whole number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{source}: {key} must be a whole number, not {json.dumps(value)}")
+    elif convert is float or getattr(convert, "__name__", "") == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{source}: {key} must be a number, not {json.dumps(value)}")
+    elif not isinstance(value, str):
+        raise UserError(f"{source}: {key} must be a string, not {json.dumps(value)}")
+    if convert is not None:
+        try:
+            value = convert(value if not isinstance(value, str) or convert in (int, float) else value)
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+            raise UserError(f"{source}: {key}: {e}") from None
+    if action.choices is not None and value not in action.choices:
+        raise UserError(f"{source}: {key} {json.dumps(value)} is not one of {list(action.choices)}")
+    return value
+
+
+# ----------------------------------------------------------------------------- the error boundary
+
+def run_main(stage: str, body: Callable[[], int], extra_user_errors: tuple = ()) -> int:
+    """Run a CLI body: UserError (and `extra_user_errors`) -> one redacted line on stderr, exit 2.
+    Anything else is a bug and keeps its traceback."""
+    try:
+        return int(body() or 0)
+    except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its one line already printed)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else USAGE_EXIT)
+    except (UserError, *extra_user_errors) as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        sys.stderr.write(f"{stage}: error: {redact(text)}\n")
+        return USAGE_EXIT
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{stage}: interrupted\n")
+        return 130
