@@ -73,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", type=number(0.0, 5.0), default=1.0, help="augmentation strength (0 = none)")
     p.add_argument("--early-stop", type=positive_int, default=8,
                    help="stop after this many epochs without a better val MAE")
-    p.add_argument("--max-minutes", type=number(0.0, low_open=True), default=None,
+    p.add_argument("--max-minutes", type=number(0.0), default=None,
                    help="start no new epoch after this much training time (a wall-clock budget; the first "
                         "epoch of a run always runs)")
     p.add_argument("--init-weights", default=None, help="local state-dict file to start from (e.g. ImageNet)")
