@@ -40,6 +40,7 @@ class PrepareSettings:
     fractions: tuple
     split_salt: str
     run_id: str
+    max_file_bytes: int = 64 * 2**20
 
 
 # ----------------------------------------------------------------------------- per file
@@ -100,9 +101,10 @@ def process_partition(batches: Iterator, settings: PrepareSettings) -> Iterator:
     for batch in batches:
         rows = []
         for rec in batch.itertuples(index=False):
-            if rec.reason is not None:
+            content, skip = file_content(rec, settings.max_file_bytes)
+            if skip is not None:
                 rows.append(process_file(rec.path, None, settings,
-                                         skipped=(rec.reason, rec.detail, _int_or_none(rec.size_bytes))))
+                                         skipped=(skip[0], skip[1], _int_or_none(rec.size_bytes))))
                 continue
             label_row = None
             if settings.labels == "manifest":
@@ -114,7 +116,7 @@ def process_partition(batches: Iterator, settings: PrepareSettings) -> Iterator:
                     continue
                 label_row = {"age": rec.label_age, "gender": rec.label_gender, "race": rec.label_race,
                              "subject_id": rec.label_subject_id}
-            rows.append(process_file(rec.path, bytes(rec.content), settings, label_row, detector))
+            rows.append(process_file(rec.path, content, settings, label_row, detector))
         yield pd.DataFrame(rows, columns=names)
 
 
@@ -181,8 +183,9 @@ def inventory_frame(spark, inventory: List[tuple]):
     return spark.createDataFrame([tuple(r[:3]) for r in inventory], "path string, length long, hidden boolean")
 
 
-# What every listed input becomes before the face function: its bytes, or why they were not read.
-FILE_ROWS = "path string, content binary, size_bytes long, reason string, detail string"
+# What every listed input is before the face function: a local file to read there (os_path), the bytes
+# binaryFile read (content), or why it is not read at all (reason, detail).
+FILE_ROWS = "path string, os_path binary, size_bytes long, hidden boolean, content binary, reason string, detail string"
 FILES_PER_TASK = 48  # small photos per Spark task: cheap to start, short enough that the cores finish together
 
 
@@ -202,36 +205,31 @@ def classify_file(path: str, length: Optional[int], hidden: bool, max_file_bytes
     return None
 
 
-def read_local_partition(batches: Iterator, max_file_bytes: int) -> Iterator:
-    """mapInPandas body: listed local files (path, os_path, length, hidden) -> FILE_ROWS, bytes read here
-    with Python's open(): no Hadoop Path ever parses a user's file name (colons, '%', '#', bytes that
-    are not UTF-8 all work)."""
-    import pandas as pd
-
-    for batch in batches:
-        out = []
-        for rec in batch.itertuples(index=False):
-            length = _int_or_none(rec.length)
-            skip = classify_file(rec.path, length, bool(rec.hidden), max_file_bytes)
-            content = None
-            if skip is None:
-                try:
-                    with open(bytes(rec.os_path), "rb") as f:
-                        content = f.read(max_file_bytes + 1)
-                except OSError as e:
-                    skip = ("unreadable", f"listed but its bytes could not be read ({e.strerror or e})")
-                else:
-                    if len(content) > max_file_bytes or not content:  # changed since it was listed
-                        skip = classify_file(rec.path, len(content), False, max_file_bytes) or \
-                            ("unreadable", "the file changed while the job ran")
-                        content = None
-            out.append({"path": rec.path, "content": content, "size_bytes": length,
-                        "reason": skip[0] if skip else None, "detail": skip[1] if skip else None})
-        yield pd.DataFrame(out, columns=["path", "content", "size_bytes", "reason", "detail"])
+def file_content(rec, max_file_bytes: int) -> Tuple[Optional[bytes], Optional[Tuple[str, str]]]:
+    """(bytes, None) or (None, (reason, detail)) for one FILE_ROWS record. A local file is read here, on
+    the executor, with Python's open(): no Hadoop Path ever parses a user's file name (colons, '%', '#',
+    bytes that are not UTF-8 all work), and the bytes never cross to the JVM and back."""
+    if rec.reason is not None:
+        return None, (rec.reason, rec.detail)
+    if rec.content is not None:
+        return bytes(rec.content), None
+    length = _int_or_none(rec.size_bytes)
+    skip = classify_file(rec.path, length, bool(rec.hidden), max_file_bytes)
+    if skip is not None:
+        return None, skip
+    try:
+        with open(bytes(rec.os_path), "rb") as f:
+            content = f.read(max_file_bytes + 1)
+    except OSError as e:
+        return None, ("unreadable", f"listed but its bytes could not be read ({e.strerror or e})")
+    if len(content) > max_file_bytes or not content:  # changed since it was listed
+        return None, classify_file(rec.path, len(content), False, max_file_bytes) or \
+            ("unreadable", "the file changed while the job ran")
+    return content, None
 
 
 def classify_partition(batches: Iterator, max_file_bytes: int) -> Iterator:
-    """mapInPandas body: listed files binaryFile did not read (path, length, hidden) -> FILE_ROWS rejects."""
+    """mapInPandas body: listed remote files binaryFile did not read (path, length, hidden) -> FILE_ROWS."""
     import pandas as pd
 
     for batch in batches:
@@ -240,16 +238,16 @@ def classify_partition(batches: Iterator, max_file_bytes: int) -> Iterator:
             length = _int_or_none(rec.length)
             skip = classify_file(rec.path, length, bool(rec.hidden), max_file_bytes) or (
                 "unreadable", "listed but its bytes could not be read (deleted or moved during the run)")
-            out.append({"path": rec.path, "content": None, "size_bytes": length, "reason": skip[0],
-                        "detail": skip[1]})
-        yield pd.DataFrame(out, columns=["path", "content", "size_bytes", "reason", "detail"])
+            out.append({"path": rec.path, "os_path": None, "size_bytes": length, "hidden": bool(rec.hidden),
+                        "content": None, "reason": skip[0], "detail": skip[1]})
+        yield pd.DataFrame(out, columns=["path", "os_path", "size_bytes", "hidden", "content", "reason", "detail"])
 
 
 def file_rows(spark, inputs: Sequence[str], inventory: List[tuple], max_file_bytes: int):
-    """Every listed file as one FILE_ROWS row: its bytes, or the reason they were not read.
+    """Every listed file as one FILE_ROWS row (see file_content for how its bytes are got).
 
-    Local inputs are read by Python on the executors (path strings a Hadoop Path cannot parse are
-    fine); Hadoop URIs (s3a://, hdfs://) through Spark's binaryFile, with the listed files it did not
+    Local inputs: the listing itself, spread over tasks of FILES_PER_TASK files; the face function reads
+    each file. Hadoop URIs (s3a://, hdfs://): Spark's binaryFile bytes, with the listed files it did not
     return (empty, hidden, odd names) classified by the same rule."""
     from pyspark.sql import functions as sf
 
@@ -257,18 +255,24 @@ def file_rows(spark, inputs: Sequence[str], inventory: List[tuple], max_file_byt
     remote_inputs = [u for u in inputs if layout.local_path(u) is None]
     frames = []
     if local:
+        import pandas as pd
+
         slices = max(spark.sparkContext.defaultParallelism, math.ceil(len(local) / FILES_PER_TASK))
-        listed = spark.createDataFrame(spark.sparkContext.parallelize(
-            [tuple(r) for r in local], slices),
-            "path string, length long, hidden boolean, os_path binary")
-        frames.append(listed.mapInPandas(lambda it: read_local_partition(it, max_file_bytes), schema=FILE_ROWS))
+        listed = pd.DataFrame({"path": [r[0] for r in local], "os_path": [r[3] for r in local],
+                               "size_bytes": pd.array([r[1] for r in local], dtype="Int64"),
+                               "hidden": [bool(r[2]) for r in local]})
+        for name in ("content", "reason", "detail"):
+            listed[name] = None
+        # through Arrow into the JVM (no Python worker just to unpickle the listing), then spread over tasks
+        frames.append(spark.createDataFrame(listed, FILE_ROWS).repartition(slices))
     if remote_inputs:
         remote = [r for r in inventory if r[3] is None]
         listing = inventory_frame(spark, remote)
         images = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(remote_inputs)
                   .where((sf.col("length") <= max_file_bytes) & (sf.col("length") > 0)
                          & sf.col("path").rlike(EXTENSION_PATTERN))
-                  .select("path", "content", sf.col("length").alias("size_bytes"),
+                  .select("path", sf.lit(None).cast("binary").alias("os_path"),
+                          sf.col("length").alias("size_bytes"), sf.lit(False).alias("hidden"), "content",
                           sf.lit(None).cast("string").alias("reason"), sf.lit(None).cast("string").alias("detail")))
         skipped = listing.join(images.select("path"), "path", "left_anti")
         frames.append(images)
@@ -332,7 +336,7 @@ def attach_manifest_labels(files, manifest, inputs: Sequence[str]):
 def faces_per_file(files, settings: PrepareSettings):
     """Run the face function over every listed file (one PROCESSED row per file)."""
     if settings.labels != "manifest":
-        files = files.select("path", "content", "size_bytes", "reason", "detail")
+        files = files.select("path", "os_path", "size_bytes", "hidden", "content", "reason", "detail")
     schema = F.spark_schema(PROCESSED)
     return files.mapInPandas(lambda it: process_partition(it, settings), schema=schema)
 

@@ -207,7 +207,8 @@ def _prepare(spark, args, resolved: dict, inputs: List[str], outputs, writes, st
     run_id = outputs.run_id
     settings = pipeline.PrepareSettings(crop=resolved["crop"], labels=resolved["labels"],
                                         dataset=resolved["dataset"], fractions=resolved["fractions"],
-                                        split_salt=args.split_salt, run_id=run_id)
+                                        split_salt=args.split_salt, run_id=run_id,
+                                        max_file_bytes=args.max_file_bytes)
     output, fmt = resolved["output"], args.format
     faces_uri, rejects_uri = layout.faces_uri(output), layout.rejects_uri(output)
 

@@ -196,7 +196,7 @@ def _score(spark, args, resolved: dict, outputs, started: float) -> dict:
     settings = scoring.ScoreSettings(
         bundle=os.path.basename(shipped), spark_file=True, model_id=mid,
         data_version=(bundle.get("data") or {}).get("version"), input_version=input_version, run_id=run_id,
-        batch_size=args.batch_size, device=args.device, detector=args.detector)
+        batch_size=args.batch_size, device=args.device, detector=args.detector, max_file_bytes=args.max_file_bytes)
     scored = faces.mapInPandas(lambda it: scoring.score_partition(it, settings, kind), schema=schema)
     to_write = scored.withColumn("bbox", sf.to_json("bbox")) if args.format == "csv" else scored
     write = storage.TableWrite(spark, outputs, PREDICTIONS_DIR, args.format, "overwrite", in_place_delta=False)

@@ -38,6 +38,7 @@ class ScoreSettings:
     torch_threads: int = 1  # Spark runs one task per core: one torch thread each
     spark_file: bool = False
     detector: str = "auto"  # photos: auto (detect + align to the bundle's framing) | yunet | hog | none (chips)
+    max_file_bytes: int = 64 * 2**20
 
 
 def model_id(path: str) -> str:
@@ -195,8 +196,13 @@ def score_partition(batches: Iterator, settings: ScoreSettings, kind: str) -> It
     detector = get_detector(pred.crop.detector) if kind == "photos" and pred.crop.detector != "none" else None
     for batch in batches:
         if kind == "photos":
-            rows = score_photos(zip(batch["path"], batch["content"], batch["reason"], batch["detail"]), pred,
-                                settings, detector)
+            from spark_jobs.pipeline import file_content
+
+            records = []
+            for rec in batch.itertuples(index=False):
+                content, skip = file_content(rec, settings.max_file_bytes)
+                records.append((rec.path, content) + (skip if skip else (None, None)))
+            rows = score_photos(records, pred, settings, detector)
         else:
             rows = score_faces(batch.to_dict("records"), pred, settings)
         yield pd.DataFrame(rows, columns=NAMES)
