@@ -63,7 +63,7 @@ prepare-utkface: install
 		--output $(OUT)/utkface_parquet --format parquet
 
 bench-prepare: install
-	$(BIN)/python bench/prepare_bench.py --utkface $(UTKFACE)
+	$(BIN)/python -m bench.prepare_bench --utkface $(UTKFACE)
 
 lock: install
 	$(BIN)/pip freeze --exclude-editable | grep -v '^faceage' | \

@@ -4,7 +4,7 @@ the peak memory of the driver (spark-submit's JVM + the Python driver, sampled e
 Synthetic rows: a faces-table-shaped labels table (face_id, age, gender, race, dataset, split) and a
 predictions table (face_id, predicted_age = age + noise, status ok), both Parquet, written by Spark itself.
 
-    python bench/evaluate_bench.py --rows 10000000 --work /tmp/faceage-eval-bench
+    python -m bench.evaluate_bench --rows 10000000 --work /tmp/faceage-eval-bench
 """
 from __future__ import annotations
 
@@ -18,14 +18,13 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import REPO  # noqa: E402
 
 
 def generate(rows: int, work: Path) -> None:
     from pyspark.sql import functions as sf
 
-    from schemas import fields as F
+    from schemas import fields as schema_fields
     from schemas.tables import PREDICTIONS
     from spark_jobs.session import get_spark
 
@@ -44,7 +43,7 @@ def generate(rows: int, work: Path) -> None:
               "uncertainty": sf.rand(3) * 5, "status": sf.lit("ok"), "model_id": sf.lit("bench"),
               "score_run_id": sf.lit("bench")}
     preds = ids.select(*[(values[n] if n in values else sf.lit(None)).cast(
-        F.spark_schema([by_name[n]])[0].dataType).alias(n) for n in by_name])
+        schema_fields.spark_schema([by_name[n]])[0].dataType).alias(n) for n in by_name])
     preds.write.mode("overwrite").parquet(str(work / "scored" / "predictions"))
     spark.stop()
 

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The GPU check for the trainer, as ONE call on a lent GPU machine (fits its 8-minute slot).
+# The trainer's GPU check, as ONE command on any CUDA host (a few minutes).
 #
-# Here (prepares at most 64 MiB to carry: UTKFace val + test whole, a train sample, cp312 wheels):
-#     python bench/gpu_data.py --data /tmp/utk/parquet --budget-mib 62 --train-quality 75   (~8k train rows)
-# There (the device tool):  run(command="bash bench/gpu_train.sh", carry=["bench/out/gpu"], timeout_s=540)
+# On the machine that has the prepared data (writes bench/out/gpu, <= --budget-mib):
+#     python -m bench.gpu_data --data /tmp/utk/parquet --budget-mib 62 --train-quality 75
+# Copy the repository with bench/out/gpu to the GPU host, then there, from the repository root:
+#     bash bench/gpu_train.sh                  (GPU_TRAIN_MINUTES, GPU_READERS, ... below tune it)
+# The host needs Python with torch (CUDA) and pyarrow; pyspark and petastorm are not needed (--reader pyarrow);
+# torchvision and Pillow are installed from bench/out/gpu/wheels when missing.
 #
 # It prints and writes under $OUT (or bench/out/gpu-results):
-#   1. img/s fed by the project's loader (--reader pyarrow: that machine has no pyspark/petastorm) vs the
-#      same loop over device-resident batches (bench/train_bench.py), 128 px, batch 128, bf16, channels_last;
+#   1. img/s fed by the project's loader vs the same loop over device-resident batches (bench.train_bench),
+#      128 px, batch 128, bf16, channels_last;
 #   2. python -m trainer.train with CyclicLR + ReduceLROnPlateau and with a constant LR, same split, same
 #      wall-clock budget each: val/test MAE, epochs, seconds, img/s (summary.json, metrics.jsonl).
 set -euo pipefail
@@ -32,7 +35,7 @@ print(f"python {platform.python_version()} torch {torch.__version__} torchvision
 EOF
 
 echo "== 1. loader-fed vs device-resident training throughput"
-"$PY" bench/train_bench.py --data "$DATA/data" --reader pyarrow --workers "$WORKERS" --batches "$BATCHES" --warmup "$WARMUP" \
+"$PY" -m bench.train_bench --data "$DATA/data" --reader pyarrow --workers "$WORKERS" --batches "$BATCHES" --warmup "$WARMUP" \
   --batch-size 128 --image-size 128 --device "$DEVICE" | tee "$RESULTS/throughput.json"
 
 echo "== 2. CyclicLR + ReduceLROnPlateau vs constant LR, ${MINUTES} min each"

@@ -7,7 +7,7 @@ Feed: trainer.data.SplitLoader over the same split, as training sees it (one ful
 checked). Both in the same run, same machine, same number of workers. This VM's speed drifts by +-30 % within minutes, so the variants
 alternate (raw, feed, raw, feed, ...) `--repeats` times and the medians are compared.
 
-    python bench/loader_bench.py --data /tmp/utk/parquet --split train --image-size 128
+    python -m bench.loader_bench --data /tmp/utk/parquet --split train --image-size 128
 """
 from __future__ import annotations
 
@@ -16,13 +16,9 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from trainer import data as D  # noqa: E402
 
@@ -37,7 +33,7 @@ def raw_decode(source: D.SplitSource, size: int, workers: int, strength: float) 
         rng = np.random.default_rng(group)
         table = pq.ParquetFile(path).read_row_group(group, columns=["image", "age"])
         images = table.column("image").to_pylist()
-        batch = np.stack([D.augment(D.decode(b, size), rng, strength) for b in images]).transpose(0, 3, 1, 2)
+        batch = np.stack([D.augment(D.decode_image(b, size), rng, strength) for b in images]).transpose(0, 3, 1, 2)
         return len(np.ascontiguousarray(batch))
 
     jobs = []

@@ -3,13 +3,13 @@
 1. Composites N UTKFace chips onto 640x480 backgrounds (random position and scale; the paste
    box is the ground truth) in a work folder outside the repo.
 2. Baseline: multiprocessing.Pool(workers) runs the very same per-file function
-   (spark_jobs.pipeline.process_file: label, decode, detect, align, crop) and writes Parquet
+   (spark_jobs.prepare_steps.process_file: label, decode, detect, align, crop) and writes Parquet
    with pyarrow.
 3. Spark: `spark-submit spark_jobs/prepare.py` over the same folder (local[workers]).
 4. Reports images/s of both and their ratio, detection recall, and the median distance from the
    crop's centre (mapped back to the photo) to the pasted face's centre.
 
-    python bench/prepare_bench.py --utkface ../shared/data/utkface --n 2000
+    python -m bench.prepare_bench --utkface ../shared/data/utkface --n 2000
 """
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import REPO  # noqa: E402
 
-from spark_jobs.faces import CropSettings, crop_center_in_source, crop_transform  # noqa: E402
-from spark_jobs.pipeline import PROCESSED, PrepareSettings, process_file  # noqa: E402
+from schemas.crop import CropSettings  # noqa: E402
+from spark_jobs.faces import crop_center_in_source, crop_transform  # noqa: E402
+from spark_jobs.prepare_steps import PROCESSED, PrepareSettings, process_file  # noqa: E402
 
 
 def make_composites(utkface: Path, folder: Path, n: int, seed: int) -> Path:

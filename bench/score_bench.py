@@ -2,10 +2,10 @@
 same detector, same model, same run; and where the plain loop's time goes (decode, detect, align, infer).
 
 The model is an untrained ResNet-18 bundle at 128 px with YuNet crop settings (inference cost does not
-depend on the weights). Photos: the first --photos files of a folder (e.g. bench/prepare_bench.py's
+depend on the weights). Photos: the first --photos files of a folder (e.g. bench.prepare_bench's
 UTKFace composites, kept outside the repository).
 
-    python bench/score_bench.py --photos-dir /tmp/faceage-bench/composites-2000-0 --photos 400
+    python -m bench.score_bench --photos-dir /tmp/faceage-bench/composites-2000-0 --photos 400
 """
 from __future__ import annotations
 
@@ -20,27 +20,26 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import REPO  # noqa: E402
 
 
 def make_bundle(path: str, size: int) -> None:
-    from spark_jobs.faces import CropSettings
-    from trainer import data as D
+    from schemas.crop import CropSettings
+    from trainer import bundle as B
     from trainer import model as M
 
-    M.save_bundle(path, M.build_model("distribution"), "distribution", size, D.MEAN, D.STD,
+    B.save_bundle(path, M.build_model("distribution"), "distribution", size, B.MEAN, B.STD,
                   CropSettings(size=size, detector="yunet").to_dict(), {"uri": "bench", "version": None}, {}, {})
 
 
 def plain_loop(folder: str, bundle: str) -> dict:
     """One Python process: read each file, crop_faces (all faces), batched inference: no Spark."""
-    from spark_jobs import scoring
+    from spark_jobs import score_steps
 
-    settings = scoring.ScoreSettings(bundle=bundle, model_id="bench", data_version=None, input_version=None,
+    settings = score_steps.ScoreSettings(bundle=bundle, model_id="bench", data_version=None, input_version=None,
                                      run_id="bench", batch_size=64)
     start = time.time()
-    pred = scoring.Predictor(bundle)  # default torch threads: all cores
+    pred = score_steps.Predictor(bundle)  # default torch threads: all cores (trainer.bundle.Predictor)
     timings, rows = {"load_model": time.time() - start}, 0
     faces = 0
     names = sorted(os.listdir(folder))
@@ -50,7 +49,7 @@ def plain_loop(folder: str, bundle: str) -> dict:
         for name in names[i:i + 64]:
             with open(os.path.join(folder, name), "rb") as f:
                 records.append((name, f.read()))
-        out = scoring.score_photos(records, pred, settings, timings=timings)
+        out = score_steps.score_photos(records, pred, settings, timings=timings)
         rows += len(out)
         faces += sum(r["status"] == "ok" for r in out)
     seconds = time.time() - start

@@ -4,7 +4,7 @@ Both variants run trainer.train.train_one_epoch (ResNet-18, AdamW, same head and
 same number of batches in one process; the in-memory variant first collects those batches from the
 loader (decoded, augmented) and replays them, so only the feeding differs.
 
-    python bench/train_bench.py --data /tmp/utk/parquet --batches 20 --batch-size 64 --image-size 128
+    python -m bench.train_bench --data /tmp/utk/parquet --batches 20 --batch-size 64 --image-size 128
 """
 from __future__ import annotations
 
@@ -14,14 +14,10 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from trainer import data as D  # noqa: E402
 from trainer import model as M  # noqa: E402

@@ -5,71 +5,30 @@ and TPE with vs without the Median pruner (wall time, trials pruned).
 CPU-sized: a seeded subset of a prepared table (train/val/test rows as given), 64 px, few epochs. Say so
 when quoting the numbers.
 
-    python bench/tune_compare.py --data /tmp/utk/parquet --work /tmp/faceage-tune-bench \\
+    python -m bench.tune_compare --data /tmp/utk/parquet --work /tmp/faceage-tune-bench \\
         --train-rows 800 --val-rows 300 --test-rows 800 --trials 6 --epochs 3 --seeds 0 1
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from schemas import layout  # noqa: E402
-from trainer import data as D  # noqa: E402
-
-
-def subset(data: str, out: Path, rows: dict, seed: int = 0) -> None:
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    shutil.rmtree(out, ignore_errors=True)
-    for split, n in rows.items():
-        source = D.split_source(data, split)
-        table = pa.concat_tables(pq.read_table(layout.local_path(f)) for f in source.files)
-        keep = np.sort(np.random.default_rng(seed).permutation(table.num_rows)[:n])
-        folder = out / "faces" / f"split={split}"
-        folder.mkdir(parents=True)
-        pq.write_table(table.take(pa.array(keep)), folder / "part-0.parquet", row_group_size=128)
-    (out / "faces" / "_SUCCESS").write_text("")
-    manifest = layout.local_path(layout.join(data.rstrip("/"), layout.LATEST_MANIFEST))
-    if manifest and os.path.exists(manifest):
-        shutil.copy(manifest, out / layout.LATEST_MANIFEST)
+from bench.common import comparison_parser, machine, run_python, subset_table
 
 
 def run(cmd) -> float:
-    start = time.time()
-    proc = subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return time.time() - start
+    return run_python(["-m", *cmd])
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True)
-    p.add_argument("--work", default="/tmp/faceage-tune-bench")
-    p.add_argument("--train-rows", type=int, default=800)
-    p.add_argument("--val-rows", type=int, default=300)
-    p.add_argument("--test-rows", type=int, default=800)
-    p.add_argument("--image-size", type=int, default=64)
+    p = comparison_parser(__doc__.splitlines()[0], "/tmp/faceage-tune-bench", train_rows=800, epochs=3)
+    p.set_defaults(val_rows=300)
     p.add_argument("--trials", type=int, default=6)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = p.parse_args()
-    work = Path(args.work)
-    table = work / "data"
-    subset(args.data, table, {"train": args.train_rows, "val": args.val_rows, "test": args.test_rows})
+    work, table = Path(args.work), subset_table(args)
     fixed = f"--image-size {args.image_size} --workers 2"
     results = {"default": [], "tpe": [], "random": []}
     seconds = {"default": [], "tpe": [], "random": []}
@@ -103,12 +62,9 @@ def main():
                 "std": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0,
                 "runs": [round(v, 3) for v in values]}
 
-    import torch
-
     summary = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, "
-                   f"torch {torch.__version__} (CPU)",
+        "machine": machine("CPU"),
         "data": {"source": args.data, "train": args.train_rows, "val": args.val_rows, "test": args.test_rows,
                  "image_size": args.image_size},
         "budget": {"trials": args.trials, "epochs_per_run": args.epochs, "seeds": args.seeds},

@@ -131,7 +131,6 @@ def number(low: Optional[float] = None, high: Optional[float] = None, *, integer
 
 positive_int = number(1, integer=True)
 non_negative_int = number(0, integer=True)
-positive_float = number(0.0, low_open=True)
 fraction = number(0.0, 1.0)
 
 
@@ -223,3 +222,16 @@ def run_main(stage: str, body: Callable[[], int], extra_user_errors: tuple = ())
     except KeyboardInterrupt:
         sys.stderr.write(f"{stage}: interrupted\n")
         return 130
+
+
+def entry_points(stage: str, job: Callable[[Optional[List[str]]], int]):
+    """(main, console_main) for a CLI whose work is `job(argv) -> exit code`: main(argv) runs it inside
+    the error boundary and returns the exit code; console_main() is the console script (sys.exit)."""
+    def main(argv: Optional[List[str]] = None) -> int:
+        return run_main(stage, lambda: job(argv))
+
+    def console_main() -> None:
+        sys.exit(main())
+
+    main.__doc__ = f"The {stage} CLI: exit 0, or 2 with one `{stage}: error: ...` line for a user's mistake."
+    return main, console_main

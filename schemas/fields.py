@@ -7,7 +7,7 @@ column added here shows up everywhere at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 # Storage-neutral type names -> (pyarrow factory, Spark type name, numpy dtype name).
 _KINDS = ("string", "binary", "int32", "int64", "float32", "float64", "bool", "float32_list")
@@ -28,13 +28,6 @@ class Field:
             raise ValueError(f"field {self.name!r}: unknown kind {self.kind!r}; use one of {_KINDS}")
         if (self.kind == "float32_list") != (self.length is not None):
             raise ValueError(f"field {self.name!r}: a length goes with kind float32_list only")
-
-
-Fields = Tuple[Field, ...]
-
-
-def field_names(fields: Sequence[Field]) -> list:
-    return [f.name for f in fields]
 
 
 def arrow_schema(fields: Sequence[Field]):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 from schemas.cli import UserError, dumps, new_run_id
 
@@ -111,11 +111,11 @@ def dedupe_inputs(inputs: Sequence[str], canonical: Callable[[str], str], flag: 
         real = canonical(given)
         if real in seen:
             continue
-        for other_given, other in seen.items():
-            if is_within(real, other) or is_within(other, real):
-                inner, outer = (given, seen[other]) if is_within(real, other) else (other_given, given)
-                raise UserError(f"{flag} {inner} is inside {flag} {outer}: its files would be read twice; "
-                                f"give only the outer folder")
+        for other_real, other_given in seen.items():
+            if is_within(real, other_real) or is_within(other_real, real):
+                inner, outer = (given, other_given) if is_within(real, other_real) else (other_given, given)
+                raise UserError(f"{flag} {inner} is inside {flag} {outer} (links resolved): its files would be "
+                                f"read twice; give only the outer folder")
         seen[real] = given
         kept.append(given)
     return kept
@@ -233,10 +233,3 @@ def looks_like_manifest(fs, uri: str, keys: Sequence[str]) -> bool:
     except Exception:  # noqa: BLE001 - absent or unreadable (any filesystem's error type)
         return False
     return isinstance(data, dict) and all(k in data for k in keys)
-
-
-def folder_state(fs, uri: str) -> Dict[str, object]:
-    """For messages and tests: what is at `uri`."""
-    if not fs.exists(uri):
-        return {"exists": False}
-    return {"exists": True, "dir": fs.isdir(uri), "entries": fs.listdir(uri) if fs.isdir(uri) else None}

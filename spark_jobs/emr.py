@@ -6,7 +6,7 @@
     # print the exact requests, touch nothing
     python -m spark_jobs.emr --dry-run --code s3://bucket/faceage --cluster-id j-XXXX \\
         --step prepare "--input s3a://bucket/photos --output s3a://bucket/prepared --format delta" \\
-        --step train "--data s3a://bucket/prepared --epochs 30 --distributor spark --num-processes 2"
+        --step train "--num-processes 2 --data s3a://bucket/prepared --epochs 30"
     # a transient cluster that runs the steps and terminates
     python -m spark_jobs.emr --code s3://bucket/faceage --create-cluster --log-uri s3://bucket/logs --step ...
 
@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 if __package__ in (None, ""):  # run as a file: make the project importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from schemas.cli import Parser, UserError, positive_int, run_main  # noqa: E402
+from schemas.cli import Parser, UserError, entry_points, positive_int  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_LABEL = "emr-spark-8.0.0"
@@ -37,12 +37,13 @@ VENV_PYTHON = "/opt/faceage/venv/bin/python"
 CODE_ZIP = "faceage_code.zip"
 BOOTSTRAP = "emr_bootstrap.sh"
 PACKAGES = ("schemas", "spark_jobs", "trainer")
-JOBS = {  # job -> (entry script inside the bundle, spark-submit deploy mode)
-    "prepare": ("spark_jobs/prepare.py", "cluster"),
-    "score": ("spark_jobs/score.py", "cluster"),
-    "evaluate": ("spark_jobs/evaluate.py", "client"),  # writes its report files on the driver: keep it on the master
-    "train": ("trainer/train.py", "client"),  # TorchDistributor starts its processes from the driver
-    "tune": ("trainer/tune.py", "client"),
+JOBS = {  # job -> (entry script inside the bundle, spark-submit deploy mode, leading arguments)
+    "prepare": ("spark_jobs/prepare.py", "cluster", []),
+    "score": ("spark_jobs/score.py", "cluster", []),
+    "evaluate": ("spark_jobs/evaluate.py", "client", []),  # writes its report files on the driver: keep it on the master
+    # TorchDistributor ranks / Spark-task tune workers, started from the driver
+    "train": ("spark_jobs/distributed.py", "client", ["train"]),
+    "tune": ("spark_jobs/distributed.py", "client", ["tune"]),
 }
 SPARK_CONF = {
     "spark.pyspark.python": VENV_PYTHON,
@@ -72,7 +73,7 @@ def build(out_dir: str) -> Dict[str, str]:
                         full = os.path.join(dirpath, name)
                         z.write(full, os.path.relpath(full, REPO))
     files = {CODE_ZIP: zip_path}
-    for script, _ in JOBS.values():
+    for script, _, _ in JOBS.values():
         target = os.path.join(out_dir, script)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(os.path.join(REPO, script), "rb") as src, open(target, "wb") as dst:
@@ -114,12 +115,12 @@ def step(job: str, args: str, code_uri: str, action_on_failure: str = "CONTINUE"
     """One EMR step: command-runner.jar running spark-submit on the job's entry script."""
     if job not in JOBS:
         raise EmrError(f"--step {job}: use one of {sorted(JOBS)}")
-    script, mode = JOBS[job]
+    script, mode, leading = JOBS[job]
     code = code_uri.rstrip("/")
     argv = ["spark-submit", "--deploy-mode", mode, "--py-files", f"{code}/{CODE_ZIP}"]
     for key, value in SPARK_CONF.items():
         argv += ["--conf", f"{key}={value}"]
-    argv += [f"{code}/{script}"] + shlex.split(args)
+    argv += [f"{code}/{script}"] + leading + shlex.split(args)
     return {"Name": f"faceage {job}", "ActionOnFailure": action_on_failure,
             "HadoopJarStep": {"Jar": "command-runner.jar", "Args": argv}}
 
@@ -233,14 +234,7 @@ def _job(argv: Optional[List[str]]) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """The CLI: exit 0, or 2 with one `emr: error: ...` line for anything the user can fix."""
-    return run_main("emr", lambda: _job(argv))
-
-
-def console_main() -> None:
-    sys.exit(main())
-
+main, console_main = entry_points("emr", _job)
 
 if __name__ == "__main__":
     sys.exit(main())

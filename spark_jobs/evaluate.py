@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a file by spark-submit: make the project
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from schemas import layout  # noqa: E402
-from schemas.cli import Parser, UserError, dumps, new_run_id, non_negative_int, redact, run_main  # noqa: E402
+from schemas.cli import Parser, UserError, dumps, entry_points, new_run_id, non_negative_int, redact  # noqa: E402
 from schemas.outputs import LocalFS, Outputs  # noqa: E402
 from schemas.tables import SPLITS  # noqa: E402
 from spark_jobs.storage import to_uri  # noqa: E402
@@ -153,6 +153,90 @@ def dedupe_keys(df, key: str, value_cols: List[str], what: str):
     return df.dropDuplicates([key]), extra
 
 
+# ----------------------------------------------------------------------------- transforms (DataFrame -> DataFrame)
+
+def valid_predictions(preds, key: str):
+    """(usable predictions: status ok, face 0 for a source_path join, a finite age; how many ok rows had a
+    non-finite age)."""
+    from pyspark.sql import functions as sf
+
+    ok = preds.where(sf.col("status") == "ok")
+    if key == "source_path":
+        ok = ok.where(sf.col("face_index") == 0)
+    ok = ok.select(key, "predicted_age", "uncertainty", "model_id", "data_version")
+    finite = sf.col("predicted_age").isNotNull() & ~sf.isnan("predicted_age") & \
+        (sf.abs(sf.col("predicted_age")) < sf.lit(float("inf")))
+    counts = {r["bad"]: r["count"] for r in ok.groupBy((~finite).alias("bad")).count().collect()}
+    return ok.where(finite), int(counts.get(True, 0))
+
+
+def valid_labels(labels):
+    """(labels with a usable age, without the label_error column; how many were not usable)."""
+    from pyspark.sql import functions as sf
+
+    usable = sf.col("label_error").isNull() & sf.col("age").isNotNull()
+    counts = {r["ok"]: r["count"] for r in labels.groupBy(usable.alias("ok")).count().collect()}
+    return labels.where(usable).drop("label_error"), int(counts.get(False, 0))
+
+
+def join_labels(predictions, labels, key: str):
+    """(full outer join with a `matched` column; counts of matched rows and of rows on one side only)."""
+    from pyspark.sql import functions as sf
+
+    joined = predictions.join(labels, key, "full_outer").withColumn(
+        "matched", sf.col("predicted_age").isNotNull() & sf.col("age").isNotNull())
+    book = joined.groupBy(sf.col("predicted_age").isNotNull().alias("has_pred"),
+                          sf.col("age").isNotNull().alias("has_label")).count().collect()
+    bookkeeping = {"matched": 0, "predictions_without_label": 0, "labels_without_prediction": 0}
+    for r in book:
+        side = "matched" if r["has_pred"] and r["has_label"] else (
+            "predictions_without_label" if r["has_pred"] else "labels_without_prediction")
+        bookkeeping[side] += r["count"]
+    return joined, bookkeeping
+
+
+def matched_errors(joined):
+    """Matched rows -> age, prediction, signed and absolute error, age groups and the slice columns."""
+    from pyspark.sql import functions as sf
+
+    err = sf.col("predicted_age") - sf.col("age")
+    return (joined.where("matched")
+            .select("age", "predicted_age", "uncertainty", err.alias("err"), sf.abs(err).alias("abs_err"),
+                    age_group(sf.col("age")).alias("age_group"),
+                    age_group(sf.col("predicted_age")).alias("pred_group"),
+                    sf.coalesce(sf.col("gender").cast("string"), sf.lit("unknown")).alias("gender"),
+                    sf.coalesce(sf.col("race").cast("string"), sf.lit("unknown")).alias("race"),
+                    sf.coalesce("dataset", sf.lit("unknown")).alias("dataset")))
+
+
+def aggregate_metrics(errors) -> dict:
+    """matched_errors' rows -> overall and per-slice count/MAE/RMSE/CS@5/bias, confusion cells, MAE by
+    true age and the (true, predicted) density: Spark aggregations, only aggregates reach the driver."""
+    from pyspark.sql import functions as sf
+
+    aggs = [sf.count("*").alias("count"), sf.avg("abs_err").alias("mae"),
+            sf.sqrt(sf.avg(sf.col("err") * sf.col("err"))).alias("rmse"),
+            sf.avg((sf.col("abs_err") <= 5).cast("double")).alias("cs5"), sf.avg("err").alias("bias")]
+    overall = errors.agg(*aggs).first().asDict()
+    slices = []
+    for name in SLICES:
+        for r in errors.groupBy(name).agg(*aggs).collect():
+            value = r[name]
+            if name == "gender" and value.isdigit():
+                value = GENDERS.get(int(value), value)
+            if name == "race" and value.isdigit():
+                value = RACES.get(int(value), value)
+            slices.append({"slice": name, "value": value, **{k: r[k] for k in ("count", "mae", "rmse", "cs5", "bias")}})
+    order = {g: i for i, g in enumerate(group_names())}
+    slices.sort(key=lambda s: (SLICES.index(s["slice"]), order.get(s["value"], 99), str(s["value"])))
+    cells = errors.groupBy("age_group", "pred_group").count().collect()
+    by_age = sorted((int(r["age"]), r["count"], r["mae"]) for r in
+                    errors.groupBy("age").agg(sf.count("*").alias("count"), sf.avg("abs_err").alias("mae")).collect())
+    density = [(int(r["a"]), int(r["p"]), r["count"]) for r in errors.groupBy(
+        sf.floor("age").alias("a"), sf.floor(sf.greatest(sf.lit(0.0), "predicted_age")).alias("p")).count().collect()]
+    return {"overall": overall, "slices": slices, "cells": cells, "by_age": by_age, "density": density}
+
+
 def run(args) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import functions as sf
@@ -175,73 +259,25 @@ def run(args) -> dict:
                         f"{str(e).splitlines()[0][:200]})") from None
     labels, key, label_info = load_labels(spark, to_uri(args.labels), args.split, args.labels_version)
 
-    # --- valid rows only; every row left out is counted by reason
-    ok = preds.where(sf.col("status") == "ok")
-    if key == "source_path":
-        ok = ok.where(sf.col("face_index") == 0)
-    ok = ok.select(key, "predicted_age", "uncertainty", "model_id", "data_version")
-    finite = sf.col("predicted_age").isNotNull() & ~sf.isnan("predicted_age") & \
-        (sf.abs(sf.col("predicted_age")) < sf.lit(float("inf")))
-    excluded = {r["bad"]: r["count"] for r in ok.groupBy((~finite).alias("bad")).count().collect()}
-    excluded = {"non_finite_prediction": int(excluded.get(True, 0))}
-    ok = ok.where(finite)
-    bad_labels = labels.where(sf.col("label_error").isNotNull() | sf.col("age").isNull())
-    excluded["invalid_label"] = bad_labels.count()
-    labels = labels.where(sf.col("label_error").isNull() & sf.col("age").isNotNull()).drop("label_error")
-    labels, excluded["duplicate_label_key"] = dedupe_keys(labels, key, ["age", "gender", "race", "dataset"],
-                                                          f"--labels {args.labels}")
-    ok, excluded["duplicate_prediction_key"] = dedupe_keys(ok, key, ["predicted_age", "model_id"],
-                                                           f"--predictions {args.predictions}")
-
-    joined = ok.join(labels, key, "full_outer").withColumn(
-        "matched", sf.col("predicted_age").isNotNull() & sf.col("age").isNotNull())
-    # One pass over the join for the bookkeeping; the matched rows are cached for the metrics.
-    book = joined.groupBy(sf.col("predicted_age").isNotNull().alias("has_pred"),
-                          sf.col("age").isNotNull().alias("has_label")).count().collect()
-    bookkeeping = {"matched": 0, "predictions_without_label": 0, "labels_without_prediction": 0}
-    for r in book:
-        if r["has_pred"] and r["has_label"]:
-            bookkeeping["matched"] += r["count"]
-        elif r["has_pred"]:
-            bookkeeping["predictions_without_label"] += r["count"]
-        else:
-            bookkeeping["labels_without_prediction"] += r["count"]
+    ok, non_finite = valid_predictions(preds, key)
+    labels, invalid = valid_labels(labels)
+    labels, duplicate_labels = dedupe_keys(labels, key, ["age", "gender", "race", "dataset"], f"--labels {args.labels}")
+    ok, duplicate_predictions = dedupe_keys(ok, key, ["predicted_age", "model_id"],
+                                            f"--predictions {args.predictions}")
+    excluded = {"non_finite_prediction": non_finite, "invalid_label": invalid,
+                "duplicate_label_key": duplicate_labels, "duplicate_prediction_key": duplicate_predictions}
+    joined, bookkeeping = join_labels(ok, labels, key)
     no_prediction = {r["status"]: r["count"] for r in preds.where(sf.col("status") != "ok")
                      .groupBy("status").count().collect()}
     models = preds.where(sf.col("status") == "ok").groupBy("model_id", "data_version").count().collect()
     if bookkeeping["matched"] == 0:
         raise UserError(f"no prediction matched a label (joined on {key}): {bookkeeping}, left out {excluded}; "
                         f"are these the predictions for this table (and --split)?")
-
-    err = sf.col("predicted_age") - sf.col("age")
-    m = (joined.where("matched")
-         .select("age", "predicted_age", "uncertainty", err.alias("err"), sf.abs(err).alias("abs_err"),
-                 age_group(sf.col("age")).alias("age_group"), age_group(sf.col("predicted_age")).alias("pred_group"),
-                 sf.coalesce(sf.col("gender").cast("string"), sf.lit("unknown")).alias("gender"),
-                 sf.coalesce(sf.col("race").cast("string"), sf.lit("unknown")).alias("race"),
-                 sf.coalesce("dataset", sf.lit("unknown")).alias("dataset"))
-         .persist(StorageLevel.MEMORY_AND_DISK))
-    aggs = [sf.count("*").alias("count"), sf.avg("abs_err").alias("mae"),
-            sf.sqrt(sf.avg(sf.col("err") * sf.col("err"))).alias("rmse"),
-            sf.avg((sf.col("abs_err") <= 5).cast("double")).alias("cs5"), sf.avg("err").alias("bias")]
-    overall = m.agg(*aggs).first().asDict()
-    slices = []
-    for name in SLICES:
-        for r in m.groupBy(name).agg(*aggs).collect():
-            value = r[name]
-            if name == "gender" and value.isdigit():
-                value = GENDERS.get(int(value), value)
-            if name == "race" and value.isdigit():
-                value = RACES.get(int(value), value)
-            slices.append({"slice": name, "value": value, **{k: r[k] for k in ("count", "mae", "rmse", "cs5", "bias")}})
-    order = {g: i for i, g in enumerate(group_names())}
-    slices.sort(key=lambda s: (SLICES.index(s["slice"]), order.get(s["value"], 99), str(s["value"])))
-    cells = m.groupBy("age_group", "pred_group").count().collect()
-    by_age = sorted((int(r["age"]), r["count"], r["mae"]) for r in
-                    m.groupBy("age").agg(sf.count("*").alias("count"), sf.avg("abs_err").alias("mae")).collect())
-    density = [(int(r["a"]), int(r["p"]), r["count"]) for r in m.groupBy(
-        sf.floor("age").alias("a"), sf.floor(sf.greatest(sf.lit(0.0), "predicted_age")).alias("p")).count().collect()]
+    m = matched_errors(joined).persist(StorageLevel.MEMORY_AND_DISK)
+    aggregated = aggregate_metrics(m)
     m.unpersist()
+    overall, slices = aggregated["overall"], aggregated["slices"]
+    cells, by_age, density = aggregated["cells"], aggregated["by_age"], aggregated["density"]
 
     staging = outputs.staging_root
     try:
@@ -402,10 +438,7 @@ def _job(argv: Optional[List[str]]) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """The CLI: exit 0, or 2 with one `evaluate: error: ...` line for anything the user can fix."""
-    return run_main("evaluate", lambda: _job(argv))
-
+main, console_main = entry_points("evaluate", _job)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,7 +16,7 @@ from typing import List, Optional
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from schemas.crop import DETECTORS, CropSettings  # noqa: F401 - the contract, re-exported for callers
+from schemas.crop import CropSettings
 from schemas.crop import TEMPLATE as TEMPLATE_POINTS
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is "corrupt", never half a face

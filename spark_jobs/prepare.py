@@ -20,10 +20,10 @@ if __package__ in (None, ""):  # run as a script (spark-submit spark_jobs/prepar
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from schemas import layout  # noqa: E402
-from schemas.cli import (Parser, UserError, dumps, fraction, new_run_id, number, positive_int,  # noqa: E402
-                         redact, redact_all, run_main)
+from schemas.cli import (Parser, UserError, dumps, entry_points, fraction, new_run_id, number,  # noqa: E402
+                         positive_int, redact, redact_all)
 from schemas.outputs import canonical_local, dedupe_inputs, is_within, looks_like_manifest  # noqa: E402
-from spark_jobs.faces import DETECTORS, CropSettings  # noqa: E402
+from schemas.crop import DETECTORS, CropSettings  # noqa: E402
 from spark_jobs.splits import parse_fractions  # noqa: E402
 from spark_jobs.storage import FORMATS, MAX_FILE_BYTES, MODES, to_uri  # noqa: E402
 
@@ -196,16 +196,48 @@ def run(args, resolved: dict) -> dict:
     return manifest
 
 
+def run_manifest(args, resolved: dict, inputs: List[str], n_inputs: int, summary: dict, timings: dict,
+                 versions: dict, run_id: str, started: float, spark) -> dict:
+    """The run manifest (schemas.tables.MANIFEST_KEYS) of a finished run."""
+    output = resolved["output"]
+    splits, decades = summary["splits"], summary["decades"]
+    return {
+        "run_id": run_id,
+        "status": "succeeded",
+        "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "argv": redact_all(sys.argv[1:]),
+        "settings": {"crop": resolved["crop"].to_dict(), "labels": resolved["labels"],
+                     "label_manifest": resolved["manifest"], "dataset": resolved["dataset"],
+                     "splits": dict(zip(("train", "val", "test"), resolved["fractions"])),
+                     "split_salt": args.split_salt, "max_file_bytes": args.max_file_bytes,
+                     "synthetic_demo": bool(args.demo)},
+        "inputs": {"uris": inputs, "files": n_inputs},
+        "output": {"root": output, "faces": layout.faces_uri(output), "rejects": layout.rejects_uri(output)},
+        "format": args.format,
+        "mode": args.mode,
+        "counts": {"inputs": n_inputs, "faces": summary["faces"], "rejects": summary["rejects"]},
+        "rejects_by_reason": summary["by_reason"],
+        "splits": {s: splits.get(s, 0) for s in ("train", "val", "test")},
+        "age_histogram": {f"{d}-{d + 9}": decades[d] for d in sorted(decades)},
+        "timings_s": timings,
+        "table_versions": versions,
+        "spark": {"master": spark.sparkContext.master, "app_id": spark.sparkContext.applicationId,
+                  "default_parallelism": spark.sparkContext.defaultParallelism},
+        "versions": _versions(),
+    }
+
+
 def _prepare(spark, args, resolved: dict, inputs: List[str], outputs, writes, started: float, timings: dict) -> dict:
     """list -> read -> faces -> dedupe -> summarise and check -> stage -> commit -> manifest."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as sf
 
-    from spark_jobs import pipeline, storage
+    from spark_jobs import prepare_steps, storage
 
     faces_write, rejects_write = writes
     run_id = outputs.run_id
-    settings = pipeline.PrepareSettings(crop=resolved["crop"], labels=resolved["labels"],
+    settings = prepare_steps.PrepareSettings(crop=resolved["crop"], labels=resolved["labels"],
                                         dataset=resolved["dataset"], fractions=resolved["fractions"],
                                         split_salt=args.split_salt, run_id=run_id,
                                         max_file_bytes=args.max_file_bytes)
@@ -213,17 +245,17 @@ def _prepare(spark, args, resolved: dict, inputs: List[str], outputs, writes, st
     faces_uri, rejects_uri = layout.faces_uri(output), layout.rejects_uri(output)
 
     t = time.time()
-    inventory = pipeline.list_files(spark, inputs)
+    inventory = prepare_steps.list_files(spark, inputs)
     n_inputs = len(inventory)
     if n_inputs == 0:
         raise UserError(f"no files under --input {' '.join(inputs)}: nothing to prepare (is it the right folder?)")
     timings["list"] = round(time.time() - t, 3)
 
-    files = pipeline.file_rows(spark, inputs, inventory, args.max_file_bytes)
+    files = prepare_steps.file_rows(spark, inputs, inventory, args.max_file_bytes)
     if resolved["labels"] == "manifest":
-        files = pipeline.attach_manifest_labels(files, pipeline.read_manifest(spark, resolved["manifest"]), inputs)
+        files = prepare_steps.attach_manifest_labels(files, prepare_steps.read_manifest(spark, resolved["manifest"]), inputs)
     t = time.time()
-    processed = pipeline.faces_per_file(files, settings).persist(StorageLevel.MEMORY_AND_DISK)
+    processed = prepare_steps.faces_per_file(files, settings).persist(StorageLevel.MEMORY_AND_DISK)
     n_processed = processed.count()  # run detection once, here; every later step reads the cached rows
     timings["detect"] = round(time.time() - t, 3)
     # Many small partitions suit detection; for writing, a few big ones (fewer tasks and files).
@@ -234,7 +266,7 @@ def _prepare(spark, args, resolved: dict, inputs: List[str], outputs, writes, st
         # which would re-run detection and see this run's own rows as "already present".
         existing = storage.read_table(spark, faces_uri, fmt).select("content_sha256").distinct() \
             .localCheckpoint(eager=True)
-    results = pipeline.mark_duplicates(processed.coalesce(partitions), existing) \
+    results = prepare_steps.mark_duplicates(processed.coalesce(partitions), existing) \
         .persist(StorageLevel.MEMORY_AND_DISK)
 
     t = time.time()
@@ -245,8 +277,8 @@ def _prepare(spark, args, resolved: dict, inputs: List[str], outputs, writes, st
     timings["summarise"] = round(time.time() - t, 3)
 
     t = time.time()
-    faces_write.stage(pipeline.faces_rows(results))
-    rejects_write.stage(pipeline.rejects_rows(results))
+    faces_write.stage(prepare_steps.faces_rows(results))
+    rejects_write.stage(prepare_steps.rejects_rows(results))
     for write, expected in ((faces_write, summary["faces"]), (rejects_write, summary["rejects"])):
         staged = write.staged_rows()
         if staged is not None and staged != expected:
@@ -263,32 +295,7 @@ def _prepare(spark, args, resolved: dict, inputs: List[str], outputs, writes, st
         versions = {"faces": storage.delta_version(spark, faces_uri),
                     "rejects": storage.delta_version(spark, rejects_uri)}
     timings["total"] = round(time.time() - started, 3)
-    splits, decades = summary["splits"], summary["decades"]
-    manifest = {
-        "run_id": run_id,
-        "status": "succeeded",
-        "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "argv": redact_all(sys.argv[1:]),
-        "settings": {"crop": resolved["crop"].to_dict(), "labels": resolved["labels"],
-                     "label_manifest": resolved["manifest"], "dataset": resolved["dataset"],
-                     "splits": dict(zip(("train", "val", "test"), resolved["fractions"])),
-                     "split_salt": args.split_salt, "max_file_bytes": args.max_file_bytes,
-                     "synthetic_demo": bool(args.demo)},
-        "inputs": {"uris": inputs, "files": n_inputs},
-        "output": {"root": output, "faces": faces_uri, "rejects": rejects_uri},
-        "format": fmt,
-        "mode": args.mode,
-        "counts": {"inputs": n_inputs, "faces": summary["faces"], "rejects": summary["rejects"]},
-        "rejects_by_reason": summary["by_reason"],
-        "splits": {s: splits.get(s, 0) for s in ("train", "val", "test")},
-        "age_histogram": {f"{d}-{d + 9}": decades[d] for d in sorted(decades)},
-        "timings_s": timings,
-        "table_versions": versions,
-        "spark": {"master": spark.sparkContext.master, "app_id": spark.sparkContext.applicationId,
-                  "default_parallelism": spark.sparkContext.defaultParallelism},
-        "versions": _versions(),
-    }
+    manifest = run_manifest(args, resolved, inputs, n_inputs, summary, timings, versions, run_id, started, spark)
     text = redact(dumps(manifest))  # a credential inside a URI never reaches the manifest
     storage.write_text(spark, layout.join(output, layout.RUNS_DIR, f"{run_id}.json"), text)
     storage.write_text(spark, layout.join(output, layout.LATEST_MANIFEST), text)
@@ -324,15 +331,7 @@ def _job(argv: Optional[List[str]]) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """The CLI: exit 0, or 2 with one `prepare: error: ...` line for anything the user can fix."""
-    return run_main("prepare", lambda: _job(argv))
-
-
-def console_main() -> None:
-    """`faceage-prepare ...`: the same job, started without spark-submit (local Spark)."""
-    sys.exit(main())
-
+main, console_main = entry_points("prepare", _job)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,8 +29,8 @@ if __package__ in (None, ""):  # run as a file by spark-submit: make the project
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from schemas import layout  # noqa: E402
-from schemas.cli import (Parser, UserError, dumps, new_run_id, non_negative_int, positive_int, redact,  # noqa: E402
-                         redact_all, run_main)
+from schemas.cli import (Parser, UserError, dumps, entry_points, new_run_id, non_negative_int,  # noqa: E402
+                         positive_int, redact, redact_all)
 from schemas.crop import DETECTORS  # noqa: E402
 from schemas.outputs import canonical_local, is_within, looks_like_manifest  # noqa: E402
 from schemas.tables import SPLITS  # noqa: E402
@@ -84,13 +84,13 @@ def _table_root(uri: str, explicit: bool = False) -> Optional[str]:
 
 
 def validate(args) -> dict:
-    from trainer import model as M
+    from trainer.bundle import load_bundle
 
     if args.aligned:
         args.detector = "none"
     model_path = os.path.abspath(layout.local_path(args.model) or args.model)
     try:
-        _, bundle = M.load_bundle(model_path)  # refuses a bundle whose weights, head or crop settings don't fit
+        _, bundle = load_bundle(model_path)  # refuses a bundle whose weights, head or crop settings don't fit
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
     inputs = [to_uri(i) for i in args.input]
@@ -149,20 +149,21 @@ def run(args, resolved: dict) -> dict:
 def _score(spark, args, resolved: dict, outputs, started: float) -> dict:
     from pyspark.sql import functions as sf
 
-    from schemas import fields as F
+    from schemas import fields as schema_fields
     from schemas.tables import PREDICTIONS
-    from spark_jobs import pipeline, scoring, storage
+    from spark_jobs import prepare_steps, score_steps, storage
+    from trainer import bundle as bundle_io
 
     run_id = outputs.run_id
     bundle = resolved["bundle"]
     # Shipped once per executor and loaded once per Python worker, under a name unique to its content:
     # SparkContext refuses a second file of the same name with other bytes (two models, one session).
-    mid = scoring.model_id(resolved["model"])
+    mid = bundle_io.model_id(resolved["model"])
     shipped = os.path.join(resolved["ship_dir"], f"model-{mid}.pt")
     shutil.copyfile(resolved["model"], shipped)
     spark.sparkContext.addFile(shipped)
     input_version = None
-    schema = F.spark_schema(PREDICTIONS)
+    schema = schema_fields.spark_schema(PREDICTIONS)
     kind = resolved["kind"]
     if kind == "table":
         table = resolved["table"]
@@ -188,43 +189,29 @@ def _score(spark, args, resolved: dict, outputs, started: float) -> dict:
         faces = faces.select("face_id", "source_path", "image", "bbox", "det_score", "n_faces")
         n_inputs = None
     else:
-        inventory = pipeline.list_files(spark, resolved["inputs"])
+        inventory = prepare_steps.list_files(spark, resolved["inputs"])
         if not inventory:
             raise UserError(f"no files under --input {' '.join(resolved['inputs'])}")
         n_inputs = len(inventory)
-        faces = pipeline.file_rows(spark, resolved["inputs"], inventory, args.max_file_bytes)
-    settings = scoring.ScoreSettings(
+        faces = prepare_steps.file_rows(spark, resolved["inputs"], inventory, args.max_file_bytes)
+    settings = score_steps.ScoreSettings(
         bundle=os.path.basename(shipped), spark_file=True, model_id=mid,
         data_version=(bundle.get("data") or {}).get("version"), input_version=input_version, run_id=run_id,
         batch_size=args.batch_size, device=args.device, detector=args.detector, max_file_bytes=args.max_file_bytes)
-    scored = faces.mapInPandas(lambda it: scoring.score_partition(it, settings, kind), schema=schema)
+    scored = faces.mapInPandas(lambda it: score_steps.score_partition(it, settings, kind), schema=schema)
     to_write = scored.withColumn("bbox", sf.to_json("bbox")) if args.format == "csv" else scored
     write = storage.TableWrite(spark, outputs, PREDICTIONS_DIR, args.format, "overwrite", in_place_delta=False)
     write.stage(to_write)
 
-    # Counts from the staged table: one small aggregate, nothing collected row by row; checked before commit.
-    written = read_predictions(spark, outputs.staging(PREDICTIONS_DIR), args.format)
-    per_photo = (written.groupBy("source_path")
-                 .agg(sf.sum((sf.col("status") == "ok").cast("int")).alias("faces"),
-                      sf.first("status").alias("status"))
-                 .groupBy(sf.when(sf.col("faces") > 0, sf.lit("with_faces"))
-                          .when(sf.col("status").isin(*NO_FACE), sf.lit("without_face"))
-                          .otherwise(sf.lit("unreadable")).alias("kind"))
-                 .agg(sf.count("*").alias("photos"), sf.sum("faces").alias("faces")).collect())
-    reasons = {r["status"]: r["count"] for r in written.where(sf.col("status") != "ok")
-               .groupBy("status").count().collect()}
-    counts = {k: 0 for k in ("with_faces", "without_face", "unreadable")}
-    n_faces = 0
-    for r in per_photo:
-        counts[r["kind"]] = int(r["photos"])
-        n_faces += int(r["faces"] or 0)
+    # Counts from the staged table, checked before the commit.
+    counts, n_faces, reasons = count_photos(read_predictions(spark, outputs.staging(PREDICTIONS_DIR), args.format))
     photos = sum(counts.values())
     if n_inputs is not None and photos != n_inputs:
         raise RuntimeError(f"accounting error: {n_inputs} files listed but {photos} photos in the output; nothing "
                            f"was committed; please report this")
     write.commit()
     out_uri = layout.join(resolved["output"], PREDICTIONS_DIR)
-    pred = scoring.Predictor.crop_for(bundle, args.detector) if kind == "photos" else None
+    pred = bundle_io.Predictor.crop_for(bundle, args.detector) if kind == "photos" else None
     manifest = {
         "run_id": run_id, "status": "succeeded",
         "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
@@ -237,7 +224,7 @@ def _score(spark, args, resolved: dict, outputs, started: float) -> dict:
         "output": {"predictions": out_uri, "format": args.format},
         "counts": {"photos": photos, "faces": n_faces, "photos_with_faces": counts["with_faces"],
                    "photos_without_face": counts["without_face"], "unreadable": counts["unreadable"]},
-        "no_prediction_by_reason": dict(sorted(reasons.items())),
+        "no_prediction_by_reason": reasons,
         "seconds": round(time.time() - started, 3),
         "spark": {"master": spark.sparkContext.master, "app_id": spark.sparkContext.applicationId},
     }
@@ -246,11 +233,33 @@ def _score(spark, args, resolved: dict, outputs, started: float) -> dict:
     return manifest
 
 
+def count_photos(predictions):
+    """(photos with faces / without a face / unreadable, faces scored, rows without a prediction by status)
+    of a predictions table: two small aggregates, nothing collected row by row."""
+    from pyspark.sql import functions as sf
+
+    per_photo = (predictions.groupBy("source_path")
+                 .agg(sf.sum((sf.col("status") == "ok").cast("int")).alias("faces"),
+                      sf.first("status").alias("status"))
+                 .groupBy(sf.when(sf.col("faces") > 0, sf.lit("with_faces"))
+                          .when(sf.col("status").isin(*NO_FACE), sf.lit("without_face"))
+                          .otherwise(sf.lit("unreadable")).alias("kind"))
+                 .agg(sf.count("*").alias("photos"), sf.sum("faces").alias("faces")).collect())
+    reasons = {r["status"]: r["count"] for r in predictions.where(sf.col("status") != "ok")
+               .groupBy("status").count().collect()}
+    counts = {k: 0 for k in ("with_faces", "without_face", "unreadable")}
+    n_faces = 0
+    for r in per_photo:
+        counts[r["kind"]] = int(r["photos"])
+        n_faces += int(r["faces"] or 0)
+    return counts, n_faces, dict(sorted(reasons.items()))
+
+
 def read_predictions(spark, uri: str, fmt: Optional[str] = None):
     """A predictions table written by score (Parquet, Delta or CSV), bbox as an array."""
     from pyspark.sql import functions as sf
 
-    from schemas import fields as F
+    from schemas import fields as schema_fields
     from schemas.tables import PREDICTIONS
     from spark_jobs import storage
 
@@ -267,8 +276,8 @@ def read_predictions(spark, uri: str, fmt: Optional[str] = None):
     if fmt == "delta":
         return storage.read_table(spark, uri, "delta")
     if fmt == "csv":
-        csv_fields = [f if f.name != "bbox" else F.Field("bbox", "string", nullable=True) for f in PREDICTIONS]
-        df = spark.read.option("header", "true").schema(F.spark_schema(csv_fields)).csv(uri)
+        csv_fields = [f if f.name != "bbox" else schema_fields.Field("bbox", "string", nullable=True) for f in PREDICTIONS]
+        df = spark.read.option("header", "true").schema(schema_fields.spark_schema(csv_fields)).csv(uri)
         return df.withColumn("bbox", sf.from_json("bbox", "array<float>"))
     return storage.read_table(spark, uri, "parquet")
 
@@ -283,14 +292,7 @@ def _job(argv: Optional[List[str]]) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """The CLI: exit 0, or 2 with one `score: error: ...` line for anything the user can fix."""
-    return run_main("score", lambda: _job(argv))
-
-
-def console_main() -> None:
-    sys.exit(main())
-
+main, console_main = entry_points("score", _job)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO, venv_env
 from schemas import layout
+from spark_jobs import distributed
 from trainer import data, train
 
 TINY = ["--image-size", "32", "--workers", "1", "--no-progress", "--plateau-patience", "20", "--seed", "1"]
@@ -40,8 +41,8 @@ def test_torchdistributor_two_ranks_train_like_one(spark, sharded_table, tmp_pat
     single, dist = tmp_path / "single", tmp_path / "dist"
     epochs = ["--epochs", "3"]
     assert train.cli(["--data", str(sharded_table), "--output", str(single), "--batch-size", "16", *epochs, *TINY]) == 0
-    assert train.cli(["--data", str(sharded_table), "--output", str(dist), "--batch-size", "8", *epochs, *TINY,
-                      "--distributor", "spark", "--num-processes", "2"]) == 0
+    assert distributed.main(["train", "--num-processes", "2", "--data", str(sharded_table), "--output", str(dist),
+                             "--batch-size", "8", *epochs, *TINY]) == 0
     rows = _metrics(dist)
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # one line per epoch: only rank 0 writes
     assert all(r["world_size"] == 2 for r in rows)
@@ -73,14 +74,13 @@ def test_two_tune_workers_as_spark_tasks_share_one_postgres_study(spark, tables,
     import uuid
 
     from test_tune import _postgres_url, _trials
-    from trainer import tune
 
     url = _postgres_url()
     root, _, _ = tables
     study = f"spark-workers-{uuid.uuid4().hex[:8]}"
-    assert tune.cli(["--data", str(root / "pq"), "--study", study, "--storage", url, "--output", str(tmp_path / "t"),
-                     "--n-trials", "4", "--epochs", "2", "--workers", "2", "--backend", "spark",
-                     "--train-args", "--image-size 32 --workers 1 --reader pyarrow"]) == 0
+    assert distributed.main(["tune", "--data", str(root / "pq"), "--study", study, "--storage", url,
+                             "--output", str(tmp_path / "t"), "--n-trials", "4", "--epochs", "2", "--workers", "2",
+                             "--train-args", "--image-size 32 --workers 1 --reader pyarrow"]) == 0
     trials = _trials(url, study)
     assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"} and 4 <= len(trials) <= 5
     assert len({t.number for t in trials}) == len(trials)

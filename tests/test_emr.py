@@ -13,7 +13,7 @@ from conftest import REPO, venv_env
 from spark_jobs import emr
 
 STEPS = ["--step", "prepare", "--input s3a://b/photos --output s3a://b/prepared --format delta",
-         "--step", "train", "--data s3a://b/prepared --epochs 3 --distributor spark --num-processes 2",
+         "--step", "train", "--num-processes 2 --data s3a://b/prepared --epochs 3",
          "--step", "score", "--model s3://b/model.pt --input s3a://b/new --output s3a://b/scored",
          "--step", "evaluate", "--predictions s3a://b/scored --labels s3a://b/prepared --output /tmp/r",
          "--step", "tune", "--data s3a://b/prepared --storage postgresql://u@db/optuna --n-trials 20"]
@@ -43,7 +43,8 @@ def test_dry_run_prints_valid_requests_for_every_job(tmp_path):
         assert s["HadoopJarStep"]["Jar"] == "command-runner.jar" and argv[0] == "spark-submit"
         assert argv[argv.index("--py-files") + 1] == "s3://b/faceage/v1/faceage_code.zip"
         script = "s3://b/faceage/v1/" + emr.JOBS[job][0]
-        assert argv[argv.index(script) + 1:] == args.split()  # the job's own arguments, intact and in order
+        # the job's sub-command (distributed train/tune), then its own arguments, intact and in order
+        assert argv[argv.index(script) + 1:] == emr.JOBS[job][2] + args.split()
         assert f"spark.pyspark.python={emr.VENV_PYTHON}" in argv
     assert "s3://b/faceage/v1/emr_bootstrap.sh" in planned["uploads"]
 
@@ -56,7 +57,7 @@ def test_the_bundle_holds_the_code_and_pins(tmp_path):
     assert not any("__pycache__" in n or "/tests/" in n for n in names)
     lock = (tmp_path / "dist" / "requirements.lock").read_text()
     assert "torch==2.14.1" in lock and "pyarrow==14.0.2" in lock
-    for script, _ in emr.JOBS.values():
+    for script, _, _ in emr.JOBS.values():
         assert (tmp_path / "dist" / script).read_text() == (REPO / script).read_text()
 
 

@@ -4,7 +4,7 @@ import importlib.metadata as md
 import numpy as np
 import pytest
 
-from schemas import fields as F
+from schemas import fields as schema_fields
 from schemas.tables import FACES
 
 PINS = {"torch": "2.14.1", "torchvision": "0.29.1", "pyspark": "4.0.5", "delta-spark": "4.0.1",
@@ -72,9 +72,9 @@ def test_delta_write_through_spark_reads_back_with_deltalake(spark, tmp_path):
 
 
 def test_schemas_agree_across_spark_arrow_and_petastorm(spark, tmp_path):
-    arrow = F.arrow_schema(FACES)
-    sparks = F.spark_schema(FACES)
-    uni = F.unischema("Faces", FACES)
+    arrow = schema_fields.arrow_schema(FACES)
+    sparks = schema_fields.spark_schema(FACES)
+    uni = schema_fields.unischema("Faces", FACES)
     assert arrow.names == [f.name for f in sparks.fields] == list(uni.fields.keys())
     assert [f.nullable for f in arrow] == [f.nullable for f in sparks.fields]
     # A Spark-written empty faces table has exactly the pyarrow schema (types and names).

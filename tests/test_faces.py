@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from conftest import encode, synthetic_face, synthetic_photo
-from spark_jobs.faces import (CropSettings, Reject, crop_faces, crop_transform, decode_upright,
+from schemas.crop import CropSettings
+from spark_jobs.faces import (Reject, crop_faces, crop_transform, decode_upright,
                               similarity_transform, template_points)
 
 SETTINGS = CropSettings(size=64)

@@ -217,7 +217,7 @@ def test_a_model_trained_on_aligned_chips_detects_faces_in_photos(bundles, tmp_p
 
 
 def test_evaluate_counts_duplicates_and_non_finite_values_and_refuses_conflicts(spark, tmp_path, capsys):
-    from schemas import fields as F
+    from schemas import fields as schema_fields
     from schemas.tables import PREDICTIONS
 
     n = 10
@@ -231,7 +231,7 @@ def test_evaluate_counts_duplicates_and_non_finite_values_and_refuses_conflicts(
     rows[n + 1].update(source_path="file:/photos/inf.jpg", face_index=0, predicted_age=float("inf"), status="ok",
                        model_id="m", score_run_id="r")
     preds = tmp_path / "scored" / "predictions"
-    spark.createDataFrame(rows, F.spark_schema(PREDICTIONS)).write.parquet(str(preds))
+    spark.createDataFrame(rows, schema_fields.spark_schema(PREDICTIONS)).write.parquet(str(preds))
     labels = tmp_path / "labels.csv"
     lines = ["path,age"] + [f"{p},{30 + i}" for i, p in enumerate(paths)]
     lines += [f"{paths[0]},30", f"{paths[1]},31", f"{paths[2]},32",  # 3 identical repeats

@@ -14,9 +14,9 @@ from PIL import Image
 
 from conftest import REPO, encode, spark_submit, synthetic_face, synthetic_photo, venv_env
 from schemas import layout
-from spark_jobs import evaluate, score, scoring
-from spark_jobs.faces import CropSettings
-from trainer import data, train
+from spark_jobs import evaluate, score, score_steps
+from trainer import bundle as bundle_io
+from trainer import data
 
 
 def _mixed_folder(folder: Path) -> dict:
@@ -70,18 +70,18 @@ def test_scoring_a_mixed_folder_accounts_for_every_photo(bundles, tmp_path):
     assert statuses[".hidden.jpg"] == "hidden_file"
     no_pred = rows[rows.status != "ok"]
     assert no_pred.predicted_age.isna().all() and no_pred.face_index.isna().all() and no_pred.detail.notna().all()
-    assert set(rows.model_id) == {scoring.model_id(str(detecting))}
+    assert set(rows.model_id) == {bundle_io.model_id(str(detecting))}
     # the output folder is not overwritten by accident
     assert score.main(["--model", str(detecting), "--input", str(tmp_path / "photos"), "--output", str(out)]) == 2
 
 
 def test_the_model_is_loaded_once_per_worker_process(bundles):
     plain, _ = bundles
-    settings = scoring.ScoreSettings(bundle=str(plain), model_id="x", data_version=None, input_version=None,
+    settings = score_steps.ScoreSettings(bundle=str(plain), model_id="x", data_version=None, input_version=None,
                                      run_id="r")
-    before = scoring.LOADS["count"]
-    first = scoring.predictor(settings)
-    assert scoring.predictor(settings) is first and scoring.LOADS["count"] == before + 1
+    before = score_steps.LOADS["count"]
+    first = score_steps.predictor(settings)
+    assert score_steps.predictor(settings) is first and score_steps.LOADS["count"] == before + 1
 
 
 def test_score_a_table_split_then_evaluate_it(bundles, tables, tmp_path):
@@ -123,7 +123,7 @@ def test_score_a_table_split_then_evaluate_it(bundles, tables, tmp_path):
     assert true_groups.tolist() == [int(((joined.age >= lo) & (joined.age < hi)).sum()) for lo, hi in
                                     zip(evaluate.AGE_GROUP_BOUNDS, evaluate.AGE_GROUP_BOUNDS[1:] + (999,))]
     page = (report / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and scoring.model_id(str(plain)) in page
+    assert page.count("data:image/png;base64,") == 3 and bundle_io.model_id(str(plain)) in page
     assert all((report / p).stat().st_size > 5000 for p in metrics["plots"])
 
     # without --split, the train and val labels have no prediction: counted, not dropped

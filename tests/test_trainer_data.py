@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from schemas import layout
-from trainer import data
+from trainer import bundle, data
 
 
 def test_split_sources_match_the_manifest(tables):
@@ -32,7 +32,8 @@ def test_unfinished_parquet_is_refused(tables, tmp_path):
 def test_every_epoch_yields_the_whole_split(tables):
     root, manifest, _ = tables
     settings = data.LoaderSettings(batch_size=8, image_size=32, workers=2, shuffle_buffer=32)
-    loaders = data.make_loaders(str(root / "pq"), settings)
+    loaders = {split: data.SplitLoader(data.split_source(str(root / "pq"), split), settings, train=split == "train")
+               for split in ("train", "val", "test")}
     for epoch in range(3):
         ages, shapes = [], set()
         for batch in loaders["train"]:
@@ -53,7 +54,7 @@ def test_augmentation_only_in_training(tables):
     def by_age(loader):
         out = {}
         for b in loader:
-            for age, im in zip(b["age"].tolist(), data.normalize(b["image"]).numpy()):
+            for age, im in zip(b["age"].tolist(), bundle.normalize(b["image"]).numpy()):
                 out.setdefault(age, []).append(float(np.abs(im).sum()))
         return {k: sorted(v) for k, v in out.items()}
 

@@ -4,6 +4,7 @@ import pickle
 import pytest
 import torch
 
+from trainer import bundle as B
 from trainer import model as M
 
 
@@ -61,9 +62,9 @@ def test_bundle_round_trip(tmp_path):
     torch.manual_seed(1)
     net = M.build_model("distribution").eval()
     path = tmp_path / "model.pt"
-    M.save_bundle(str(path), net, "distribution", 32, [0.5] * 3, [0.25] * 3, {"size": 32, "margin": 0.0},
+    B.save_bundle(str(path), net, "distribution", 32, [0.5] * 3, [0.25] * 3, {"size": 32, "margin": 0.0},
                   {"uri": "file:/data/faces", "version": 3}, {"lr": 0.001}, {"val_mae": 6.1, "test_mae": float("nan")})
-    loaded, bundle = M.load_bundle(str(path))
+    loaded, bundle = B.load_bundle(str(path))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), net(x))
@@ -79,17 +80,17 @@ class _Payload:
 def test_bad_bundles_are_refused_with_a_reason(tmp_path, capsys):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x00not a torch file" * 10)
-    with pytest.raises(M.BundleError, match="unreadable, corrupt"):
-        M.load_bundle(str(corrupt))
+    with pytest.raises(B.BundleError, match="unreadable, corrupt"):
+        B.load_bundle(str(corrupt))
     foreign = tmp_path / "state.pt"
     torch.save(M.build_model("regression").state_dict(), foreign)
-    with pytest.raises(M.BundleError, match="plain state dict, not a faceage model bundle"):
-        M.load_bundle(str(foreign))
+    with pytest.raises(B.BundleError, match="plain state dict, not a faceage model bundle"):
+        B.load_bundle(str(foreign))
     code = tmp_path / "code.pt"
     with open(code, "wb") as f:
-        pickle.dump({"format": M.BUNDLE_FORMAT, "x": _Payload()}, f)
-    with pytest.raises(M.BundleError, match="will not be run"):
-        M.load_bundle(str(code))
+        pickle.dump({"format": B.BUNDLE_FORMAT, "x": _Payload()}, f)
+    with pytest.raises(B.BundleError, match="will not be run"):
+        B.load_bundle(str(code))
     assert "this must never run" not in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="no such file"):
-        M.load_bundle(str(tmp_path / "missing.pt"))
+        B.load_bundle(str(tmp_path / "missing.pt"))

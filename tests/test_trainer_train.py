@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, venv_env
-from trainer import model as M
+from trainer import bundle as B
 from trainer import train
 from trainer.schedules import CyclicPlateau
 
@@ -29,11 +29,11 @@ def test_train_writes_metrics_and_a_loadable_bundle(tables, tmp_path):
                for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_rows"] == manifest["splits"]["test"] and summary["data_version"] == 1
-    model, bundle = M.load_bundle(str(out / "model.pt"))
+    model, bundle = B.load_bundle(str(out / "model.pt"))
     assert bundle["head"] == "regression" and bundle["input_size"] == 32
     assert bundle["data"]["version"] == 1 and bundle["crop"]["detector"] == "none"
     assert bundle["metrics"]["test_mae"] == pytest.approx(summary["test_mae"])
-    assert torch.load(out / "model.pt", weights_only=True)["format"] == M.BUNDLE_FORMAT
+    assert torch.load(out / "model.pt", weights_only=True)["format"] == B.BUNDLE_FORMAT
     assert any((out / "tensorboard").iterdir())
 
 

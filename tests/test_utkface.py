@@ -15,7 +15,8 @@ from PIL import Image
 from conftest import encode
 from schemas import layout
 from spark_jobs import prepare
-from spark_jobs.faces import CropSettings, crop_center_in_source, crop_faces, crop_transform
+from schemas.crop import CropSettings
+from spark_jobs.faces import crop_center_in_source, crop_faces, crop_transform
 from spark_jobs.labels import parse_utkface
 from spark_jobs.synthetic import paste_on_background
 

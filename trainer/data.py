@@ -1,7 +1,7 @@
 """Petastorm readers over the faces table -> PyTorch batches for train / val / test.
 
-Batches are {"image": uint8 N x 3 x H x W, "age": float32 N}; `normalize` turns images into the
-model's float input on whatever device they were moved to.
+Batches are {"image": uint8 N x 3 x H x W, "age": float32 N}; trainer.bundle.normalize turns images into
+the model's float input on whatever device they were moved to.
 
 The table's live files come from schemas.layout.table_files (the Delta log for a version, or a
 Parquet directory only with _SUCCESS). Petastorm reads, shuffles and shards row groups of JPEG bytes;
@@ -13,7 +13,6 @@ a short epoch is an error, never silent.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -21,11 +20,7 @@ import numpy as np
 
 from schemas import layout
 from schemas.tables import SPLITS
-
-# ImageNet statistics: torchvision's ResNet weights expect them, and they do no harm from scratch.
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-
+from trainer.bundle import decode_image
 
 class ShortEpochError(RuntimeError):
     """An epoch yielded a different number of rows than its split holds."""
@@ -156,16 +151,6 @@ def split_source(data_uri: str, split: str, version: Optional[int] = None) -> Sp
 
 # ----------------------------------------------------------------------------- decoding and augmentation
 
-def decode(jpeg: bytes, size: int) -> np.ndarray:
-    """JPEG bytes -> HxWx3 uint8 at size x size."""
-    from PIL import Image
-
-    im = Image.open(io.BytesIO(jpeg)).convert("RGB")
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(im)
-
-
 def augment(pixels: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
     """Random shift/scale crop, horizontal flip and colour jitter; strength 0 returns the input."""
     if strength <= 0:
@@ -192,20 +177,6 @@ def augment(pixels: np.ndarray, rng: np.random.Generator, strength: float) -> np
     grey = out.mean(axis=2, keepdims=True)
     out = (out - grey) * saturation + grey
     return np.clip(out * brightness, 0, 255).astype(np.uint8)
-
-
-def normalize(images):
-    """A uint8 N x 3 x H x W torch batch (as the loader yields it) -> normalised float32, on its device.
-
-    Done per batch after the loader (on the GPU when there is one) instead of per row in the reader:
-    Petastorm round-trips every transformed row through pandas and Arrow, and float32 arrays cost
-    4x the bytes of uint8 there.
-    """
-    import torch
-
-    mean = torch.as_tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.as_tensor(STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
 
 
 def batches(row_groups, batch_size: int, shuffle_buffer: int, generator=None):
@@ -250,7 +221,7 @@ def decode_ahead(raw_groups, size: int, strength: float, seed: int, workers: int
 
     def work(index, images, ages):
         rng = np.random.default_rng([seed, index])
-        pixels = np.stack([augment(decode(b, size), rng, strength) for b in images])
+        pixels = np.stack([augment(decode_image(b, size), rng, strength) for b in images])
         # N x 3 x H x W as a view: channels-last memory, which convolutions take as it is
         return torch.from_numpy(pixels).permute(0, 3, 1, 2), torch.from_numpy(np.asarray(ages, dtype=np.float32))
 
@@ -363,9 +334,3 @@ class SplitLoader:
             what = "the split has" if s.shard_count is None else f"shard {s.cur_shard}/{s.shard_count} has"
             raise ShortEpochError(f"split {self.source.split!r}: an epoch yielded {seen} rows, {what} "
                                   f"{expected}; refusing to train or evaluate on a partial epoch")
-
-
-def make_loaders(data_uri: str, settings: LoaderSettings, version: Optional[int] = None) -> Dict[str, SplitLoader]:
-    """{'train', 'val', 'test'} -> SplitLoader over the faces table under `data_uri` (a prepare output)."""
-    return {split: SplitLoader(split_source(data_uri, split, version), settings, train=(split == "train"))
-            for split in SPLITS}

@@ -1,35 +1,23 @@
-"""ResNet-18 with an age head, the losses that go with each head, and the one-file model bundle.
+"""ResNet-18 with an age head and the losses that go with each head (the bundle: trainer/bundle.py).
 
 Heads:
 - "regression": one output, the age in years (trained with L1 or smooth-L1).
 - "distribution": logits over ages 0..MAX_AGE (label-distribution learning, DLDL-v2 style): the
   target is a Gaussian around the true age; the prediction is the expected age and the
   distribution's std is a per-prediction uncertainty.
-
-The bundle is a plain dict of tensors, numbers and strings saved with torch.save, so it loads with
-torch.load(weights_only=True): opening a model file never runs code.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 from torch import nn
 
-from schemas.cli import UserError
-from schemas.crop import CropSettings
 
 MAX_AGE = 120
 HEADS = ("regression", "distribution")
-BUNDLE_FORMAT = "faceage-model-bundle"
-BUNDLE_VERSION = 1
-
-
-class BundleError(UserError, ValueError):
-    """A file that is not a usable model bundle; the message says what it is instead."""
 
 
 def build_model(head: str = "distribution", init_weights: Optional[str] = None) -> nn.Module:
@@ -50,6 +38,8 @@ def load_init_weights(model: nn.Module, path: str) -> Dict[str, list]:
     Layers whose shapes differ (the classifier) keep their fresh initialisation. Returns which keys
     were loaded and skipped; raises BundleError when the file holds no matching weights.
     """
+    from trainer.bundle import BundleError
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--init-weights {path}: no such file")
     try:
@@ -93,105 +83,8 @@ def loss_fn(outputs: torch.Tensor, ages: torch.Tensor, head: str, kind: str = "l
     ages = ages.float()
     if head == "regression":
         pred = outputs.float().squeeze(1)
-        return F.smooth_l1_loss(pred, ages) if kind == "smooth_l1" else F.l1_loss(pred, ages)
-    log_probs = F.log_softmax(outputs.float(), dim=1)
-    kl = F.kl_div(log_probs, age_targets(ages), reduction="batchmean")
+        return functional.smooth_l1_loss(pred, ages) if kind == "smooth_l1" else functional.l1_loss(pred, ages)
+    log_probs = functional.log_softmax(outputs.float(), dim=1)
+    kl = functional.kl_div(log_probs, age_targets(ages), reduction="batchmean")
     mean, _ = decode(outputs, head)
-    return kl + F.l1_loss(mean, ages)
-
-
-# ----------------------------------------------------------------------------- the bundle
-
-def _plain(value):
-    """Metadata as the plain types weights_only loading accepts (NaN becomes None)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        return str(value)  # str subclasses (e.g. torch's TorchVersion) are not allowed by weights_only
-    if isinstance(value, int):
-        return int(value)
-    try:
-        number = float(value)  # numpy scalars, 0-d tensors
-    except (TypeError, ValueError):
-        raise TypeError(f"bundle metadata value {value!r} ({type(value).__name__}) is not a plain type") from None
-    return None if math.isnan(number) else number
-
-
-def save_bundle(path: str, model: nn.Module, head: str, input_size: int, mean, std, crop: dict,
-                data: dict, params: dict, metrics: dict) -> None:
-    """Write the one-file bundle atomically (a reader never sees half a file)."""
-    bundle = {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_VERSION,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "head": head,
-        "input_size": int(input_size),
-        "normalize": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
-        "crop": _plain(crop),
-        # how the training crops are framed: scoring photos detects and aligns to this (schemas/crop.py)
-        "framing": _plain(CropSettings.from_dict(crop, "bundle crop settings").framing()) if crop else None,
-        "data": _plain(data),
-        "params": _plain(params),
-        "metrics": _plain(metrics),
-        "torch_version": str(torch.__version__),
-    }
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(bundle, tmp)
-    os.replace(tmp, path)
-
-
-def is_bundle(path: str) -> bool:
-    """True when `path` is a faceage model bundle (safe to replace with a newer one)."""
-    try:
-        bundle = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001
-        return False
-    return isinstance(bundle, dict) and bundle.get("format") == BUNDLE_FORMAT
-
-
-def load_bundle(path: str) -> Tuple[nn.Module, dict]:
-    """(model in eval mode, bundle dict) from a bundle file; BundleError with a reason otherwise."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model bundle {path}: no such file")
-    try:
-        bundle = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise BundleError(f"model bundle {path}: unreadable, corrupt or holding code that will not be run "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
-        what = "a plain state dict" if isinstance(bundle, dict) else f"a {type(bundle).__name__}"
-        raise BundleError(f"model bundle {path}: this is {what}, not a faceage model bundle "
-                          f"(write one with python -m trainer.train)")
-    if bundle.get("format_version", 0) > BUNDLE_VERSION:
-        raise BundleError(f"model bundle {path}: format version {bundle['format_version']} is newer than this "
-                          f"code ({BUNDLE_VERSION}); update the project")
-    if bundle.get("head") not in HEADS:
-        raise BundleError(f"model bundle {path}: head {bundle.get('head')!r} is not one of {HEADS}")
-    size = bundle.get("input_size")
-    if not isinstance(size, int) or not 16 <= size <= 1024:
-        raise BundleError(f"model bundle {path}: input_size {size!r} is not a pixel size 16..1024")
-    normalize = bundle.get("normalize") or {}
-    if not all(isinstance(normalize.get(k), list) and len(normalize[k]) == 3 for k in ("mean", "std")):
-        raise BundleError(f"model bundle {path}: normalize needs 3 mean and 3 std values")
-    crop = bundle.get("crop")
-    if not crop:
-        raise BundleError(f"model bundle {path}: no crop settings; it cannot say how to crop faces for it "
-                          f"(retrain with python -m trainer.train on a prepared table)")
-    try:
-        CropSettings.from_dict(crop, f"model bundle {path}")
-    except UserError as e:
-        raise BundleError(str(e)) from None
-    model = build_model(bundle["head"])
-    try:
-        model.load_state_dict(bundle["state_dict"])
-    except (RuntimeError, TypeError, KeyError, AttributeError) as e:
-        first = str(e).strip().splitlines()
-        raise BundleError(f"model bundle {path}: its weights do not fit a ResNet-18 with the {bundle['head']} head "
-                          f"({first[0][:160] if first else type(e).__name__}{' ...' if len(first) > 1 else ''})") \
-            from None
-    model.eval()
-    return model, bundle
+    return kl + functional.l1_loss(mean, ages)

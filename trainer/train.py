@@ -1,5 +1,8 @@
 """python -m trainer.train: ResNet-18 age estimation on a prepared faces table.
 
+Several ranks: torchrun (it sets RANK/WORLD_SIZE), or on Spark `spark-submit spark_jobs/distributed.py train
+--num-processes N ...` (TorchDistributor).
+
 Reads train/val/test through Petastorm (trainer/data.py), trains with AdamW or SGD under
 CyclicLR + ReduceLROnPlateau (or OneCycle, or a constant rate), keeps the best epoch by val MAE,
 checkpoints every epoch (resume with --resume), and writes one model bundle plus metrics.
@@ -21,9 +24,10 @@ import numpy as np
 import torch
 
 from schemas import layout
-from schemas.cli import (Parser, UserError, apply_params, dumps, non_negative_int, number, positive_int, redact,
-                         run_main)
+from schemas.cli import (Parser, UserError, apply_params, dumps, entry_points, non_negative_int, number,
+                         positive_int, redact)
 from schemas.outputs import LocalFS, Outputs
+from trainer import bundle as B
 from trainer import data as D
 from trainer import model as M
 from trainer.schedules import SCHEDULES, build_schedule
@@ -84,12 +88,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
-    p.add_argument("--distributor", default=None, choices=("spark",),
-                   help="spark: run --num-processes training processes through pyspark's TorchDistributor "
-                        "(torchrun works without this flag: it sets RANK/WORLD_SIZE)")
-    p.add_argument("--num-processes", type=positive_int, default=2, help="processes (ranks) for --distributor spark")
-    p.add_argument("--distributor-local-mode", default="auto", choices=("auto", "true", "false"),
-                   help="TorchDistributor local_mode: processes on the driver (auto: when the master is local)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -120,7 +118,7 @@ def check_output(args) -> Outputs:
     outputs.check(RUN_FILES)
     if args.bundle:
         bundle = os.path.abspath(layout.local_path(args.bundle))
-        if os.path.lexists(bundle) and not M.is_bundle(bundle):
+        if os.path.lexists(bundle) and not B.is_bundle(bundle):
             raise TrainError(f"--bundle {args.bundle}: the file there is not a faceage model bundle; refusing to "
                              f"overwrite it (choose another path or move it away)")
     return outputs
@@ -162,7 +160,7 @@ def _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, 
     total, rows = 0.0, 0
     use_amp = device.type == "cuda"
     for index, batch in enumerate(progress(loader, desc="train", leave=False)):
-        x = D.normalize(batch["image"].to(device, non_blocking=True))
+        x = B.normalize(batch["image"].to(device, non_blocking=True))
         y = batch["age"].to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -186,7 +184,7 @@ def evaluate(model, loader, head, device, progress, prefix: str) -> Dict[str, fl
     model.eval()
     errors = []
     for batch in progress(loader, desc=prefix, leave=False):
-        x = D.normalize(batch["image"].to(device))
+        x = B.normalize(batch["image"].to(device))
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -204,12 +202,88 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
 
 
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: restored from a checkpoint by --resume, advanced by every epoch."""
+
+    start_epoch: int = 0
+    best: float = math.inf
+    best_state: Optional[dict] = None
+    history: list = dataclasses.field(default_factory=list)
+
+
+def build_loaders(args, sources: dict, image_size: int, rank: int, world: int) -> dict:
+    """{'train', 'val', 'test'} loaders; with several ranks each reads its own shard of the train row
+    groups (val/test whole on every rank)."""
+    settings = D.LoaderSettings(batch_size=args.batch_size, image_size=image_size, augment_strength=args.augment,
+                                shuffle_buffer=args.shuffle_buffer, workers=args.workers, seed=args.seed,
+                                reader=args.reader)
+    loaders = {s: D.SplitLoader(src, settings, train=(s == "train")) for s, src in sources.items()}
+    if world > 1:
+        loaders["train"] = D.SplitLoader(sources["train"], dataclasses.replace(
+            settings, cur_shard=rank, shard_count=world), train=True)
+    return loaders
+
+
+def build_training(args, device, world: int, batches_per_epoch: int):
+    """(model, the module to train (DDP-wrapped with several ranks), optimizer, schedule)."""
+    model = M.build_model(args.head, args.init_weights).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    optimizer = OPTIMIZERS[args.optimizer](model.parameters(), args.lr, args.weight_decay)
+    schedule = build_schedule(args.schedule, optimizer, args.lr, args.epochs, batches_per_epoch,
+                              base_lr=args.base_lr, step_size_up=args.step_size_up,
+                              plateau_factor=args.plateau_factor, plateau_patience=args.plateau_patience)
+    return model, net, optimizer, schedule
+
+
+def resume(args, ckpt_path: str, device, image_size: int, model, optimizer, schedule) -> Progress:
+    """--resume: the checkpoint's state loaded into model/optimizer/schedule (checked first); else a fresh start."""
+    if not args.resume:
+        return Progress()
+    if not os.path.exists(ckpt_path):
+        print(f"train: --resume but no {ckpt_path}; starting fresh")
+        return Progress()
+    ckpt = load_checkpoint(ckpt_path, device, args, image_size)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise TrainError(f"--resume: {ckpt_path} does not fit this run's model/optimizer/schedule "
+                         f"({str(e).splitlines()[0][:160]}); rerun with the flags it was written with, or "
+                         f"without --resume into a new --output") from None
+    torch.set_rng_state(ckpt["torch_rng"])
+    print(f"train: resumed from {ckpt_path} after epoch {ckpt['epoch'] + 1}")
+    return Progress(ckpt["epoch"] + 1, ckpt["best_val_mae"], ckpt["best_model"], ckpt["history"])
+
+
+def budget_spent(args, started: float, epoch: int, start_epoch: int, world: int, device) -> bool:
+    """--max-minutes: True when no new epoch may start (the first epoch of a run always runs)."""
+    if args.max_minutes is None or epoch == start_epoch:
+        return False
+    spent = time.time() - started > args.max_minutes * 60
+    if world > 1:  # rank 0's clock decides: ranks that disagree would wait for each other forever
+        spent = broadcast_row({"spent": spent}, device)["spent"]
+    return spent
+
+
+def check_finite(row: dict) -> None:
+    if not math.isfinite(row["val_mae"]) or not math.isfinite(row["train_loss"]):
+        raise TrainError(f"training diverged: after epoch {row['epoch']} the train loss is {row['train_loss']:.3g} "
+                         f"and the val MAE {row['val_mae']:.3g} (learning rate {row['lr']:.2e}); this epoch "
+                         f"was not kept. Lower --lr (e.g. to a tenth) and rerun")
+
+
 def main(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     """Train as `args` say; `on_epoch(row)` sees every epoch's metrics after its checkpoint (the tuner
     reports val MAE there and may raise to stop the run, e.g. optuna.TrialPruned)."""
     seed_everything(args.seed)
-    device = pick_device(args.device)
-    rank, world, device = init_distributed(device)
+    rank, world, device = init_distributed(pick_device(args.device))
     main_rank = rank == 0
     outputs = check_output(args)
     try:
@@ -222,118 +296,87 @@ def main(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     if main_rank:  # the folder is ours from now on: a killed run never blocks its rerun
         outputs.record(RUN_FILES)
     image_size = args.image_size or table_image_size(sources["train"])
-    settings = D.LoaderSettings(batch_size=args.batch_size, image_size=image_size, augment_strength=args.augment,
-                                shuffle_buffer=args.shuffle_buffer, workers=args.workers, seed=args.seed,
-                                reader=args.reader)
-    loaders = {s: D.SplitLoader(src, settings, train=(s == "train")) for s, src in sources.items()}
-    if world > 1:  # each rank reads its own shard of the train row groups; val/test whole on every rank
-        loaders["train"] = D.SplitLoader(sources["train"], dataclasses.replace(
-            settings, cur_shard=rank, shard_count=world), train=True)
-
-    model = M.build_model(args.head, args.init_weights).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
-    optimizer = OPTIMIZERS[args.optimizer](model.parameters(), args.lr, args.weight_decay)
-    schedule = build_schedule(args.schedule, optimizer, args.lr, args.epochs, len(loaders["train"]),
-                              base_lr=args.base_lr, step_size_up=args.step_size_up,
-                              plateau_factor=args.plateau_factor, plateau_patience=args.plateau_patience)
+    loaders = build_loaders(args, sources, image_size, rank, world)
+    model, net, optimizer, schedule = build_training(args, device, world, len(loaders["train"]))
     ckpt_path = os.path.join(args.output, "checkpoint.pt")
     metrics_path = os.path.join(args.output, "metrics.jsonl")
-    start_epoch, best, best_state, history = 0, math.inf, None, []
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, device, args, image_size)
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            schedule.load_state_dict(ckpt["schedule"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise TrainError(f"--resume: {ckpt_path} does not fit this run's model/optimizer/schedule "
-                             f"({str(e).splitlines()[0][:160]}); rerun with the flags it was written with, or "
-                             f"without --resume into a new --output") from None
-        start_epoch, best, best_state, history = ckpt["epoch"] + 1, ckpt["best_val_mae"], ckpt["best_model"], \
-            ckpt["history"]
-        torch.set_rng_state(ckpt["torch_rng"])
-        print(f"train: resumed from {ckpt_path} after epoch {ckpt['epoch'] + 1}")
-    elif args.resume:
-        print(f"train: --resume but no {ckpt_path}; starting fresh")
+    state = resume(args, ckpt_path, device, image_size, model, optimizer, schedule)
     if main_rank:
         with open(metrics_path, "w") as f:  # rewritten from the checkpoint's history: no duplicate epochs
-            for row in history:
+            for row in state.history:
                 f.write(json.dumps(row) + "\n")
     for loader in loaders.values():
-        loader.epoch = start_epoch  # the same shuffles and augmentations as an uninterrupted run
+        loader.epoch = state.start_epoch  # the same shuffles and augmentations as an uninterrupted run
 
     progress = _progress(args.no_progress or not main_rank)
     writer = _tensorboard(os.path.join(args.output, "tensorboard")) if main_rank else None
-    since_best = epochs_since_best(history)
+    since_best = epochs_since_best(state.history)
     started = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        if since_best >= args.early_stop:
-            print(f"train: early stop after {epoch} epochs ({args.early_stop} without a better val MAE)")
-            break
-        if args.max_minutes is not None and epoch > start_epoch:  # at least one epoch per run
-            spent = time.time() - started > args.max_minutes * 60
-            if world > 1:  # rank 0's clock decides: ranks that disagree would wait for each other forever
-                spent = broadcast_row({"spent": spent}, device)["spent"]
-            if spent:
+    try:
+        for epoch in range(state.start_epoch, args.epochs):
+            if since_best >= args.early_stop:
+                print(f"train: early stop after {epoch} epochs ({args.early_stop} without a better val MAE)")
+                break
+            if budget_spent(args, started, epoch, state.start_epoch, world, device):
                 print(f"train: --max-minutes {args.max_minutes} spent after {epoch} epochs")
                 break
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        epoch_start = time.time()
-        row.update(train_one_epoch(net, loaders["train"], optimizer, schedule, args.head, args.loss, device,
-                                   progress))
-        row.update(evaluate(model, loaders["val"], args.head, device, progress, "val"))
-        if world > 1:  # every rank takes rank 0's numbers, so plateau cuts and early stops agree
-            row = broadcast_row(row, device)
-            row["world_size"] = world
-        if not math.isfinite(row["val_mae"]) or not math.isfinite(row["train_loss"]):
-            raise TrainError(f"training diverged: after epoch {epoch + 1} the train loss is {row['train_loss']:.3g} "
-                             f"and the val MAE {row['val_mae']:.3g} (learning rate {row['lr']:.2e}); this epoch "
-                             f"was not kept. Lower --lr (e.g. to a tenth) and rerun")
-        row["lr_cut"] = schedule.step_epoch(row["val_mae"])
-        row["epoch_seconds"] = time.time() - epoch_start
-        row["elapsed_seconds"] = (history[-1]["elapsed_seconds"] if history else 0.0) + row["epoch_seconds"]
-        improved = row["val_mae"] < best
-        if improved:
-            best = row["val_mae"]
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        since_best = 0 if improved else since_best + 1
-        history.append(row)
-        # checkpoint first: a metrics line then always has its checkpoint (a kill between the two
-        # loses only the line, which --resume rewrites from the checkpoint's history)
-        if main_rank:  # only rank 0 writes
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "schedule": schedule.state_dict(), "epoch": epoch, "best_val_mae": best,
-                                        "best_model": best_state, "history": history, "args": vars(args),
-                                        "torch_rng": torch.get_rng_state()})
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if writer is not None:
-            for key in ("train_loss", "val_mae", "val_cs5", "lr", "img_per_s"):
-                writer.add_scalar(key, row[key], epoch + 1)
-            writer.flush()
-        if main_rank:
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.3f} val MAE {row['val_mae']:.2f} "
-                  f"lr {row['lr']:.2e} {row['img_per_s']:.0f} img/s" + (" (best)" if improved else ""))
-        if on_epoch is not None:
-            try:
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+            epoch_start = time.time()
+            row.update(train_one_epoch(net, loaders["train"], optimizer, schedule, args.head, args.loss, device,
+                                       progress))
+            row.update(evaluate(model, loaders["val"], args.head, device, progress, "val"))
+            if world > 1:  # every rank takes rank 0's numbers, so plateau cuts and early stops agree
+                row = broadcast_row(row, device)
+                row["world_size"] = world
+            check_finite(row)
+            row["lr_cut"] = schedule.step_epoch(row["val_mae"])
+            row["epoch_seconds"] = time.time() - epoch_start
+            row["elapsed_seconds"] = (state.history[-1]["elapsed_seconds"] if state.history else 0.0) + \
+                row["epoch_seconds"]
+            improved = row["val_mae"] < state.best
+            if improved:
+                state.best = row["val_mae"]
+                state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            since_best = 0 if improved else since_best + 1
+            state.history.append(row)
+            if main_rank:  # only rank 0 writes
+                record_epoch(args, ckpt_path, metrics_path, model, optimizer, schedule, epoch, state, row, writer,
+                             improved)
+            if on_epoch is not None:
                 on_epoch(row)
-            except BaseException:
-                if writer is not None:
-                    writer.close()
-                raise
+    finally:
+        if writer is not None:
+            writer.close()
+    return finish(args, model, loaders, sources, state, image_size, crop, device, world, main_rank, progress)
+
+
+def record_epoch(args, ckpt_path, metrics_path, model, optimizer, schedule, epoch, state: Progress, row, writer,
+                 improved: bool) -> None:
+    """Checkpoint first: a metrics line then always has its checkpoint (a kill between the two loses only
+    the line, which --resume rewrites from the checkpoint's history). Then TensorBoard and the console."""
+    save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "schedule": schedule.state_dict(), "epoch": epoch, "best_val_mae": state.best,
+                                "best_model": state.best_state, "history": state.history, "args": vars(args),
+                                "torch_rng": torch.get_rng_state()})
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
     if writer is not None:
-        writer.close()
-    if best_state is None:
+        for key in ("train_loss", "val_mae", "val_cs5", "lr", "img_per_s"):
+            writer.add_scalar(key, row[key], epoch + 1)
+        writer.flush()
+    print(f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.3f} val MAE {row['val_mae']:.2f} "
+          f"lr {row['lr']:.2e} {row['img_per_s']:.0f} img/s" + (" (best)" if improved else ""))
+
+
+def finish(args, model, loaders, sources, state: Progress, image_size, crop, device, world, main_rank,
+           progress) -> dict:
+    """The best epoch's weights on test and val; rank 0 writes the bundle and summary.json."""
+    if state.best_state is None:
         raise TrainError("no epoch was trained (check --epochs, or the checkpoint already finished)")
-    model.load_state_dict(best_state)
+    model.load_state_dict(state.best_state)
     test = evaluate(model, loaders["test"], args.head, device, progress, "test")
     val = evaluate(model, loaders["val"], args.head, device, progress, "val")
-    summary = {"best_val_mae": best, **val, **test, "epochs_run": len(history), "image_size": image_size,
+    summary = {"best_val_mae": state.best, **val, **test, "epochs_run": len(state.history), "image_size": image_size,
                "device": str(device), "data": args.data, "data_version": sources["train"].version,
                "rows": {s: src.rows for s, src in sources.items()}, "world_size": world}
     bundle_path = args.bundle or os.path.join(args.output, "model.pt")
@@ -345,14 +388,14 @@ def main(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
         dist.destroy_process_group()
     if not main_rank:
         return summary
-    M.save_bundle(bundle_path, model, args.head, image_size, D.MEAN, D.STD, crop,
+    B.save_bundle(bundle_path, model, args.head, image_size, B.MEAN, B.STD, crop,
                   {"uri": args.data, "version": sources["train"].version, "rows": summary["rows"]},
                   {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress")},
                   {k: summary[k] for k in ("best_val_mae", "val_mae", "test_mae", "test_rmse", "test_cs5")})
     with open(os.path.join(args.output, "summary.json"), "w") as f:
         f.write(redact(dumps(summary)))
-    print(f"train: test MAE {test['test_mae']:.2f}, CS@5 {test['test_cs5']:.3f}, RMSE {test['test_rmse']:.2f}; "
-          f"bundle {bundle_path}")
+    test_line = f"test MAE {test['test_mae']:.2f}, CS@5 {test['test_cs5']:.3f}, RMSE {test['test_rmse']:.2f}"
+    print(f"train: {test_line}; bundle {bundle_path}")
     return summary
 
 
@@ -437,62 +480,16 @@ def distributed_entry(argv: list) -> dict:
     return main(args)
 
 
-def run_with_spark(args, argv: list) -> dict:
-    """--distributor spark: the same training in --num-processes ranks via pyspark's TorchDistributor."""
-    from pyspark.ml.torch.distributor import TorchDistributor
-
-    from spark_jobs.session import get_spark
-
-    spark = get_spark("faceage-train")
-    local = args.distributor_local_mode == "true" or (
-        args.distributor_local_mode == "auto" and spark.sparkContext.master.startswith("local"))
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    os.environ["PYTHONPATH"] = os.pathsep.join([repo] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    inner = _strip_distributor_flags(argv)
-    use_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    print(f"train: TorchDistributor with {args.num_processes} processes (local_mode={local}, gpu={use_gpu})")
-    return TorchDistributor(num_processes=args.num_processes, local_mode=local, use_gpu=use_gpu).run(
-        distributed_entry, inner)
-
-
-def _strip_distributor_flags(argv: list) -> list:
-    out, skip = [], False
-    for word in argv:
-        if skip:
-            skip = False
-            continue
-        if word in ("--distributor", "--num-processes", "--distributor-local-mode"):
-            skip = True
-            continue
-        if word.split("=", 1)[0] in ("--distributor", "--num-processes", "--distributor-local-mode"):
-            continue
-        out.append(word)
-    return out
-
-
 def _job(argv: Optional[list]) -> int:
     parser = get_args_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     apply_params_file(args, parser, argv)
-    if args.distributor == "spark":
-        check_output(args)
-        summary = run_with_spark(args, argv)
-        print(f"train: distributed run finished: test MAE {summary['test_mae']:.2f} "
-              f"({summary['world_size']} ranks); bundle {summary['bundle']}")
-    else:
-        main(args)
+    main(args)
     return 0
 
 
-def cli(argv: Optional[list] = None) -> int:
-    """The CLI: exit 0, or 2 with one `train: error: ...` line for anything the user can fix."""
-    return run_main("train", lambda: _job(argv))
-
-
-def console_main() -> None:
-    sys.exit(cli())
-
+cli, console_main = entry_points("train", _job)
 
 if __name__ == "__main__":
     sys.exit(cli())

@@ -14,16 +14,15 @@ Browse a study live: `optuna-dashboard STORAGE_URL` (pip install optuna-dashboar
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing
 import os
 import shlex
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
-from schemas.cli import Parser, UserError, dumps, non_negative_int, number, positive_int, redact, run_main
+from schemas.cli import Parser, UserError, dumps, entry_points, non_negative_int, number, positive_int, redact
 
 # ----------------------------------------------------------------------------- the search space
 
@@ -100,10 +99,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=number(0.0, low_open=True), default=None,
                    help="seconds after which workers start no new trial")
     p.add_argument("--workers", type=positive_int, default=1,
-                   help="workers sharing the study (processes or Spark tasks)")
-    p.add_argument("--backend", default="processes", choices=("processes", "spark"),
-                   help="processes: on this machine; spark: each worker is a Spark task (on a cluster, one per "
-                        "executor core; the storage must then be a database every executor reaches)")
+                   help="worker processes sharing the study (Spark tasks: spark_jobs/distributed.py tune)")
     p.add_argument("--sampler", default="tpe", choices=SAMPLERS)
     p.add_argument("--pruner", default="median", choices=PRUNERS)
     p.add_argument("--seed", type=non_negative_int, default=0, help="sampler seed (worker k uses seed + k)")
@@ -263,13 +259,15 @@ def check_data(args) -> int:
     return rows
 
 
-def run(args) -> dict:
+def run(args, launch: Optional[Callable] = None) -> dict:
+    """Run the study's trials (here, in --workers processes, or through `launch(args)`: e.g. Spark tasks,
+    spark_jobs/distributed.py) and write the report."""
     check_data(args)
     os.makedirs(args.output, exist_ok=True)
     start = time.time()
     load_study(args, args.seed)  # create it once, before workers race to
-    if args.backend == "spark":
-        run_on_spark(args)
+    if launch is not None:
+        launch(args)
     elif args.workers <= 1:
         run_worker(args, 0)
     else:
@@ -284,35 +282,6 @@ def run(args) -> dict:
         if bad:
             raise TuneError(f"workers {bad} failed: see {args.output}/worker-*.log")
     return write_report(args, wall_seconds=time.time() - start)
-
-
-def _spark_task(args, worker: int) -> dict:
-    import contextlib
-    import io
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        run_worker(args, worker)
-    return {"worker": worker, "pid": os.getpid(), "log_tail": out.getvalue()[-2000:]}
-
-
-def run_on_spark(args) -> List[dict]:
-    """--backend spark: --workers Spark tasks, each a tune worker on the shared storage."""
-    from spark_jobs.session import get_spark
-
-    url = storage_url(args)
-    spark = get_spark("faceage-tune")
-    if url.startswith("sqlite") and not spark.sparkContext.master.startswith("local"):
-        raise TuneError("--backend spark on a cluster needs a database every executor reaches "
-                        "(e.g. --storage postgresql://...), not a local SQLite file")
-    k = max(1, args.workers)
-    from schemas import layout
-
-    data = os.path.abspath(args.data) if layout.local_path(args.data) is not None and "://" not in args.data \
-        else args.data
-    task_args = argparse.Namespace(**{**vars(args), "data": data, "output": os.path.abspath(args.output)})
-    results = spark.sparkContext.parallelize(range(k), k).map(lambda w: _spark_task(task_args, w)).collect()
-    return results
 
 
 # ----------------------------------------------------------------------------- results
@@ -387,27 +356,23 @@ def _plots(study, best, folder: str) -> List[str]:
     return written
 
 
+def report_line(report: dict) -> None:
+    b = report["best"]
+    print(f"tune: study {report['study']!r}: {report['trials']['complete']} complete, {report['trials']['pruned']} "
+          f"pruned, {report['trials']['fail']} failed; best #{b['number']} val MAE {b['val_mae']:.2f} "
+          f"(test MAE {b['test_mae']:.2f}); params -> {report['best_params_file']}")
+
+
 def _job(argv: Optional[list]) -> int:
     args = get_args_parser().parse_args(argv)
     if args.print_space:
         print(describe_space())
         return 0
-    report = write_report(args) if args.report_only else run(args)
-    b = report["best"]
-    print(f"tune: study {args.study!r}: {report['trials']['complete']} complete, {report['trials']['pruned']} pruned, "
-          f"{report['trials']['fail']} failed; best #{b['number']} val MAE {b['val_mae']:.2f} "
-          f"(test MAE {b['test_mae']:.2f}); params -> {report['best_params_file']}")
+    report_line(write_report(args) if args.report_only else run(args))
     return 0
 
 
-def cli(argv: Optional[list] = None) -> int:
-    """The CLI: exit 0, or 2 with one `tune: error: ...` line (credentials redacted) for a user's mistake."""
-    return run_main("tune", lambda: _job(argv))
-
-
-def console_main() -> None:
-    sys.exit(cli())
-
+cli, console_main = entry_points("tune", _job)
 
 if __name__ == "__main__":
     sys.exit(cli())

@@ -12,20 +12,21 @@ import re
 from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-from schemas import fields as F
+from schemas import fields as schema_fields
 from schemas import ids, layout
 from schemas.tables import FACES, REJECTS
 from spark_jobs import label_manifest
 from spark_jobs import labels as L
-from spark_jobs.faces import IMAGE_EXTENSIONS, CropSettings, Reject, crop_faces, get_detector
+from schemas.crop import CropSettings
+from spark_jobs.faces import IMAGE_EXTENSIONS, Reject, crop_faces, get_detector
 from spark_jobs.splits import assign_split, split_key
 
 # Per-file result of the face function: every faces column (nullable, since a reject has none)
 # plus the reject columns. Derived from the table definitions, never listed twice.
 PROCESSED = tuple(replace(f, nullable=True) for f in FACES) + (
-    F.Field("reason", "string", nullable=True),
-    F.Field("detail", "string", nullable=True),
-    F.Field("size_bytes", "int64", nullable=True),
+    schema_fields.Field("reason", "string", nullable=True),
+    schema_fields.Field("detail", "string", nullable=True),
+    schema_fields.Field("size_bytes", "int64", nullable=True),
 )
 EXTENSION_PATTERN = r"(?i)\.(" + "|".join(IMAGE_EXTENSIONS) + r")$"
 
@@ -337,7 +338,7 @@ def faces_per_file(files, settings: PrepareSettings):
     """Run the face function over every listed file (one PROCESSED row per file)."""
     if settings.labels != "manifest":
         files = files.select("path", "os_path", "size_bytes", "hidden", "content", "reason", "detail")
-    schema = F.spark_schema(PROCESSED)
+    schema = schema_fields.spark_schema(PROCESSED)
     return files.mapInPandas(lambda it: process_partition(it, settings), schema=schema)
 
 

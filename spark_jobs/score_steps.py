@@ -1,4 +1,4 @@
-"""score's per-partition work, shared by the Spark job and the plain-Python benchmark loop.
+"""score's steps: the per-partition work of spark_jobs/score.py, shared with the plain-Python benchmark loop.
 
 A Predictor holds one loaded model bundle; `predictor()` caches it per Python process (a Spark
 executor's reused Python worker), keyed by the bundle file, so a model is loaded once per worker,
@@ -8,7 +8,6 @@ loader decodes them before batched inference.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -17,9 +16,9 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 
 from schemas import ids
-from schemas.crop import CropSettings, scoring_settings
 from schemas.tables import PREDICTIONS
 from spark_jobs.faces import Reject, crop_faces, get_detector
+from trainer.bundle import Predictor, decode_image
 
 NAMES = [f.name for f in PREDICTIONS]
 
@@ -39,62 +38,6 @@ class ScoreSettings:
     spark_file: bool = False
     detector: str = "auto"  # photos: auto (detect + align to the bundle's framing) | yunet | hog | none (chips)
     max_file_bytes: int = 64 * 2**20
-
-
-def model_id(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-class Predictor:
-    """One model bundle, ready for batched inference on CPU or CUDA.
-
-    `crop` is how PHOTOS are cropped for it: the bundle's training crop settings with the detector
-    chosen by schemas.crop.scoring_settings (photos are detected and aligned to the model's framing,
-    unless detector 'none' says they are aligned chips already)."""
-
-    def __init__(self, path: str, device: str = "auto", threads: Optional[int] = None, detector: str = "auto"):
-        import torch
-
-        from trainer import model as M
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.model, self.bundle = M.load_bundle(path)
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        self.model.to(self.device)
-        self.head = self.bundle["head"]
-        self.size = int(self.bundle["input_size"])
-        self.mean = torch.tensor(self.bundle["normalize"]["mean"], device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.bundle["normalize"]["std"], device=self.device).view(1, 3, 1, 1)
-        self.crop = self.crop_for(self.bundle, detector)
-
-    @staticmethod
-    def crop_for(bundle: dict, detector: str = "auto") -> CropSettings:
-        """How photos are cropped for `bundle` with the --detector choice (see the class docstring)."""
-        trained = CropSettings.from_dict(dict(bundle["crop"]), "model bundle")
-        return scoring_settings(trained, detector, size=trained.size)
-
-    def predict(self, pixels: np.ndarray, batch_size: int = 64):
-        """uint8 N x H x W x 3 -> (ages, stds) float32 arrays; std is NaN for a regression head."""
-        import torch
-
-        from trainer import model as M
-
-        ages, stds = [], []
-        with torch.inference_mode():
-            for i in range(0, len(pixels), batch_size):
-                x = torch.from_numpy(pixels[i:i + batch_size]).to(self.device).permute(0, 3, 1, 2)
-                x = (x.float() / 255.0 - self.mean) / self.std
-                age, std = M.decode(self.model(x), self.head)
-                ages.append(age.float().cpu().numpy())
-                stds.append(std.float().cpu().numpy())
-        if not ages:
-            return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        return np.concatenate(ages), np.concatenate(stds)
 
 
 _PREDICTORS: Dict[str, Predictor] = {}
@@ -125,8 +68,6 @@ def _row(settings: ScoreSettings, **values) -> dict:
 def score_photos(records, pred: Predictor, settings: ScoreSettings, detector=None,
                  timings: Optional[dict] = None) -> List[dict]:
     """(path, bytes) photos -> prediction rows: one per face, or one with a status when none."""
-    from trainer.data import decode
-
     detector = detector if detector is not None else (
         get_detector(pred.crop.detector) if pred.crop.detector != "none" else None)
     timings = timings if timings is not None else {}
@@ -149,7 +90,7 @@ def score_photos(records, pred: Predictor, settings: ScoreSettings, detector=Non
             continue
         t0 = time.perf_counter()
         for crop in crops:
-            pixels.append(decode(crop.image, pred.size))
+            pixels.append(decode_image(crop.image, pred.size))
             rows.append(_row(settings, source_path=path, face_index=crop.face_index,
                              face_id=ids.face_id(digest, crop.face_index), bbox=crop.bbox,
                              det_score=crop.det_score, n_faces=crop.n_faces, status="ok"))
@@ -160,13 +101,11 @@ def score_photos(records, pred: Predictor, settings: ScoreSettings, detector=Non
 
 def score_faces(records, pred: Predictor, settings: ScoreSettings, timings: Optional[dict] = None) -> List[dict]:
     """Rows of a prepared faces table (already cropped by prepare) -> prediction rows."""
-    from trainer.data import decode
-
     timings = timings if timings is not None else {}
     rows, pixels = [], []
     t0 = time.perf_counter()
     for rec in records:
-        pixels.append(decode(bytes(rec["image"]), pred.size))
+        pixels.append(decode_image(bytes(rec["image"]), pred.size))
         rows.append(_row(settings, source_path=rec["source_path"], face_index=0, face_id=rec["face_id"],
                          bbox=None if rec["bbox"] is None else [float(v) for v in rec["bbox"]],
                          det_score=rec["det_score"], n_faces=rec["n_faces"], status="ok"))
@@ -196,7 +135,7 @@ def score_partition(batches: Iterator, settings: ScoreSettings, kind: str) -> It
     detector = get_detector(pred.crop.detector) if kind == "photos" and pred.crop.detector != "none" else None
     for batch in batches:
         if kind == "photos":
-            from spark_jobs.pipeline import file_content
+            from spark_jobs.prepare_steps import file_content
 
             records = []
             for rec in batch.itertuples(index=False):

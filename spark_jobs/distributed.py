@@ -1,0 +1,108 @@
+"""spark-submit spark_jobs/distributed.py train|tune: the trainer's jobs spread over a Spark cluster.
+
+    spark-submit spark_jobs/distributed.py train --num-processes 4 [--local-mode auto] --data ... --epochs 30
+    spark-submit spark_jobs/distributed.py tune --workers 8 --storage postgresql://... --data ... --n-trials 40
+
+`train`: the same `python -m trainer.train` run in --num-processes ranks through pyspark's TorchDistributor
+(gloo on CPU, nccl on CUDA; each rank reads its own shard, only rank 0 writes). Every flag after ours is a
+trainer.train flag. `tune`: --workers Spark tasks, each a trainer.tune worker on one shared Optuna storage
+(on a cluster, a database every executor reaches). Every other flag is a trainer.tune flag.
+
+Spark lives here, on the spark_jobs side: trainer/ never imports spark_jobs (the arrow points one way).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+if __package__ in (None, ""):  # run as a file by spark-submit: make the project importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from schemas.cli import Parser, UserError, entry_points, positive_int  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = Parser("distributed", prog="spark-submit spark_jobs/distributed.py", description=__doc__.splitlines()[0],
+               epilog="\n".join(__doc__.splitlines()[1:]), allow_abbrev=False)
+    p.add_argument("job", choices=("train", "tune"), help="train: TorchDistributor ranks; tune: Spark-task workers")
+    p.add_argument("--num-processes", type=positive_int, default=2, help="train: processes (ranks)")
+    p.add_argument("--local-mode", default="auto", choices=("auto", "true", "false"),
+                   help="train: TorchDistributor local_mode, processes on the driver (auto: when the master is "
+                        "local)")
+    return p
+
+
+def train_on_spark(num_processes: int, local_mode: str, train_argv: List[str]) -> dict:
+    """trainer.train's run in `num_processes` ranks via TorchDistributor; rank 0's summary."""
+    import torch
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    from spark_jobs.session import get_spark
+    from trainer import train
+
+    parser = train.get_args_parser()
+    args = parser.parse_args(train_argv)  # flags checked here, once, before any rank starts
+    train.apply_params_file(args, parser, train_argv)
+    train.check_output(args)
+    spark = get_spark("faceage-train")
+    local = local_mode == "true" or (local_mode == "auto" and spark.sparkContext.master.startswith("local"))
+    os.environ["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                         if p])
+    use_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    print(f"train: TorchDistributor with {num_processes} processes (local_mode={local}, gpu={use_gpu})")
+    return TorchDistributor(num_processes=num_processes, local_mode=local, use_gpu=use_gpu).run(
+        train.distributed_entry, list(train_argv))
+
+
+def _tune_task(args, worker: int) -> dict:
+    import contextlib
+    import io
+
+    from trainer import tune
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        tune.run_worker(args, worker)
+    return {"worker": worker, "pid": os.getpid(), "log_tail": out.getvalue()[-2000:]}
+
+
+def spark_workers(args) -> List[dict]:
+    """trainer.tune's launcher: --workers Spark tasks, each a tune worker on the shared storage."""
+    from schemas import layout
+    from spark_jobs.session import get_spark
+    from trainer import tune
+
+    url = tune.storage_url(args)
+    spark = get_spark("faceage-tune")
+    if url.startswith("sqlite") and not spark.sparkContext.master.startswith("local"):
+        raise UserError("tune on a cluster needs a database every executor reaches (e.g. --storage "
+                        "postgresql://...), not a local SQLite file")
+    k = max(1, args.workers)
+    data = os.path.abspath(args.data) if "://" not in args.data and layout.local_path(args.data) else args.data
+    task_args = argparse.Namespace(**{**vars(args), "data": data, "output": os.path.abspath(args.output)})
+    return spark.sparkContext.parallelize(range(k), k).map(lambda w: _tune_task(task_args, w)).collect()
+
+
+def _job(argv: Optional[List[str]]) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, rest = get_args_parser().parse_known_args(argv)
+    if args.job == "train":
+        summary = train_on_spark(args.num_processes, args.local_mode, rest)
+        print(f"train: distributed run finished: test MAE {summary['test_mae']:.2f} "
+              f"({summary['world_size']} ranks); bundle {summary['bundle']}")
+        return 0
+    from trainer import tune
+
+    tune_args = tune.get_args_parser().parse_args(rest)
+    tune.report_line(tune.run(tune_args, launch=spark_workers))
+    return 0
+
+
+main, console_main = entry_points("distributed", _job)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The model bundle and its inference contract: ONE module that training (which writes bundles) and
+scoring (spark_jobs/score.py, which reads them) both import.
+
+- The bundle is one file: a plain dict of tensors, numbers and strings saved with torch.save, so it loads
+  with torch.load(weights_only=True): opening a model file never runs code. It records the head, the input
+  size, the normalisation, the crop settings of its training table and how those crops are framed.
+- The preprocessing every model input goes through: decode_image (JPEG -> pixels at the input size) and
+  normalize (uint8 batch -> the float input, on its device).
+- Predictor: a loaded bundle ready for batched inference, and how photos are cropped for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from schemas.cli import UserError
+from schemas.crop import CropSettings, scoring_settings
+from trainer.model import HEADS, build_model, decode
+
+BUNDLE_FORMAT = "faceage-model-bundle"
+BUNDLE_VERSION = 1
+
+# ImageNet statistics: torchvision's ResNet weights expect them, and they do no harm from scratch.
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+class BundleError(UserError, ValueError):
+    """A file that is not a usable model bundle; the message says what it is instead."""
+
+
+def decode_image(jpeg: bytes, size: int) -> np.ndarray:
+    """JPEG bytes -> HxWx3 uint8 at size x size."""
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(im)
+
+
+def normalize(images):
+    """A uint8 N x 3 x H x W torch batch (as the loader yields it) -> normalised float32, on its device.
+
+    Done per batch after the loader (on the GPU when there is one) instead of per row in the reader:
+    Petastorm round-trips every transformed row through pandas and Arrow, and float32 arrays cost
+    4x the bytes of uint8 there.
+    """
+    import torch
+
+    mean = torch.as_tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def _plain(value):
+    """Metadata as the plain types weights_only loading accepts (NaN becomes None)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return str(value)  # str subclasses (e.g. torch's TorchVersion) are not allowed by weights_only
+    if isinstance(value, int):
+        return int(value)
+    try:
+        number = float(value)  # numpy scalars, 0-d tensors
+    except (TypeError, ValueError):
+        raise TypeError(f"bundle metadata value {value!r} ({type(value).__name__}) is not a plain type") from None
+    return None if math.isnan(number) else number
+
+
+def save_bundle(path: str, model: nn.Module, head: str, input_size: int, mean, std, crop: dict,
+                data: dict, params: dict, metrics: dict) -> None:
+    """Write the one-file bundle atomically (a reader never sees half a file)."""
+    bundle = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "head": head,
+        "input_size": int(input_size),
+        "normalize": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+        "crop": _plain(crop),
+        # how the training crops are framed: scoring photos detects and aligns to this (schemas/crop.py)
+        "framing": _plain(CropSettings.from_dict(crop, "bundle crop settings").framing()) if crop else None,
+        "data": _plain(data),
+        "params": _plain(params),
+        "metrics": _plain(metrics),
+        "torch_version": str(torch.__version__),
+    }
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(bundle, tmp)
+    os.replace(tmp, path)
+
+
+def is_bundle(path: str) -> bool:
+    """True when `path` is a faceage model bundle (safe to replace with a newer one)."""
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001
+        return False
+    return isinstance(bundle, dict) and bundle.get("format") == BUNDLE_FORMAT
+
+
+def load_bundle(path: str) -> Tuple[nn.Module, dict]:
+    """(model in eval mode, bundle dict) from a bundle file; BundleError with a reason otherwise."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model bundle {path}: no such file")
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise BundleError(f"model bundle {path}: unreadable, corrupt or holding code that will not be run "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        what = "a plain state dict" if isinstance(bundle, dict) else f"a {type(bundle).__name__}"
+        raise BundleError(f"model bundle {path}: this is {what}, not a faceage model bundle "
+                          f"(write one with python -m trainer.train)")
+    if bundle.get("format_version", 0) > BUNDLE_VERSION:
+        raise BundleError(f"model bundle {path}: format version {bundle['format_version']} is newer than this "
+                          f"code ({BUNDLE_VERSION}); update the project")
+    if bundle.get("head") not in HEADS:
+        raise BundleError(f"model bundle {path}: head {bundle.get('head')!r} is not one of {HEADS}")
+    size = bundle.get("input_size")
+    if not isinstance(size, int) or not 16 <= size <= 1024:
+        raise BundleError(f"model bundle {path}: input_size {size!r} is not a pixel size 16..1024")
+    normalize = bundle.get("normalize") or {}
+    if not all(isinstance(normalize.get(k), list) and len(normalize[k]) == 3 for k in ("mean", "std")):
+        raise BundleError(f"model bundle {path}: normalize needs 3 mean and 3 std values")
+    crop = bundle.get("crop")
+    if not crop:
+        raise BundleError(f"model bundle {path}: no crop settings; it cannot say how to crop faces for it "
+                          f"(retrain with python -m trainer.train on a prepared table)")
+    try:
+        CropSettings.from_dict(crop, f"model bundle {path}")
+    except UserError as e:
+        raise BundleError(str(e)) from None
+    model = build_model(bundle["head"])
+    try:
+        model.load_state_dict(bundle["state_dict"])
+    except (RuntimeError, TypeError, KeyError, AttributeError) as e:
+        first = str(e).strip().splitlines()
+        raise BundleError(f"model bundle {path}: its weights do not fit a ResNet-18 with the {bundle['head']} head "
+                          f"({first[0][:160] if first else type(e).__name__}{' ...' if len(first) > 1 else ''})") \
+            from None
+    model.eval()
+    return model, bundle
+
+
+def model_id(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+class Predictor:
+    """One model bundle, ready for batched inference on CPU or CUDA.
+
+    `crop` is how PHOTOS are cropped for it: the bundle's training crop settings with the detector
+    chosen by schemas.crop.scoring_settings (photos are detected and aligned to the model's framing,
+    unless detector 'none' says they are aligned chips already)."""
+
+    def __init__(self, path: str, device: str = "auto", threads: Optional[int] = None, detector: str = "auto"):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model, self.bundle = load_bundle(path)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.model.to(self.device)
+        self.head = self.bundle["head"]
+        self.size = int(self.bundle["input_size"])
+        self.mean = torch.tensor(self.bundle["normalize"]["mean"], device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.bundle["normalize"]["std"], device=self.device).view(1, 3, 1, 1)
+        self.crop = self.crop_for(self.bundle, detector)
+
+    @staticmethod
+    def crop_for(bundle: dict, detector: str = "auto") -> CropSettings:
+        """How photos are cropped for `bundle` with the --detector choice (see the class docstring)."""
+        trained = CropSettings.from_dict(dict(bundle["crop"]), "model bundle")
+        return scoring_settings(trained, detector, size=trained.size)
+
+    def predict(self, pixels: np.ndarray, batch_size: int = 64):
+        """uint8 N x H x W x 3 -> (ages, stds) float32 arrays; std is NaN for a regression head."""
+        import torch
+
+        ages, stds = [], []
+        with torch.inference_mode():
+            for i in range(0, len(pixels), batch_size):
+                x = torch.from_numpy(pixels[i:i + batch_size]).to(self.device).permute(0, 3, 1, 2)
+                x = (x.float() / 255.0 - self.mean) / self.std
+                age, std = decode(self.model(x), self.head)
+                ages.append(age.float().cpu().numpy())
+                stds.append(std.float().cpu().numpy())
+        if not ages:
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+        return np.concatenate(ages), np.concatenate(stds)
