@@ -104,7 +104,7 @@ def bundles(tables, tmp_path_factory):
 
     root, _, _ = tables
     out = tmp_path_factory.mktemp("bundle")
-    assert train.cli(["--data", str(root / "pq"), "--output", str(out), "--epochs", "1", "--image-size", "32",
+    assert train.main(["--data", str(root / "pq"), "--output", str(out), "--epochs", "1", "--image-size", "32",
                       "--batch-size", "16", "--workers", "1", "--reader", "pyarrow", "--no-progress"]) == 0
     plain = out / "model.pt"
     bundle = torch.load(plain, weights_only=True)

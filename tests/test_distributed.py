@@ -40,7 +40,7 @@ def _metrics(folder):
 def test_torchdistributor_two_ranks_train_like_one(spark, sharded_table, tmp_path):
     single, dist = tmp_path / "single", tmp_path / "dist"
     epochs = ["--epochs", "3"]
-    assert train.cli(["--data", str(sharded_table), "--output", str(single), "--batch-size", "16", *epochs, *TINY]) == 0
+    assert train.main(["--data", str(sharded_table), "--output", str(single), "--batch-size", "16", *epochs, *TINY]) == 0
     assert distributed.main(["train", "--num-processes", "2", "--data", str(sharded_table), "--output", str(dist),
                              "--batch-size", "8", *epochs, *TINY]) == 0
     rows = _metrics(dist)

@@ -181,10 +181,10 @@ def test_train_never_overwrites_a_users_files(tables, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "model.pt").write_bytes(b"my own model, not faceage's")
-    assert train.cli(["--data", str(root / "pq"), "--output", str(run), "--epochs", "1"]) == 2
+    assert train.main(["--data", str(root / "pq"), "--output", str(run), "--epochs", "1"]) == 2
     assert "model.pt there is a file that faceage did not write" in one_error_line(capsys.readouterr().err, "train")
     assert (run / "model.pt").read_bytes() == b"my own model, not faceage's"
-    assert train.cli(["--data", str(root / "pq"), "--output", "s3://bucket/run", "--epochs", "1"]) == 2
+    assert train.main(["--data", str(root / "pq"), "--output", "s3://bucket/run", "--epochs", "1"]) == 2
     assert "remote URIs" in capsys.readouterr().err
     assert not Path("s3:").exists()
 
@@ -338,7 +338,7 @@ def test_hostile_file_names_become_rows_not_crashes(spark, tmp_path):
 def trained_run(tables, tmp_path_factory):
     root, _, _ = tables
     run = tmp_path_factory.mktemp("train") / "run"
-    assert train.cli(["--data", str(root / "pq"), "--output", str(run), "--epochs", "1", "--image-size", "32",
+    assert train.main(["--data", str(root / "pq"), "--output", str(run), "--epochs", "1", "--image-size", "32",
                       "--batch-size", "16", "--workers", "1", "--reader", "pyarrow", "--no-progress"]) == 0
     return run
 
@@ -352,18 +352,18 @@ def test_resume_refuses_other_settings_and_broken_checkpoints(tables, trained_ru
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     base = ["--data", str(root / "pq"), "--output", str(run), "--resume"] + TINY
-    assert train.cli(base + ["--head", "regression"]) == 2
+    assert train.main(base + ["--head", "regression"]) == 2
     assert "--head 'distribution' then, 'regression' now" in one_error_line(capsys.readouterr().err, "train")
     ckpt = run / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:5000])  # truncated
-    assert train.cli(base) == 2
+    assert train.main(base) == 2
     assert "not a readable checkpoint" in one_error_line(capsys.readouterr().err, "train")
 
     class Payload:
         def __reduce__(self):
             return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
     torch.save({"model": Payload()}, ckpt)
-    assert train.cli(base) == 2
+    assert train.main(base) == 2
     assert "holding code that will not be run" in one_error_line(capsys.readouterr().err, "train")
     assert not (tmp_path / "pwned").exists()
 
@@ -381,16 +381,16 @@ def test_params_files_go_through_the_flag_validation(tables, tmp_path, capsys, p
     root, _, _ = tables
     path = tmp_path / "params.json"
     path.write_text(json.dumps(params))
-    assert train.cli(["--data", str(root / "pq"), "--output", str(tmp_path / "run"), "--params", str(path)]) == 2
+    assert train.main(["--data", str(root / "pq"), "--output", str(tmp_path / "run"), "--params", str(path)]) == 2
     assert message in one_error_line(capsys.readouterr().err, "train")
     assert not (tmp_path / "run").exists()
 
 
 def test_train_mistakes_are_one_line(tables, tmp_path, capsys):
     root, _, _ = tables
-    assert train.cli(["--data", str(root / "pq"), "--batch-size", "0"]) == 2
+    assert train.main(["--data", str(root / "pq"), "--batch-size", "0"]) == 2
     assert "argument --batch-size: '0' must be >= 1" in one_error_line(capsys.readouterr().err, "train")
-    assert train.cli(["--data", str(root / "delta"), "--data-version", "99", "--output", str(tmp_path / "r")]
+    assert train.main(["--data", str(root / "delta"), "--data-version", "99", "--output", str(tmp_path / "r")]
                      + TINY) == 2
     assert "Delta version 99 does not exist (versions 0..1)" in one_error_line(capsys.readouterr().err, "train")
 
@@ -398,7 +398,7 @@ def test_train_mistakes_are_one_line(tables, tmp_path, capsys):
 def test_a_diverging_run_stops_at_once_and_says_so(tables, tmp_path, capsys):
     root, _, _ = tables
     out = tmp_path / "run"
-    code = train.cli(["--data", str(root / "pq"), "--output", str(out), "--optimizer", "sgd", "--lr", "1000",
+    code = train.main(["--data", str(root / "pq"), "--output", str(out), "--optimizer", "sgd", "--lr", "1000",
                       "--schedule", "constant", "--weight-decay", "0"] + TINY)
     assert code == 2
     line = one_error_line(capsys.readouterr().err, "train")
@@ -410,10 +410,10 @@ def test_a_diverging_run_stops_at_once_and_says_so(tables, tmp_path, capsys):
 def test_tune_checks_data_before_creating_a_study_and_redacts_passwords(tables, tmp_path, capsys):
     root, _, _ = tables
     out = tmp_path / "tune"
-    assert tune.cli(["--data", str(tmp_path / "missing"), "--output", str(out)]) == 2
+    assert tune.main(["--data", str(tmp_path / "missing"), "--output", str(out)]) == 2
     assert "--data" in one_error_line(capsys.readouterr().err, "tune")
     assert not out.exists()  # no study database left to confuse the rerun
-    assert tune.cli(["--data", str(root / "pq"), "--output", str(out), "--n-trials", "1",
+    assert tune.main(["--data", str(root / "pq"), "--output", str(out), "--n-trials", "1",
                      "--storage", "postgresql+psycopg://faceage:S3cretPassw0rd@127.0.0.1:1/optuna"]) == 2
     line = one_error_line(capsys.readouterr().err, "tune")
     assert "S3cretPassw0rd" not in line and "faceage:***@127.0.0.1" in line

@@ -21,7 +21,7 @@ TINY = ["--image-size", "32", "--batch-size", "16", "--workers", "1", "--no-prog
 def test_train_writes_metrics_and_a_loadable_bundle(tables, tmp_path):
     root, manifest, _ = tables
     out = tmp_path / "run"
-    assert train.cli(["--data", str(root / "delta"), "--output", str(out), "--epochs", "2", "--head",
+    assert train.main(["--data", str(root / "delta"), "--output", str(out), "--epochs", "2", "--head",
                       "regression", "--reader", "pyarrow"] + TINY) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -68,7 +68,7 @@ def test_refuses_an_unfinished_table(tables, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(root / "pq", copy)
     (copy / "faces" / "_SUCCESS").unlink()
-    assert train.cli(["--data", str(copy), "--output", str(tmp_path / "run")] + TINY) == 2
+    assert train.main(["--data", str(copy), "--output", str(tmp_path / "run")] + TINY) == 2
     assert "did not finish" in capsys.readouterr().err
 
 
@@ -113,7 +113,7 @@ def test_resume_after_a_kill_follows_the_same_schedule(tables, tmp_path):
 def test_max_minutes_stops_after_the_epoch_that_spends_it(tables, tmp_path):
     root, _, _ = tables
     out = tmp_path / "budget"
-    assert train.cli(["--data", str(root / "pq"), "--output", str(out), "--epochs", "5", "--max-minutes", "0",
+    assert train.main(["--data", str(root / "pq"), "--output", str(out), "--epochs", "5", "--max-minutes", "0",
                       "--reader", "pyarrow"] + TINY) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1]  # one epoch always runs; no new one once the budget is spent

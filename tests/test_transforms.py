@@ -218,7 +218,7 @@ def test_a_bundle_trained_through_a_file_uri_keeps_the_tables_crop_settings(tabl
 
     root, manifest, _ = tables
     out = tmp_path / "run"
-    assert train.cli(["--data", "file://" + str(root / "pq"), "--output", str(out), "--epochs", "1",
+    assert train.main(["--data", "file://" + str(root / "pq"), "--output", str(out), "--epochs", "1",
                       "--image-size", "32", "--batch-size", "16", "--workers", "1", "--reader", "pyarrow",
                       "--no-progress"]) == 0
     _, saved = bundle.load_bundle(str(out / "model.pt"))

@@ -50,7 +50,7 @@ def test_sqlite_study_prunes_reports_and_retrains(tables, tmp_path):
     out = tmp_path / "tune"
     argv = ["--data", str(root / "pq"), "--study", "s1", "--output", str(out), "--n-trials", "5", "--epochs", "3",
             "--train-args", TINY, "--seed", "1"]
-    assert tune.cli(argv) == 0
+    assert tune.main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["storage"].startswith("sqlite:///") and (out / "optuna.db").exists()
     assert report["trials"]["complete"] + report["trials"]["pruned"] == 5
@@ -58,13 +58,13 @@ def test_sqlite_study_prunes_reports_and_retrains(tables, tmp_path):
                                             "best_trial_curve.png"}
     assert all((out / p).stat().st_size > 1000 for p in report["plots"])
     # rerunning the finished study adds no trial
-    assert tune.cli(argv) == 0
+    assert tune.main(argv) == 0
     assert len(_trials(report["storage"], "s1")) == 5
     # the best params retrain through trainer.train
     best = json.loads((out / "best_params.json").read_text())
     assert best == report["best"]["train_params"] | {"epochs": 3}
     run = tmp_path / "retrain"
-    assert train.cli(["--data", str(root / "pq"), "--params", str(out / "best_params.json"), "--output", str(run),
+    assert train.main(["--data", str(root / "pq"), "--params", str(out / "best_params.json"), "--output", str(run),
                       "--epochs", "1", *TINY.split()]) == 0
     ckpt_args = __import__("torch").load(run / "checkpoint.pt", weights_only=True)["args"]
     assert ckpt_args["lr"] == pytest.approx(best["lr"]) and ckpt_args["batch_size"] == best["batch_size"]
@@ -76,7 +76,7 @@ def test_postgres_two_workers_share_one_study(tables, tmp_path):
     root, _, _ = tables
     study = f"two-workers-{uuid.uuid4().hex[:8]}"
     out = tmp_path / "tune"
-    assert tune.cli(["--data", str(root / "pq"), "--study", study, "--storage", url, "--output", str(out),
+    assert tune.main(["--data", str(root / "pq"), "--study", study, "--storage", url, "--output", str(out),
                      "--n-trials", "6", "--epochs", "2", "--workers", "2", "--train-args", TINY]) == 0
     trials = _trials(url, study)
     numbers = [t.number for t in trials]

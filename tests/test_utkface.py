@@ -96,7 +96,7 @@ def test_evaluate_on_a_utkface_test_split_reports_real_slices(spark, utkface_dir
     assert prepare.main(["--input", str(photos), "--output", str(prepared), "--labels", "utkface",
                          "--detector", "none", "--size", "64"]) == 0
     run = tmp_path / "run"
-    assert train.cli(["--data", str(prepared), "--output", str(run), "--epochs", "1", "--image-size", "32",
+    assert train.main(["--data", str(prepared), "--output", str(run), "--epochs", "1", "--image-size", "32",
                       "--batch-size", "32", "--workers", "1", "--no-progress"]) == 0
     scored, report = tmp_path / "scored", tmp_path / "report"
     assert score.main(["--model", str(run / "model.pt"), "--input", str(prepared), "--split", "test",

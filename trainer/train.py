@@ -279,7 +279,7 @@ def check_finite(row: dict) -> None:
                          f"was not kept. Lower --lr (e.g. to a tenth) and rerun")
 
 
-def main(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+def run(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     """Train as `args` say; `on_epoch(row)` sees every epoch's metrics after its checkpoint (the tuner
     reports val MAE there and may raise to stop the run, e.g. optuna.TrialPruned)."""
     seed_everything(args.seed)
@@ -477,7 +477,7 @@ def distributed_entry(argv: list) -> dict:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     apply_params_file(args, parser, argv)
-    return main(args)
+    return run(args)
 
 
 def _job(argv: Optional[list]) -> int:
@@ -485,11 +485,11 @@ def _job(argv: Optional[list]) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     apply_params_file(args, parser, argv)
-    main(args)
+    run(args)
     return 0
 
 
-cli, console_main = entry_points("train", _job)
+main, console_main = entry_points("train", _job)
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

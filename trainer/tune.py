@@ -200,7 +200,7 @@ def objective_factory(args, train_rows: int):
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val MAE {row['val_mae']:.2f} after epoch {row['epoch']}")
 
-        summary = T.main(targs, on_epoch=on_epoch)
+        summary = T.run(targs, on_epoch=on_epoch)
         for key in ("test_mae", "test_cs5", "test_rmse", "epochs_run"):
             trial.set_user_attr(key, summary[key])
         return summary["best_val_mae"]
@@ -372,7 +372,7 @@ def _job(argv: Optional[list]) -> int:
     return 0
 
 
-cli, console_main = entry_points("tune", _job)
+main, console_main = entry_points("tune", _job)
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())
