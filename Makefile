@@ -10,9 +10,14 @@ export PATH := $(abspath $(BIN)):$(PATH)
 UTKFACE ?= ../shared/data/utkface
 OUT ?= out
 
-.PHONY: install demo e2e test check-env bench-prepare prepare-utkface lock clean dist
+.PHONY: help install demo e2e test check-env bench-prepare prepare-utkface lock clean dist
+.DEFAULT_GOAL := help
 
-install: $(STAMP)
+help: ## list the targets (a bare `make` does this)
+	@echo "faceage: make TARGET"
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' | expand -t 18
+
+install: $(STAMP) ## build .venv from the pins (once; again when setup.cfg or requirements.lock change)
 
 # pip keeps its cache (~/.cache/pip), so a second venv reuses the torch wheel instead of downloading it.
 $(STAMP): setup.cfg requirements.lock pyproject.toml
@@ -25,49 +30,49 @@ $(STAMP): setup.cfg requirements.lock pyproject.toml
 	$(BIN)/python -m spark_jobs.session --write-defaults
 	touch $(STAMP)
 
-demo: install
+demo: install ## prepare the built-in synthetic sample (the main job on a built-in default)
 	$(BIN)/spark-submit spark_jobs/prepare.py --demo
 
 # prepare -> train -> score -> evaluate on a generated sample, ending in an HTML report (a few minutes on 2 cores)
 E2E ?= demo_out/e2e
 E2E_EPOCHS ?= 8
 E2E_PHOTOS ?= 240
-e2e: install
+e2e: install ## generated photos -> prepare -> train -> score -> evaluate -> HTML report (a few minutes)
 	@test ! -e $(E2E) || test -e $(E2E)/.faceage-e2e || { echo "e2e: $(E2E) exists and was not made by make e2e; refusing to delete it (set E2E=another/folder)"; exit 2; }
 	rm -rf $(E2E)
 	mkdir -p $(E2E) && touch $(E2E)/.faceage-e2e
 	$(BIN)/spark-submit spark_jobs/prepare.py --demo --demo-count $(E2E_PHOTOS) --input $(E2E)/photos --output $(E2E)/prepared --size 64
 	$(BIN)/python -m trainer.train --data $(E2E)/prepared --output $(E2E)/train --epochs $(E2E_EPOCHS) --batch-size 32 \
-		--lr 1e-3 --no-progress
+		--lr 1e-3
 	$(BIN)/spark-submit spark_jobs/score.py --model $(E2E)/train/model.pt --input $(E2E)/photos --output $(E2E)/scored
 	$(BIN)/spark-submit spark_jobs/evaluate.py --predictions $(E2E)/scored --labels $(E2E)/prepared --split test \
 		--output $(E2E)/report
 	@echo "e2e: open $(E2E)/report/report.html"
 
 # what spark-submit needs on a cluster: dist/faceage_code.zip (--py-files), the job scripts, the pins, the EMR bootstrap
-dist: install
+dist: install ## what spark-submit needs on a cluster, in dist/ (code zip, scripts, pins, EMR bootstrap, wheel)
 	$(BIN)/python -m spark_jobs.emr build --dist dist
 	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
 
 # The multi-worker tuning tests need PostgreSQL: .ci/postgres.sh starts a throwaway one on loopback
 # (installing Debian's package when root); without it those tests skip, except under CI where they fail.
-test: install
+test: install ## the test suite (starts a throwaway PostgreSQL on loopback)
 	@. .ci/postgres.sh || echo "test: no PostgreSQL server: the multi-worker tuning test will skip"; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-check-env: install
+check-env: install ## only the environment proofs (pins, Petastorm, torch, Optuna)
 	$(BIN)/python -m pytest tests/test_environment.py -v
 
-prepare-utkface: install
+prepare-utkface: install ## prepare ../shared/data/utkface into out/utkface_parquet
 	$(BIN)/spark-submit spark_jobs/prepare.py --input $(UTKFACE) --labels utkface --detector none \
 		--output $(OUT)/utkface_parquet --format parquet
 
-bench-prepare: install
+bench-prepare: install ## the prepare benchmark (Spark vs a plain Pool, on UTKFace composites)
 	$(BIN)/python -m bench.prepare_bench --utkface $(UTKFACE)
 
-lock: install
+lock: install ## rewrite requirements.lock from the installed environment
 	$(BIN)/pip freeze --exclude-editable | grep -v '^faceage' | \
 		(echo "# Exact versions of the whole environment (constraints for pip -c); regenerate with: make lock"; cat) > requirements.lock
 
-clean:
+clean: ## remove demo and scratch outputs
 	rm -rf demo_out $(OUT) .pytest_cache spark-warehouse

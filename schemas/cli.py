@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import math
 import os
 import re
@@ -23,6 +24,37 @@ import uuid
 from typing import Callable, Iterable, List, Optional, Sequence
 
 USAGE_EXIT = 2
+LOG_LEVELS = ("debug", "info", "warning", "error")
+log = logging.getLogger("faceage")  # every stage's own lines: `log.info(...)`, shown at the chosen level
+
+
+class _CurrentStdout(logging.Handler):
+    """Writes to whatever sys.stdout is at the time (a test's capture, a redirected worker log)."""
+
+    def emit(self, record):
+        try:
+            sys.stdout.write(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001 - logging must never take the job down
+            self.handleError(record)
+
+
+def configure_logging(level: Optional[str] = None) -> None:
+    """The faceage logger at `level` (or $FACEAGE_LOG_LEVEL, default info), one plain line per message on
+    stdout; Spark's own JVM logging follows $FACEAGE_SPARK_LOG_LEVEL (spark_jobs/log4j2.properties)."""
+    configured = any(isinstance(h, _CurrentStdout) for h in log.handlers)
+    if level is None and configured:
+        return  # a nested parse (e.g. tune checking its --train-args) keeps the level already chosen
+    level = (level or os.environ.get("FACEAGE_LOG_LEVEL") or "info").lower()
+    if level not in LOG_LEVELS:
+        level = "info"
+    if not configured:
+        handler = _CurrentStdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(level.upper())
+    if level == "debug":
+        os.environ.setdefault("FACEAGE_SPARK_LOG_LEVEL", "info")  # a JVM started from here on says more
 
 
 class UserError(Exception):
@@ -142,12 +174,35 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, stage: str, **kw):
         kw.setdefault("formatter_class", HelpFormatter)
+        invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+        if invoked.startswith("faceage-"):  # a console script: its usage names the command that was typed
+            kw["prog"] = invoked
         super().__init__(**kw)
         self.stage = stage
+        talk = self.add_mutually_exclusive_group()
+        talk.add_argument("--quiet", dest="log_level", action="store_const", const="warning",
+                          help="only warnings and errors (or set FACEAGE_LOG_LEVEL)")
+        talk.add_argument("--verbose", dest="log_level", action="store_const", const="debug",
+                          help="more detail, Spark's INFO lines included")
+
+    def add_argument(self, *args, **kw):
+        if not kw.get("help") and not _no_default(kw.get("default")):
+            kw["help"] = "(default: %(default)s)"  # argparse prints no default for a flag without help
+        return super().add_argument(*args, **kw)
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        configure_logging(getattr(parsed, "log_level", None))
+        return parsed, rest
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
         sys.stderr.write(f"{self.stage}: error: {redact(message)} (see --help)\n")
         sys.exit(USAGE_EXIT)
+
+
+def _no_default(value) -> bool:
+    """None, False (a flag's off) and SUPPRESS say nothing in --help; 0 and 0.0 are real defaults."""
+    return value is None or value is False or value is argparse.SUPPRESS
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -155,7 +210,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "%(default)" in text or "(default" in text or action.default in (None, False, argparse.SUPPRESS):
+        if "%(default)" in text or "(default" in text or _no_default(action.default):
             return text
         return text + " (default: %(default)s)"
 

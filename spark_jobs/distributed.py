@@ -20,7 +20,7 @@ from typing import List, Optional
 if __package__ in (None, ""):  # run as a file by spark-submit: make the project importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from schemas.cli import Parser, UserError, entry_points, positive_int  # noqa: E402
+from schemas.cli import Parser, UserError, log, entry_points, positive_int  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +53,7 @@ def train_on_spark(num_processes: int, local_mode: str, train_argv: List[str]) -
     os.environ["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                                                          if p])
     use_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    print(f"train: TorchDistributor with {num_processes} processes (local_mode={local}, gpu={use_gpu})")
+    log.info(f"train: TorchDistributor with {num_processes} processes (local_mode={local}, gpu={use_gpu})")
     return TorchDistributor(num_processes=num_processes, local_mode=local, use_gpu=use_gpu).run(
         train.distributed_entry, list(train_argv))
 
@@ -92,7 +92,7 @@ def _job(argv: Optional[List[str]]) -> int:
     args, rest = get_args_parser().parse_known_args(argv)
     if args.job == "train":
         summary = train_on_spark(args.num_processes, args.local_mode, rest)
-        print(f"train: distributed run finished: test MAE {summary['test_mae']:.2f} "
+        log.info(f"train: distributed run finished: test MAE {summary['test_mae']:.2f} "
               f"({summary['world_size']} ranks); bundle {summary['bundle']}")
         return 0
     from trainer import tune

@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a file by spark-submit: make the project
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from schemas import layout  # noqa: E402
-from schemas.cli import Parser, UserError, dumps, entry_points, new_run_id, non_negative_int, redact  # noqa: E402
+from schemas.cli import Parser, UserError, log, dumps, entry_points, new_run_id, non_negative_int, redact  # noqa: E402
 from schemas.outputs import LocalFS, Outputs  # noqa: E402
 from schemas.tables import SPLITS  # noqa: E402
 from spark_jobs.storage import to_uri  # noqa: E402
@@ -45,8 +45,8 @@ def group_names() -> List[str]:
     return names
 
 
-REPORT_FILES = ("metrics.json", "slices.csv", "confusion.csv", "confusion.png", "mae_by_age.png",
-                "pred_vs_true.png", "report.html")
+REPORT_FILES = ("metrics.json", "slices.csv", "confusion.csv", "confusion.png", "mae_by_age_group.png",
+                "pred_vs_true.png", "uncertainty.png", "training_curves.png", "report.html")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -216,8 +216,9 @@ def aggregate_metrics(errors) -> dict:
 
     aggs = [sf.count("*").alias("count"), sf.avg("abs_err").alias("mae"),
             sf.sqrt(sf.avg(sf.col("err") * sf.col("err"))).alias("rmse"),
-            sf.avg((sf.col("abs_err") <= 5).cast("double")).alias("cs5"), sf.avg("err").alias("bias")]
-    overall = errors.agg(*aggs).first().asDict()
+            sf.avg((sf.col("abs_err") <= 5).cast("double")).alias("cs5"), sf.avg("err").alias("bias"),
+            sf.stddev_samp("abs_err").alias("sd_abs")]
+    overall = with_interval(errors.agg(*aggs).first().asDict())
     slices = []
     for name in SLICES:
         for r in errors.groupBy(name).agg(*aggs).collect():
@@ -226,7 +227,8 @@ def aggregate_metrics(errors) -> dict:
                 value = GENDERS.get(int(value), value)
             if name == "race" and value.isdigit():
                 value = RACES.get(int(value), value)
-            slices.append({"slice": name, "value": value, **{k: r[k] for k in ("count", "mae", "rmse", "cs5", "bias")}})
+            slices.append(with_interval({"slice": name, "value": value,
+                                         **{k: r[k] for k in ("count", "mae", "rmse", "cs5", "bias", "sd_abs")}}))
     order = {g: i for i, g in enumerate(group_names())}
     slices.sort(key=lambda s: (SLICES.index(s["slice"]), order.get(s["value"], 99), str(s["value"])))
     cells = errors.groupBy("age_group", "pred_group").count().collect()
@@ -234,7 +236,48 @@ def aggregate_metrics(errors) -> dict:
                     errors.groupBy("age").agg(sf.count("*").alias("count"), sf.avg("abs_err").alias("mae")).collect())
     density = [(int(r["a"]), int(r["p"]), r["count"]) for r in errors.groupBy(
         sf.floor("age").alias("a"), sf.floor(sf.greatest(sf.lit(0.0), "predicted_age")).alias("p")).count().collect()]
-    return {"overall": overall, "slices": slices, "cells": cells, "by_age": by_age, "density": density}
+    return {"overall": overall, "slices": slices, "cells": cells, "by_age": by_age, "density": density,
+            "uncertainty": uncertainty_calibration(errors)}
+
+
+SMALL_SLICE = 30  # slices with fewer faces are flagged: their MAE moves a lot with a few faces
+UNCERTAINTY_BINS = (0, 2, 4, 6, 8, 10, 15)  # lower edges, years of predicted std
+
+
+def with_interval(row: dict) -> dict:
+    """`row` plus a 95 % t-interval of its MAE (mae_low, mae_high) and `small` (n < SMALL_SLICE)."""
+    from scipy import stats
+
+    n, sd = row.get("count") or 0, row.pop("sd_abs", None)
+    half = float(stats.t.ppf(0.975, n - 1) * sd / n ** 0.5) if n > 1 and sd is not None else None
+    row["mae_low"] = None if half is None else max(0.0, row["mae"] - half)  # an MAE is never negative
+    row["mae_high"] = None if half is None else row["mae"] + half
+    row["small"] = n < SMALL_SLICE
+    return row
+
+
+def uncertainty_calibration(errors) -> dict:
+    """How honest the predicted std is: coverage of |error| <= 1 and 2 std (0.68 / 0.95 for a Gaussian),
+    and mean |error| against mean std in bins of std. Empty when no row has a finite std (regression)."""
+    from pyspark.sql import functions as sf
+
+    rows = errors.where(sf.col("uncertainty").isNotNull() & ~sf.isnan("uncertainty"))
+    bin_expr = sf.lit(UNCERTAINTY_BINS[-1])
+    for low, high in reversed(list(zip(UNCERTAINTY_BINS, UNCERTAINTY_BINS[1:]))):
+        bin_expr = sf.when(sf.col("uncertainty") < high, sf.lit(low)).otherwise(bin_expr)
+    total = rows.agg(sf.count("*").alias("n"),
+                     sf.avg((sf.col("abs_err") <= sf.col("uncertainty")).cast("double")).alias("within_1sd"),
+                     sf.avg((sf.col("abs_err") <= 2 * sf.col("uncertainty")).cast("double")).alias("within_2sd"),
+                     # corr() divides by a std that is 0 when every std is the same: NULL then, never an error
+                     sf.try_divide(sf.covar_samp("abs_err", "uncertainty"),
+                                   sf.stddev_samp("abs_err") * sf.stddev_samp("uncertainty")).alias("corr")).first()
+    if not total["n"]:
+        return {}
+    bins = sorted((int(r["b"]), r["n"], r["std"], r["mae"]) for r in rows.groupBy(bin_expr.alias("b")).agg(
+        sf.count("*").alias("n"), sf.avg("uncertainty").alias("std"), sf.avg("abs_err").alias("mae")).collect())
+    return {"rows": total["n"], "within_1sd": total["within_1sd"], "within_2sd": total["within_2sd"],
+            "corr_abs_error_std": total["corr"],
+            "bins": [{"std_from": b, "count": n, "mean_std": sd, "mae": m} for b, n, sd, m in bins]}
 
 
 def run(args) -> dict:
@@ -277,13 +320,14 @@ def run(args) -> dict:
     aggregated = aggregate_metrics(m)
     m.unpersist()
     overall, slices = aggregated["overall"], aggregated["slices"]
-    cells, by_age, density = aggregated["cells"], aggregated["by_age"], aggregated["density"]
+    cells, density, uncertainty = aggregated["cells"], aggregated["density"], aggregated["uncertainty"]
+    curves = training_curves(to_uri(args.predictions))
 
     staging = outputs.staging_root
     try:
         os.makedirs(staging, exist_ok=True)
         matrix, normalized = confusion(cells)
-        plots = write_plots(staging, matrix, normalized, by_age, density)
+        plots = write_plots(staging, matrix, normalized, slices, density, uncertainty, curves)
         write_csv(os.path.join(staging, "slices.csv"), slices)
         names = group_names()
         with open(os.path.join(staging, "confusion.csv"), "w", newline="") as f:
@@ -297,7 +341,8 @@ def run(args) -> dict:
             "models": [{"model_id": r["model_id"], "data_version": r["data_version"], "faces": r["count"]}
                        for r in models],
             "rows": bookkeeping, "excluded": excluded, "no_prediction_by_reason": no_prediction,
-            "overall": overall, "slices": slices,
+            "overall": overall, "slices": slices, "uncertainty": uncertainty,
+            "training_curve": [{k: r[k] for k in ("epoch", "train_loss", "val_mae")} for r in curves],
             "confusion": {"labels": names, "counts": matrix.astype(int).tolist(),
                           "row_normalized": [[round(float(v), 4) for v in row] for row in normalized]},
             "plots": plots, "seconds": round(time.time() - started, 3),
@@ -306,7 +351,11 @@ def run(args) -> dict:
         with open(os.path.join(staging, "metrics.json"), "w") as f:
             f.write(redact(dumps(metrics, default=str)))
         write_html(os.path.join(staging, "report.html"), json.loads(redact(dumps(metrics, default=str))), staging)
-        outputs.commit(REPORT_FILES)
+        written = [n for n in REPORT_FILES if os.path.exists(os.path.join(staging, n))]
+        outputs.commit(written)
+        for name in set(REPORT_FILES) - set(written):  # a plot this report has not (e.g. no uncertainty now)
+            if outputs.exists(name) and outputs.owned(name):
+                outputs.fs.delete(os.path.join(outputs.root, name))
     finally:
         outputs.finish()
     return metrics
@@ -331,12 +380,14 @@ def confusion(cells):
 
 def write_csv(path: str, rows: List[dict]) -> None:
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["slice", "value", "count", "mae", "rmse", "cs5", "bias"])
+        w = csv.DictWriter(f, fieldnames=["slice", "value", "count", "mae", "mae_low", "mae_high", "rmse", "cs5",
+                                          "bias", "small"])
         w.writeheader()
         w.writerows(rows)
 
 
-def write_plots(folder: str, matrix, normalized, by_age, density) -> List[str]:
+def write_plots(folder: str, matrix, normalized, slices, density, uncertainty, curves) -> List[str]:
+    """The report's PNGs; uncertainty and training curves only when there is something to show."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -344,6 +395,14 @@ def write_plots(folder: str, matrix, normalized, by_age, density) -> List[str]:
     import numpy as np
 
     names = group_names()
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, name), dpi=90)
+        plt.close(fig)
+        written.append(name)
+
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(normalized, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=45)
@@ -355,72 +414,150 @@ def write_plots(folder: str, matrix, normalized, by_age, density) -> List[str]:
                         color="white" if normalized[i][j] > 0.5 else "black")
     ax.set(xlabel="predicted age group", ylabel="true age group", title="Age-group confusion (row-normalised colour, counts)")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "confusion.png"), dpi=90)
-    plt.close(fig)
+    save(fig, "confusion.png")
 
+    groups = [s for s in slices if s["slice"] == "age_group"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ages = [a for a, _, _ in by_age]
-    ax.bar(ages, [c for _, c, _ in by_age], color="#dddddd", label="faces")
-    ax.set(xlabel="true age", ylabel="faces")
-    ax2 = ax.twinx()
-    ax2.plot(ages, [e for _, _, e in by_age], color="#c0392b", marker=".", label="MAE")
-    ax2.set_ylabel("MAE (years)")
-    ax.set_title("MAE by true age")
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "mae_by_age.png"), dpi=90)
-    plt.close(fig)
+    x = np.arange(len(groups))
+    maes = [g["mae"] for g in groups]
+    low = [g["mae"] - g["mae_low"] if g["mae_low"] is not None else 0 for g in groups]
+    high = [g["mae_high"] - g["mae"] if g["mae_high"] is not None else 0 for g in groups]
+    colours = ["#bbbbbb" if g["small"] else "#2e86c1" for g in groups]
+    ax.bar(x, maes, color=colours, yerr=[low, high], capsize=4, ecolor="#333333")
+    for i, g in enumerate(groups):
+        ax.text(i, 0, f"n={g['count']}", ha="center", va="bottom", fontsize=7, color="white" if not g["small"] else "black")
+    ax.set_xticks(x, [g["value"] for g in groups], rotation=30)
+    ax.set(xlabel="true age group", ylabel="MAE (years)",
+           title=f"MAE by age group, 95 % interval (grey: fewer than {SMALL_SLICE} faces)")
+    save(fig, "mae_by_age_group.png")
 
-    grid = np.zeros((121, 121))
-    for a, p, c in density:
-        grid[min(p, 120), min(a, 120)] += c
     fig, ax = plt.subplots(figsize=(6, 5))
-    im = ax.imshow(np.log1p(grid), origin="lower", cmap="viridis", extent=(0, 121, 0, 121))
-    ax.plot([0, 120], [0, 120], color="white", lw=0.8, ls="--")
-    ax.set(xlabel="true age", ylabel="predicted age", title="Predicted vs true (log count)")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "pred_vs_true.png"), dpi=90)
-    plt.close(fig)
-    return ["confusion.png", "mae_by_age.png", "pred_vs_true.png"]
+    if density:
+        a, p, c = (np.array(v, dtype=float) for v in zip(*density))
+        order = np.argsort(c)  # the densest cells drawn last, on top
+        points = ax.scatter(a[order] + 0.5, p[order] + 0.5, c=np.log10(c[order]), s=8 + 10 * np.log10(c[order] + 1),
+                            cmap="viridis", vmin=0, vmax=max(1.0, float(np.log10(c.max()))), edgecolors="none")
+        fig.colorbar(points, ax=ax, fraction=0.046, label="log10 faces per 1-year cell")
+        top = max(a.max(), p.max()) + 2
+        ax.plot([0, top], [0, top], color="#c0392b", lw=0.8, ls="--")
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+    ax.set(xlabel="true age", ylabel="predicted age", title="Predicted vs true (every 1-year cell with a face)")
+    save(fig, "pred_vs_true.png")
+
+    if uncertainty:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        bins = uncertainty["bins"]
+        ax.plot([b["mean_std"] for b in bins], [b["mae"] for b in bins], marker="o", label="mean |error|")
+        for b in bins:
+            ax.annotate(f"n={b['count']}", (b["mean_std"], b["mae"]), fontsize=7, textcoords="offset points",
+                        xytext=(3, 3))
+        top = max(max(b["mean_std"] for b in bins), max(b["mae"] for b in bins)) * 1.1
+        ax.plot([0, top], [0, top * 0.798], color="#999999", ls="--", label="Gaussian: E|e| = 0.8 std")
+        ax.set(xlabel="predicted std (years)", ylabel="mean |error| (years)",
+               title=f"Uncertainty: {uncertainty['within_1sd']:.0%} within 1 std, {uncertainty['within_2sd']:.0%} within 2")
+        ax.legend(fontsize=8)
+        save(fig, "uncertainty.png")
+
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        epochs = [r["epoch"] for r in curves]
+        ax.plot(epochs, [r["val_mae"] for r in curves], marker="o", label="val MAE")
+        ax.set(xlabel="epoch", ylabel="val MAE (years)", title="Training curve of the scored model")
+        ax2 = ax.twinx()
+        ax2.plot(epochs, [r["train_loss"] for r in curves], color="#999999", ls="--", label="train loss")
+        ax2.set_ylabel("train loss")
+        ax.legend(loc="upper right", fontsize=8)
+        save(fig, "training_curves.png")
+    return written
+
+
+def training_curves(predictions_uri: str) -> list:
+    """The scored model's per-epoch metrics (metrics.jsonl beside its bundle, found through the score run's
+    manifest), or [] when they are not at hand."""
+    root = layout.local_path(predictions_uri)
+    if root is None:
+        return []
+    root = root.rstrip("/")
+    if os.path.basename(root) == "predictions":
+        root = os.path.dirname(root)
+    try:
+        with open(os.path.join(root, "score_manifest.json")) as f:
+            model = json.load(f).get("model") or ""
+        with open(os.path.join(os.path.dirname(model), "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []
+    return [r for r in rows if all(k in r for k in ("epoch", "val_mae", "train_loss"))]
+
+
+def describe_uri(uri) -> str:
+    """A URI as a person reads it: local paths without file:, others as they are."""
+    text = str(uri or "")
+    return layout.local_path(text) if text.startswith("file:") else text
 
 
 def write_html(path: str, metrics: dict, folder: str) -> None:
     """One self-contained page: the images are embedded, nothing else is fetched."""
-    def img(name):
+    def img(name, alt):
+        if not os.path.exists(os.path.join(folder, name)):
+            return ""
         with open(os.path.join(folder, name), "rb") as f:
             data = base64.b64encode(f.read()).decode()
-        return f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+        return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
-    def fmt(v):
-        return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+    def num(v, digits=2):
+        return "–" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else html.escape(str(v)))
 
-    o, rows = metrics["overall"], metrics["rows"]
-    models = ", ".join(f"{m['model_id']} (training data version {m['data_version']}, {m['faces']} faces)"
-                       for m in metrics["models"]) or "none"
+    def plural(n, word):
+        return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+    o, rows, label, excluded = metrics["overall"], metrics["rows"], metrics["labels"], metrics.get("excluded", {})
+    models = "; ".join(f"<code>{html.escape(str(m['model_id']))}</code> trained on data version "
+                       f"{'(Parquet, unversioned)' if m['data_version'] is None else m['data_version']}, "
+                       f"{plural(m['faces'], 'face')} scored" for m in metrics["models"]) or "none"
+    version = label.get("version")
+    label_text = (f"{html.escape(describe_uri(label.get('uri')))} ({html.escape(label.get('kind', ''))}"
+                  + (f", split <b>{html.escape(str(label['split']))}</b>" if label.get("split") else "")
+                  + (f", Delta version {version}" if version is not None else "") + ")")
+    reasons = ", ".join(f"{html.escape(k.replace('_', ' '))}: {v:,}" for k, v in metrics["no_prediction_by_reason"].items())
+    left_out = ", ".join(f"{html.escape(k.replace('_', ' '))}: {v:,}" for k, v in excluded.items() if v)
     slice_rows = "".join(
-        f"<tr><td>{html.escape(s['slice'])}</td><td>{html.escape(str(s['value']))}</td>"
-        + "".join(f"<td>{fmt(s[k])}</td>" for k in ("count", "mae", "rmse", "cs5", "bias")) + "</tr>"
-        for s in metrics["slices"])
-    label = metrics["labels"]
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>faceage evaluation</title>
-<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
+        f"<tr{' class=small' if s['small'] else ''}><td>{html.escape(s['slice'])}</td><td>{html.escape(str(s['value']))}</td>"
+        f"<td>{s['count']:,}{' ⚠' if s['small'] else ''}</td><td>{num(s['mae'])}</td>"
+        f"<td>{num(s['mae_low'])} – {num(s['mae_high'])}</td><td>{num(s['rmse'])}</td><td>{num(s['cs5'], 3)}</td>"
+        f"<td>{num(s['bias'])}</td></tr>" for s in metrics["slices"])
+    u = metrics.get("uncertainty") or {}
+    uncertainty = (f"<p>{u['rows']:,} predictions carry a std. {u['within_1sd']:.1%} of errors lie within 1 std and "
+                   f"{u['within_2sd']:.1%} within 2 (a calibrated Gaussian: 68 % and 95 %); the correlation of |error| "
+                   f"with the std is {num(u['corr_abs_error_std'])}.</p>{img('uncertainty.png', 'mean error by predicted std')}"
+                   if u else "<p>This model gives no uncertainty (regression head).</p>")
+    curves = (img("training_curves.png", "training curve") if metrics.get("training_curve")
+              else "<p>The model's training metrics (metrics.jsonl beside its bundle) were not found.</p>")
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>faceage evaluation</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;line-height:1.4}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:100%}}tr.small td{{color:#888}}
+code{{background:#f4f4f4;padding:0 3px}}</style></head><body>
 <h1>Age estimation: evaluation report</h1>
-<p>Model: {html.escape(models)}.<br>Predictions: {html.escape(metrics['predictions'])}.<br>
-Labels: {html.escape(str(label.get('uri')))} ({html.escape(label.get('kind', ''))}, split {html.escape(str(label.get('split')))},
-version {html.escape(str(label.get('version')))}), joined on {html.escape(metrics['join_key'])}.<br>
-Rows: {rows['matched']} matched; {rows['predictions_without_label']} predictions without a label in these labels
-(e.g. faces of other splits); {rows['labels_without_prediction']} labels without a prediction; photos without a prediction by reason:
-{html.escape(json.dumps(metrics['no_prediction_by_reason']))}; rows left out of every metric by reason:
-{html.escape(json.dumps(metrics.get('excluded', {})))}. Created {html.escape(metrics['created_at'])}.</p>
-<h2>Overall</h2><table><tr><th>count</th><th>MAE</th><th>RMSE</th><th>CS@5</th><th>bias (mean signed error)</th></tr>
-<tr><td>{o['count']}</td><td>{o['mae']:.3f}</td><td>{o['rmse']:.3f}</td><td>{o['cs5']:.3f}</td><td>{o['bias']:.3f}</td></tr></table>
-<h2>Slices</h2><table><tr><th>slice</th><th>value</th><th>count</th><th>MAE</th><th>RMSE</th><th>CS@5</th><th>bias</th></tr>
+<p><b>Model</b> {models}.<br><b>Labels</b> {label_text}, joined on <code>{html.escape(metrics['join_key'])}</code>.<br>
+<b>Predictions</b> {html.escape(describe_uri(metrics['predictions']))}.</p>
+<p><b>{plural(rows['matched'], 'face')}</b> have both a prediction and a label: every number below is computed
+from them. {plural(rows['predictions_without_label'], 'prediction')} had no label here (e.g. faces of other splits),
+{plural(rows['labels_without_prediction'], 'label')} had no prediction.
+{('Photos without a prediction — ' + reasons + '.') if reasons else 'Every photo got a prediction.'}
+{('Left out of every metric — ' + left_out + '.') if left_out else 'No row was left out as invalid or duplicate.'}
+Created {html.escape(metrics['created_at'][:19].replace('T', ' '))} UTC.</p>
+<h2>Overall</h2><table><tr><th>faces</th><th>MAE</th><th>95 % interval</th><th>RMSE</th><th>CS@5</th><th>bias (mean signed error)</th></tr>
+<tr><td>{o['count']:,}</td><td>{num(o['mae'])}</td><td>{num(o['mae_low'])} – {num(o['mae_high'])}</td><td>{num(o['rmse'])}</td>
+<td>{num(o['cs5'], 3)}</td><td>{num(o['bias'])}</td></tr></table>
+<h2>MAE by age group</h2>{img('mae_by_age_group.png', 'MAE by age group')}
+<h2>Slices</h2><p>Grey rows and ⚠: fewer than {SMALL_SLICE} faces, read their numbers with care. Interval: 95 % t-interval of the MAE.</p>
+<table><tr><th>slice</th><th>value</th><th>faces</th><th>MAE</th><th>95 % interval</th><th>RMSE</th><th>CS@5</th><th>bias</th></tr>
 {slice_rows}</table>
-<h2>Age-group confusion matrix</h2>{img('confusion.png')}
-<h2>MAE by true age</h2>{img('mae_by_age.png')}
-<h2>Predicted vs true</h2>{img('pred_vs_true.png')}
+<h2>Predicted vs true</h2>{img('pred_vs_true.png', 'predicted vs true age')}
+<h2>Age-group confusion matrix</h2>{img('confusion.png', 'age-group confusion matrix')}
+<h2>Uncertainty</h2>{uncertainty}
+<h2>Training</h2>{curves}
 </body></html>"""
     with open(path, "w") as f:
         f.write(page)
@@ -431,7 +568,7 @@ def _job(argv: Optional[List[str]]) -> int:
     metrics = run(args)
     o, r = metrics["overall"], metrics["rows"]
     left_out = {k: v for k, v in metrics["excluded"].items() if v}
-    print(f"evaluate: {r['matched']} matched rows: MAE {o['mae']:.2f}, RMSE {o['rmse']:.2f}, CS@5 {o['cs5']:.3f}, "
+    log.info(f"evaluate: {r['matched']} matched rows: MAE {o['mae']:.2f}, RMSE {o['rmse']:.2f}, CS@5 {o['cs5']:.3f}, "
           f"bias {o['bias']:+.2f}; unmatched: {r['predictions_without_label']} predictions, "
           f"{r['labels_without_prediction']} labels; left out {left_out or 'none'}; "
           f"report {os.path.join(args.output, 'report.html')}")

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script (spark-submit spark_jobs/prepar
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from schemas import layout  # noqa: E402
-from schemas.cli import (Parser, UserError, dumps, entry_points, fraction, new_run_id, number,  # noqa: E402
+from schemas.cli import (Parser, UserError, log, dumps, entry_points, fraction, new_run_id, number,  # noqa: E402
                          positive_int, redact, redact_all)
 from schemas.outputs import canonical_local, dedupe_inputs, is_within, looks_like_manifest  # noqa: E402
 from schemas.crop import DETECTORS, CropSettings  # noqa: E402
@@ -318,15 +318,15 @@ def _job(argv: Optional[List[str]]) -> int:
             n = write_demo_folder(folder, args.demo_count)
         except ValueError as e:
             raise UserError(str(e)) from None
-        print(f"SYNTHETIC DEMO: wrote {n} generated files to {folder} (drawn faces with made-up ages, plus a "
+        log.info(f"SYNTHETIC DEMO: wrote {n} generated files to {folder} (drawn faces with made-up ages, plus a "
               f"few broken files to show the rejects table; not real people). For real data, see README.")
     manifest = run(args, resolved)
     c = manifest["counts"]
-    print(f"prepare: run {manifest['run_id']}: {c['inputs']} inputs = {c['faces']} faces + {c['rejects']} rejects "
+    log.info(f"prepare: run {manifest['run_id']}: {c['inputs']} inputs = {c['faces']} faces + {c['rejects']} rejects "
           f"{manifest['rejects_by_reason']}; splits {manifest['splits']}; "
           f"{manifest['timings_s']['total']:.1f}s; wrote {manifest['output']['root']} ({manifest['format']})")
     if args.demo:
-        print("SYNTHETIC DEMO finished: the faces above are generated drawings. Next: prepare real photos, "
+        log.info("SYNTHETIC DEMO finished: the faces above are generated drawings. Next: prepare real photos, "
               "e.g. --input ../shared/data/utkface --labels utkface --detector none (see README).")
     return 0
 

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a file by spark-submit: make the project
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from schemas import layout  # noqa: E402
-from schemas.cli import (Parser, UserError, dumps, entry_points, new_run_id, non_negative_int,  # noqa: E402
+from schemas.cli import (Parser, UserError, log, dumps, entry_points, new_run_id, non_negative_int,  # noqa: E402
                          positive_int, redact, redact_all)
 from schemas.crop import DETECTORS  # noqa: E402
 from schemas.outputs import canonical_local, is_within, looks_like_manifest  # noqa: E402
@@ -286,7 +286,7 @@ def _job(argv: Optional[List[str]]) -> int:
     args = get_args_parser().parse_args(argv)
     manifest = run(args, validate(args))
     c = manifest["counts"]
-    print(f"score: run {manifest['run_id']}: {c['photos']} photos = {c['photos_with_faces']} with faces "
+    log.info(f"score: run {manifest['run_id']}: {c['photos']} photos = {c['photos_with_faces']} with faces "
           f"({c['faces']} faces) + {c['photos_without_face']} without a face + {c['unreadable']} unreadable "
           f"{manifest['no_prediction_by_reason']}; {manifest['seconds']:.1f}s; wrote {manifest['output']['predictions']}")
     return 0

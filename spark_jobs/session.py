@@ -18,12 +18,33 @@ DELTA_PACKAGE = f"io.delta:delta-spark_2.13:{DELTA_VERSION}"
 IVY_DIR = os.environ.get("FACEAGE_IVY", str(Path.home() / ".cache" / "faceage" / "ivy"))
 
 
+LOG4J2 = Path(__file__).with_name("log4j2.properties")
+DELTA_JAR_PREFIXES = (f"io.delta_delta-spark_2.13-{DELTA_VERSION}.", f"io.delta_delta-storage-{DELTA_VERSION}.",
+                      "org.antlr_antlr4-runtime-")
+
+
+def delta_jars(ivy_dir: str = IVY_DIR) -> Optional[list]:
+    """Delta's jars once Ivy has fetched them (the install step does it once), else None."""
+    folder = Path(ivy_dir) / "jars"
+    jars = sorted(str(p) for p in folder.glob("*.jar") if p.name.startswith(DELTA_JAR_PREFIXES)) \
+        if folder.is_dir() else []
+    found = {prefix for prefix in DELTA_JAR_PREFIXES for j in jars if Path(j).name.startswith(prefix)}
+    return jars if len(found) == len(DELTA_JAR_PREFIXES) else None
+
+
+def jar_conf(ivy_dir: str = IVY_DIR) -> Dict[str, str]:
+    """The fetched jars by path (no Ivy resolution, nothing printed, no network), or the Maven package."""
+    jars = delta_jars(ivy_dir)
+    if jars:
+        return {"spark.jars": ",".join(jars)}
+    return {"spark.jars.packages": DELTA_PACKAGE, "spark.jars.ivy": ivy_dir}
+
+
 def base_conf(ivy_dir: str = IVY_DIR, python: Optional[str] = None) -> Dict[str, str]:
     """Spark settings shared by every job (and written to spark-defaults.conf)."""
     python = python or sys.executable
     return {
-        "spark.jars.packages": DELTA_PACKAGE,
-        "spark.jars.ivy": ivy_dir,
+        **jar_conf(ivy_dir),
         "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
         "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
         # local mode: the driver JVM is the executor too; 1 GiB (Spark's default) is tight for image bytes
@@ -34,7 +55,6 @@ def base_conf(ivy_dir: str = IVY_DIR, python: Optional[str] = None) -> Dict[str,
         "spark.executorEnv.OMP_NUM_THREADS": "1",
         "spark.executorEnv.OPENBLAS_NUM_THREADS": "1",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
-        "spark.ui.showConsoleProgress": "false",
         "spark.sql.session.timeZone": "UTC",
     }
 
@@ -71,7 +91,9 @@ def get_spark(app_name: str, extra: Optional[Dict[str, str]] = None):
     builder = SparkSession.builder.appName(app_name)
     if not under_spark_submit:
         builder = builder.master(os.environ.get("FACEAGE_SPARK_MASTER", "local[*]"))
-    for key, value in {**base_conf(), **(extra or {})}.items():
+    # Spark's stage progress bar where a person watches (a terminal), not in logs and CI
+    progress = {"spark.ui.showConsoleProgress": "true" if sys.stderr.isatty() else "false"}
+    for key, value in {**base_conf(), **progress, **(extra or {})}.items():
         if given is None or not given.contains(key):
             builder = builder.config(key, value)
     spark = builder.getOrCreate()
@@ -97,9 +119,17 @@ def spark_home() -> Path:
 
 
 def write_defaults(path: Optional[Path] = None) -> Path:
-    """Write base_conf into pyspark's conf/spark-defaults.conf so plain spark-submit gets Delta."""
+    """Write base_conf into pyspark's conf/spark-defaults.conf so plain spark-submit gets Delta, and the
+    project's log4j2.properties beside it (quiet consoles). Delta's jars are fetched once here (Ivy, from
+    Maven Central) and named by path afterwards, so no job resolves them again."""
+    import shutil
+
     path = path or spark_home() / "conf" / "spark-defaults.conf"
     path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(LOG4J2, path.parent / "log4j2.properties")
+    if delta_jars() is None:  # one JVM start to let Ivy fetch them
+        spark = get_spark("faceage-install")
+        spark.stop()
     lines = ["# written by `python -m spark_jobs.session --write-defaults` (faceage install step)"]
     lines += [f"{k} {v}" for k, v in base_conf().items()]
     path.write_text("\n".join(lines) + "\n")

@@ -24,3 +24,8 @@ def test_make_e2e_ends_in_a_report(tmp_path):
     summary = json.loads((out / "train" / "summary.json").read_text())
     assert metrics["overall"]["mae"] == pytest.approx(summary["test_mae"], rel=1e-4)  # same crops, same model
     assert "data:image/png;base64," in (out / "report" / "report.html").read_text()
+    # quiet consoles: no Spark INFO lines, no Ivy resolution report, no log4j start-up notice
+    lines = (proc.stdout + proc.stderr).splitlines()
+    noise = [line for line in lines if " INFO " in line or ":: resolving" in line or "Ivy Default Cache" in line
+             or "log4j" in line.lower()]
+    assert noise == [], noise[:5]

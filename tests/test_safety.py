@@ -413,6 +413,8 @@ def test_tune_checks_data_before_creating_a_study_and_redacts_passwords(tables, 
     assert tune.main(["--data", str(tmp_path / "missing"), "--output", str(out)]) == 2
     assert "--data" in one_error_line(capsys.readouterr().err, "tune")
     assert not out.exists()  # no study database left to confuse the rerun
+    assert tune.main(["--data", str(root / "pq"), "--output", "s3://bucket/tune"]) == 2
+    assert "remote URIs" in one_error_line(capsys.readouterr().err, "tune") and not os.path.exists("s3:")
     assert tune.main(["--data", str(root / "pq"), "--output", str(out), "--n-trials", "1",
                      "--storage", "postgresql+psycopg://faceage:S3cretPassw0rd@127.0.0.1:1/optuna"]) == 2
     line = one_error_line(capsys.readouterr().err, "tune")

@@ -123,7 +123,12 @@ def test_score_a_table_split_then_evaluate_it(bundles, tables, tmp_path):
     assert true_groups.tolist() == [int(((joined.age >= lo) & (joined.age < hi)).sum()) for lo, hi in
                                     zip(evaluate.AGE_GROUP_BOUNDS, evaluate.AGE_GROUP_BOUNDS[1:] + (999,))]
     page = (report / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and bundle_io.model_id(str(plain)) in page
+    assert page.count("data:image/png;base64,") == len(metrics["plots"]) and bundle_io.model_id(str(plain)) in page
+    assert {"confusion.png", "mae_by_age_group.png", "pred_vs_true.png", "uncertainty.png",
+            "training_curves.png"} == set(metrics["plots"])  # distribution head: a std; its metrics.jsonl found
+    assert 0 <= metrics["uncertainty"]["within_1sd"] <= metrics["uncertainty"]["within_2sd"] <= 1
+    assert all(s["mae_low"] <= s["mae"] <= s["mae_high"] for s in metrics["slices"] if s["count"] > 1)
+    assert "file:" not in page.split("<h2>")[1]  # the header shows paths, not raw URIs
     assert all((report / p).stat().st_size > 5000 for p in metrics["plots"])
 
     # without --split, the train and val labels have no prediction: counted, not dropped
@@ -188,3 +193,41 @@ def test_two_models_of_the_same_file_name_score_in_one_session(bundles, tables, 
     a, b = _rows(tmp_path / "scored-a"), _rows(tmp_path / "scored-b")
     assert set(a.model_id) != set(b.model_id) and len(a) == len(b)
     assert not np.allclose(a.sort_values("face_id").predicted_age, b.sort_values("face_id").predicted_age)
+
+
+def test_predict_without_spark_gives_the_numbers_score_gives(bundles, tmp_path):
+    """spark_jobs.predict (no JVM) and spark_jobs/score.py on the same photos: the same faces, boxes and ages."""
+    import subprocess
+    import sys
+
+    from spark_jobs import predict
+
+    _, detecting = bundles
+    folder = tmp_path / "photos"
+    expected = _mixed_folder(folder)
+    out = tmp_path / "scored"
+    assert score.main(["--model", str(detecting), "--input", str(folder), "--output", str(out)]) == 0
+    rows = _rows(out)
+    scored = {(Path(r.source_path).name, r.face_index): (r.predicted_age, list(r.bbox))
+              for r in rows.itertuples() if r.status == "ok"}
+    predicted = predict.estimate_ages(str(folder), str(detecting))
+    got = {(Path(r["source"]).name, r["face_index"]): (r["age"], r["bbox"]) for r in predicted if r["status"] == "ok"}
+    assert got.keys() == scored.keys() and len(got) == expected["faces"]
+    for key, (age, box) in got.items():
+        assert age == pytest.approx(scored[key][0], abs=1e-3) and box == pytest.approx(scored[key][1], abs=1e-3)
+    statuses = {Path(r["source"]).name: r["status"] for r in predicted if r["status"] != "ok"}
+    assert statuses["no_face.jpg"] == "no_face" and statuses["not_an_image.jpg"] == "not_an_image"
+
+    photo = Image.open(folder / "sub" / "one face.PNG")  # a PIL image and an array: the file's numbers
+    from_file = predict.estimate_ages(str(folder / "sub" / "one face.PNG"), str(detecting))
+    for given in (photo, np.asarray(photo.convert("RGB"))):
+        again = predict.estimate_ages(given, str(detecting))
+        assert [r["age"] for r in again] == pytest.approx([r["age"] for r in from_file], abs=1e-4)
+
+    proc = subprocess.run([sys.executable, "-m", "spark_jobs.predict", str(folder / "two_faces.jpg"), "--model",
+                           str(detecting), "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["face_index"] for r in lines] == [0, 1]
+    assert [r["age"] for r in lines] == pytest.approx([scored[("two_faces.jpg", i)][0] for i in (0, 1)], abs=1e-3)
+    assert "SparkContext" not in proc.stderr and "spark" not in proc.stderr.lower()  # no JVM started

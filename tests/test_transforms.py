@@ -116,6 +116,8 @@ def test_evaluation_transforms_match_numpy(spark):
     assert o["cs5"] == pytest.approx((np.abs(err) <= 5).mean()) and o["bias"] == pytest.approx(err.mean(), rel=1e-5)
     female = next(s for s in agg["slices"] if s["slice"] == "gender" and s["value"] == "female")
     assert female["count"] == n // 2 and female["mae"] == pytest.approx(np.abs(err[1::2]).mean(), rel=1e-6)
+    assert agg["uncertainty"]["within_1sd"] == pytest.approx((np.abs(err) <= 1.0).mean())
+    assert agg["uncertainty"]["corr_abs_error_std"] is None  # every std the same: no correlation, no crash
     matrix, _ = evaluate.confusion(agg["cells"])
     assert matrix.sum() == n and sum(c for _, c, _ in agg["by_age"]) == n
 

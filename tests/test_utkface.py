@@ -111,5 +111,5 @@ def test_evaluate_on_a_utkface_test_split_reports_real_slices(spark, utkface_dir
     assert sum(s["count"] for s in metrics["slices"] if s["slice"] == "race") == n
     summary = json.loads((run / "summary.json").read_text())
     assert metrics["overall"]["mae"] == pytest.approx(summary["test_mae"], rel=1e-4)  # scoring = training's test pass
-    for name in ("slices.csv", "confusion.csv", "confusion.png", "mae_by_age.png", "pred_vs_true.png", "report.html"):
+    for name in ("slices.csv", "confusion.csv", "confusion.png", "mae_by_age_group.png", "pred_vs_true.png", "report.html"):
         assert (report / name).stat().st_size > 100

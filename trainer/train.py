@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from schemas import layout
-from schemas.cli import (Parser, UserError, apply_params, dumps, entry_points, non_negative_int, number,
+from schemas.cli import (Parser, UserError, log, apply_params, dumps, entry_points, non_negative_int, number,
                          positive_int, redact)
 from schemas.outputs import LocalFS, Outputs
 from trainer import bundle as B
@@ -246,7 +246,7 @@ def resume(args, ckpt_path: str, device, image_size: int, model, optimizer, sche
     if not args.resume:
         return Progress()
     if not os.path.exists(ckpt_path):
-        print(f"train: --resume but no {ckpt_path}; starting fresh")
+        log.info(f"train: --resume but no {ckpt_path}; starting fresh")
         return Progress()
     ckpt = load_checkpoint(ckpt_path, device, args, image_size)
     try:
@@ -258,7 +258,7 @@ def resume(args, ckpt_path: str, device, image_size: int, model, optimizer, sche
                          f"({str(e).splitlines()[0][:160]}); rerun with the flags it was written with, or "
                          f"without --resume into a new --output") from None
     torch.set_rng_state(ckpt["torch_rng"])
-    print(f"train: resumed from {ckpt_path} after epoch {ckpt['epoch'] + 1}")
+    log.info(f"train: resumed from {ckpt_path} after epoch {ckpt['epoch'] + 1}")
     return Progress(ckpt["epoch"] + 1, ckpt["best_val_mae"], ckpt["best_model"], ckpt["history"])
 
 
@@ -315,10 +315,10 @@ def run(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     try:
         for epoch in range(state.start_epoch, args.epochs):
             if since_best >= args.early_stop:
-                print(f"train: early stop after {epoch} epochs ({args.early_stop} without a better val MAE)")
+                log.info(f"train: early stop after {epoch} epochs ({args.early_stop} without a better val MAE)")
                 break
             if budget_spent(args, started, epoch, state.start_epoch, world, device):
-                print(f"train: --max-minutes {args.max_minutes} spent after {epoch} epochs")
+                log.info(f"train: --max-minutes {args.max_minutes} spent after {epoch} epochs")
                 break
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
             epoch_start = time.time()
@@ -364,7 +364,7 @@ def record_epoch(args, ckpt_path, metrics_path, model, optimizer, schedule, epoc
         for key in ("train_loss", "val_mae", "val_cs5", "lr", "img_per_s"):
             writer.add_scalar(key, row[key], epoch + 1)
         writer.flush()
-    print(f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.3f} val MAE {row['val_mae']:.2f} "
+    log.info(f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.3f} val MAE {row['val_mae']:.2f} "
           f"lr {row['lr']:.2e} {row['img_per_s']:.0f} img/s" + (" (best)" if improved else ""))
 
 
@@ -395,7 +395,7 @@ def finish(args, model, loaders, sources, state: Progress, image_size, crop, dev
     with open(os.path.join(args.output, "summary.json"), "w") as f:
         f.write(redact(dumps(summary)))
     test_line = f"test MAE {test['test_mae']:.2f}, CS@5 {test['test_cs5']:.3f}, RMSE {test['test_rmse']:.2f}"
-    print(f"train: {test_line}; bundle {bundle_path}")
+    log.info(f"train: {test_line}; bundle {bundle_path}")
     return summary
 
 

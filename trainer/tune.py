@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
-from schemas.cli import Parser, UserError, dumps, entry_points, non_negative_int, number, positive_int, redact
+from schemas.cli import Parser, UserError, log, dumps, entry_points, non_negative_int, number, positive_int, redact
 
 # ----------------------------------------------------------------------------- the search space
 
@@ -241,6 +241,9 @@ def check_data(args) -> int:
 
     if not args.data:
         raise TuneError("--data is required (a prepare output)")
+    if "://" in args.output and not args.output.startswith("file:"):
+        raise TuneError(f"--output {args.output}: remote URIs are not written by the tuner yet; give a local folder "
+                        f"(a URI is never turned into a local folder named after its scheme)")
     try:
         rows = D.split_source(args.data, "train").rows
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -336,7 +339,7 @@ def _plots(study, best, folder: str) -> List[str]:
             plt.close(fig)
             written.append(name)
         except (ValueError, RuntimeError) as e:  # e.g. importances need 2+ complete trials
-            print(f"tune: plot {name} skipped: {e}", file=sys.stderr)
+            log.warning(f"tune: plot {name} skipped: {e}")
 
     import warnings
 
@@ -358,7 +361,7 @@ def _plots(study, best, folder: str) -> List[str]:
 
 def report_line(report: dict) -> None:
     b = report["best"]
-    print(f"tune: study {report['study']!r}: {report['trials']['complete']} complete, {report['trials']['pruned']} "
+    log.info(f"tune: study {report['study']!r}: {report['trials']['complete']} complete, {report['trials']['pruned']} "
           f"pruned, {report['trials']['fail']} failed; best #{b['number']} val MAE {b['val_mae']:.2f} "
           f"(test MAE {b['test_mae']:.2f}); params -> {report['best_params_file']}")
 
