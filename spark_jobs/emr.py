@@ -60,6 +60,17 @@ class EmrError(UserError):
 
 # ----------------------------------------------------------------------------- the code bundle
 
+def requirements_lock() -> str:
+    """The pinned environment: beside the code in a checkout, or where the wheel installed it
+    (share/faceage/requirements.lock under the environment's prefix)."""
+    for candidate in (os.path.join(REPO, "requirements.lock"),
+                      os.path.join(sys.prefix, "share", "faceage", "requirements.lock")):
+        if os.path.isfile(candidate):
+            return candidate
+    raise EmrError("requirements.lock not found beside the code or under share/faceage: reinstall faceage "
+                   "(make install, or the wheel from make dist)")
+
+
 def build(out_dir: str) -> Dict[str, str]:
     """dist/: the zip for --py-files, each job's entry script, requirements.lock and the bootstrap script."""
     os.makedirs(out_dir, exist_ok=True)
@@ -79,7 +90,7 @@ def build(out_dir: str) -> Dict[str, str]:
         with open(os.path.join(REPO, script), "rb") as src, open(target, "wb") as dst:
             dst.write(src.read())
         files[script] = target
-    for name, src in (("requirements.lock", os.path.join(REPO, "requirements.lock")),
+    for name, src in (("requirements.lock", requirements_lock()),
                       (BOOTSTRAP, os.path.join(REPO, "spark_jobs", BOOTSTRAP))):
         target = os.path.join(out_dir, name)
         with open(src, "rb") as s, open(target, "wb") as d:

@@ -37,14 +37,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("prepare", prog="spark-submit spark_jobs/prepare.py",
                description="Turn folders of face photos into a labelled faces table (Parquet or Delta), "
                            "a rejects table and a JSON run manifest.")
-    p.add_argument("--input", action="append", metavar="URI",
-                   help="image folder (local path, file:, s3a://, hdfs://); read recursively; repeatable")
+    p.add_argument("--input", action="extend", nargs="+", metavar="URI",
+                   help="image folders (local path, file:, s3a://, hdfs://), read recursively: --input A B or "
+                        "--input A --input B")
     p.add_argument("--output", metavar="URI",
                    help="output root: writes faces/, rejects/, manifest.json and _runs/<run_id>.json under it")
     p.add_argument("--format", default="parquet", choices=FORMATS, help="table format")
     p.add_argument("--mode", default="overwrite", choices=MODES,
-                   help="overwrite replaces a table faceage wrote (never anything else); append adds rows and "
-                        "skips content already in the table")
+                   help="if OUTPUT already holds tables: overwrite replaces tables faceage wrote (never anything "
+                        "else); append adds rows, skipping content already there; error refuses")
     p.add_argument("--labels", default="utkface",
                    help="utkface (age_gender_race_date.jpg), fgnet (SSSAaa.JPG) or manifest:URI "
                         "(CSV/Parquet with path, age and optional gender, race, subject_id)")
@@ -186,6 +187,9 @@ def run(args, resolved: dict) -> dict:
     outputs = Outputs(fs, output, "prepare", run_id,
                       legacy=lambda name: looks_like_manifest(fs, layout.join(output, layout.LATEST_MANIFEST),
                                                               ("run_id", "counts", "output", "format")))
+    if args.mode == "error" and (outputs.exists(layout.FACES_DIR) or outputs.exists(layout.REJECTS_DIR)):
+        raise UserError(f"--output {output} already holds tables (--mode error); use --mode overwrite or append, "
+                        f"or another --output")
     outputs.check(OWN_ENTRIES)  # before any work: never replace what faceage did not write
     faces_write = storage.TableWrite(spark, outputs, layout.FACES_DIR, fmt, args.mode, partition_by="split")
     rejects_write = storage.TableWrite(spark, outputs, layout.REJECTS_DIR, fmt, args.mode)

@@ -45,11 +45,13 @@ NO_FACE = ("no_face", "face_too_small")  # a readable photo without a usable fac
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("score", prog="spark-submit spark_jobs/score.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="model bundle written by python -m trainer.train")
-    p.add_argument("--input", required=True, nargs="+", help="photo folders, or a prepare output / faces table")
+    p.add_argument("--input", required=True, action="extend", nargs="+", metavar="URI",
+                   help="photo folders, or a prepare output / faces table: --input A B or --input A --input B")
     p.add_argument("--output", required=True, help="folder for predictions/ and score_manifest.json")
     p.add_argument("--format", default="parquet", choices=FORMATS)
-    p.add_argument("--mode", default="error", choices=("error", "overwrite"),
-                   help="if OUTPUT already holds predictions: error, or overwrite (only predictions faceage wrote)")
+    p.add_argument("--mode", default="overwrite", choices=("overwrite", "error"),
+                   help="if OUTPUT already holds predictions: overwrite replaces predictions faceage wrote (never "
+                        "anything else); error refuses")
     p.add_argument("--input-kind", default="auto", choices=("auto", "photos", "table"),
                    help="auto: a folder holding faces/ (or a table) is a table, anything else photos")
     p.add_argument("--split", default=None, choices=SPLITS, help="table input: score only this split")

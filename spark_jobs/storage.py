@@ -7,7 +7,7 @@ from typing import Optional
 from schemas import layout
 
 FORMATS = ("parquet", "delta")
-MODES = ("overwrite", "append")
+MODES = ("overwrite", "append", "error")  # what a job does with outputs already there
 MAX_FILE_BYTES = 64 * 2**20  # input files larger than this are rejected unread (prepare and score alike)
 
 

@@ -102,3 +102,23 @@ def test_transient_cluster_request_matches_the_service_model(tmp_path):
 def test_bad_requests_are_refused_before_any_call(bad, message, tmp_path, capsys):
     assert emr.main(["--dry-run", "--dist", str(tmp_path / "d"), *bad]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_wheel_carries_every_data_file_the_code_reads(tmp_path, monkeypatch):
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                           str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("faceage-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"spark_jobs/log4j2.properties", "spark_jobs/emr_bootstrap.sh"} <= names
+    assert any(n.endswith(".data/data/share/faceage/requirements.lock") for n in names)
+    # installed from that wheel, the code finds the pins under the environment's prefix
+    prefix = tmp_path / "prefix"
+    (prefix / "share" / "faceage").mkdir(parents=True)
+    (prefix / "share" / "faceage" / "requirements.lock").write_text("torch==2.14.1\n")
+    monkeypatch.setattr(emr, "REPO", str(tmp_path / "no-checkout"))
+    monkeypatch.setattr(sys, "prefix", str(prefix))
+    assert emr.requirements_lock() == str(prefix / "share" / "faceage" / "requirements.lock")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "elsewhere"))
+    with pytest.raises(emr.EmrError, match="requirements.lock not found"):
+        emr.requirements_lock()

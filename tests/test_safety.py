@@ -446,3 +446,14 @@ def test_redaction_covers_urls_keys_and_secret_environment(monkeypatch):
         assert secret not in out
     assert "postgresql://bob:***@db/x" in out
     assert cli.dumps({"a": float("nan"), "b": [float("inf"), 1.0]}) == '{\n  "a": null,\n  "b": [\n    null,\n    1.0\n  ]\n}'
+
+
+def test_inputs_in_one_flag_or_repeated_and_mode_error(spark, tmp_path, capsys):
+    a, b = faces_folder(tmp_path / "a", 2), faces_folder(tmp_path / "b", 3, start=10)
+    out = tmp_path / "out"
+    assert prepare.main(["--input", str(a), str(b), "--output", str(out)] + NONE) == 0  # nargs form
+    assert strict_json(out / "manifest.json")["counts"]["inputs"] == 5
+    before = sorted(layout.table_files(str(out / "faces")))
+    assert prepare.main(["--input", str(a), "--input", str(b), "--output", str(out), "--mode", "error"] + NONE) == 2
+    assert "already holds tables (--mode error)" in one_error_line(capsys.readouterr().err, "prepare")
+    assert sorted(layout.table_files(str(out / "faces"))) == before
