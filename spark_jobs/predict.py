@@ -71,11 +71,11 @@ def _read(path: str) -> bytes:
 
 
 def estimate_ages(photos: Union[Photo, Iterable[Photo]], model: str, detector: str = "auto",
-                  device: str = "cpu", batch_size: int = 64) -> List[dict]:
+                  device: str = "cpu", batch_size: int = 64, tta: str = "none") -> List[dict]:
     """One dict per face found (bbox, age, uncertainty), or per photo without one (status, detail).
 
     detector: auto (detect and align to the model's framing), yunet, hog, or none (the photos are already
-    aligned face chips)."""
+    aligned face chips). tta "flip" averages each face and its mirror image."""
     from spark_jobs import score_steps
     from trainer.bundle import Predictor, model_id
 
@@ -84,7 +84,7 @@ def estimate_ages(photos: Union[Photo, Iterable[Photo]], model: str, detector: s
     predictor = Predictor(model, device, detector=detector)
     settings = score_steps.ScoreSettings(bundle=model, model_id=model_id(model), data_version=None,
                                          input_version=None, run_id="predict", batch_size=batch_size,
-                                         device=device, detector=detector)
+                                         device=device, detector=detector, tta=tta)
     rows = score_steps.score_photos(_records(photos), predictor, settings)
     return [{"source": r["source_path"], "face_index": r["face_index"], "bbox": r["bbox"],
              "age": r["predicted_age"], "uncertainty": r["uncertainty"], "status": r["status"],
@@ -101,6 +101,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     framing.add_argument("--aligned", action="store_true", help="the photos are aligned face chips (= --detector none)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--batch-size", type=positive_int, default=64, help="faces per inference batch")
+    p.add_argument("--tta", default="none", choices=("none", "flip"),
+                   help="test-time augmentation: flip averages each face and its mirror image")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     return p
 
@@ -108,7 +110,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _job(argv: Optional[List[str]]) -> int:
     args = get_args_parser().parse_args(argv)
     rows = estimate_ages(args.photos, args.model, "none" if args.aligned else args.detector, args.device,
-                         args.batch_size)
+                         args.batch_size, args.tta)
     for r in rows:
         if args.json:
             print(json.dumps(r))

@@ -60,6 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-file-bytes", type=positive_int, default=MAX_FILE_BYTES,
                    help="photos larger than this are not read")
     p.add_argument("--batch-size", type=positive_int, default=64, help="faces per inference batch")
+    p.add_argument("--tta", default="none", choices=("none", "flip"),
+                   help="test-time augmentation: flip averages each face and its mirror image (twice the inference)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA when an executor has one")
     framing = p.add_mutually_exclusive_group()
@@ -199,7 +201,8 @@ def _score(spark, args, resolved: dict, outputs, started: float) -> dict:
     settings = score_steps.ScoreSettings(
         bundle=os.path.basename(shipped), spark_file=True, model_id=mid,
         data_version=(bundle.get("data") or {}).get("version"), input_version=input_version, run_id=run_id,
-        batch_size=args.batch_size, device=args.device, detector=args.detector, max_file_bytes=args.max_file_bytes)
+        batch_size=args.batch_size, device=args.device, detector=args.detector, max_file_bytes=args.max_file_bytes,
+        tta=args.tta)
     scored = faces.mapInPandas(lambda it: score_steps.score_partition(it, settings, kind), schema=schema)
     to_write = scored.withColumn("bbox", sf.to_json("bbox")) if args.format == "csv" else scored
     write = storage.TableWrite(spark, outputs, PREDICTIONS_DIR, args.format, "overwrite", in_place_delta=False)
@@ -220,7 +223,7 @@ def _score(spark, args, resolved: dict, outputs, started: float) -> dict:
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "argv": redact_all(sys.argv[1:]), "model": resolved["model"], "model_id": settings.model_id,
         "model_data": bundle.get("data"), "model_metrics": bundle.get("metrics"),
-        "model_framing": bundle.get("framing"),
+        "model_framing": bundle.get("framing"), "tta": args.tta,
         "photo_crop": pred.to_dict() if pred is not None else None,
         "input": {"uris": resolved["inputs"], "kind": kind, "split": args.split, "version": input_version},
         "output": {"predictions": out_uri, "format": args.format},

@@ -38,6 +38,7 @@ class ScoreSettings:
     spark_file: bool = False
     detector: str = "auto"  # photos: auto (detect + align to the bundle's framing) | yunet | hog | none (chips)
     max_file_bytes: int = 64 * 2**20
+    tta: str = "none"  # "flip": each face and its mirror image, averaged
 
 
 _PREDICTORS: Dict[str, Predictor] = {}
@@ -118,7 +119,7 @@ def _infer(rows, pixels, pred: Predictor, settings: ScoreSettings, timings: dict
     if not pixels:
         return
     t0 = time.perf_counter()
-    ages, stds = pred.predict(np.stack(pixels), settings.batch_size)
+    ages, stds = pred.predict(np.stack(pixels), settings.batch_size, settings.tta)
     timings["infer"] = timings.get("infer", 0.0) + time.perf_counter() - t0
     ok = [r for r in rows if r["status"] == "ok"]
     for row, age, std in zip(ok, ages, stds):

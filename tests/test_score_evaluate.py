@@ -71,8 +71,10 @@ def test_scoring_a_mixed_folder_accounts_for_every_photo(bundles, tmp_path):
     no_pred = rows[rows.status != "ok"]
     assert no_pred.predicted_age.isna().all() and no_pred.face_index.isna().all() and no_pred.detail.notna().all()
     assert set(rows.model_id) == {bundle_io.model_id(str(detecting))}
-    # the output folder is not overwritten by accident
-    assert score.main(["--model", str(detecting), "--input", str(tmp_path / "photos"), "--output", str(out)]) == 2
+    # --mode error refuses an output that holds predictions; the default replaces faceage's own
+    assert score.main(["--model", str(detecting), "--input", str(tmp_path / "photos"), "--output", str(out),
+                       "--mode", "error"]) == 2
+    assert score.main(["--model", str(detecting), "--input", str(tmp_path / "photos"), "--output", str(out)]) == 0
 
 
 def test_the_model_is_loaded_once_per_worker_process(bundles):

@@ -94,3 +94,26 @@ def test_bad_bundles_are_refused_with_a_reason(tmp_path, capsys):
     assert "this must never run" not in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="no such file"):
         B.load_bundle(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("head", M.HEADS)
+def test_flip_tta_only_averages_the_two_passes(head):
+    torch.manual_seed(0)
+    model = M.build_model(head).eval()
+    half = torch.randn(3, 3, 32, 16)
+    symmetric = torch.cat([half, torch.flip(half, dims=[3])], dim=3)  # each image equals its mirror
+    with torch.no_grad():
+        plain, _ = M.predict_ages(model, symmetric, head, "none")
+        flipped, _ = M.predict_ages(model, symmetric, head, "flip")
+        assert torch.allclose(plain, flipped, atol=1e-4)  # nothing to average: the same ages
+        x = torch.randn(4, 3, 32, 32)
+        a, _ = M.predict_ages(model, x, head, "none")
+        b, _ = M.predict_ages(model, torch.flip(x, dims=[3]), head, "none")
+        both, _ = M.predict_ages(model, x, head, "flip")
+    if head == "regression":
+        assert torch.allclose(both, (a + b) / 2, atol=1e-5)
+    else:  # the averaged distribution's mean is the mean of the two means
+        assert torch.allclose(both, (a + b) / 2, atol=1e-3)
+    assert not torch.allclose(a, b)  # the mirror did give another answer, so averaging was real
+    with pytest.raises(ValueError, match="tta 'rotate'"):
+        M.predict_ages(model, x, head, "rotate")

@@ -22,7 +22,7 @@ from torch import nn
 
 from schemas.cli import UserError
 from schemas.crop import CropSettings, scoring_settings
-from trainer.model import HEADS, build_model, decode
+from trainer.model import HEADS, build_model, predict_ages
 
 BUNDLE_FORMAT = "faceage-model-bundle"
 BUNDLE_VERSION = 1
@@ -190,8 +190,9 @@ class Predictor:
         trained = CropSettings.from_dict(dict(bundle["crop"]), "model bundle")
         return scoring_settings(trained, detector, size=trained.size)
 
-    def predict(self, pixels: np.ndarray, batch_size: int = 64):
-        """uint8 N x H x W x 3 -> (ages, stds) float32 arrays; std is NaN for a regression head."""
+    def predict(self, pixels: np.ndarray, batch_size: int = 64, tta: str = "none"):
+        """uint8 N x H x W x 3 -> (ages, stds) float32 arrays; std is NaN for a regression head.
+        tta "flip": the mirrored faces too, averaged (trainer.model.predict_ages)."""
         import torch
 
         ages, stds = [], []
@@ -199,7 +200,7 @@ class Predictor:
             for i in range(0, len(pixels), batch_size):
                 x = torch.from_numpy(pixels[i:i + batch_size]).to(self.device).permute(0, 3, 1, 2)
                 x = (x.float() / 255.0 - self.mean) / self.std
-                age, std = decode(self.model(x), self.head)
+                age, std = predict_ages(self.model, x, self.head, tta)
                 ages.append(age.float().cpu().numpy())
                 stds.append(std.float().cpu().numpy())
         if not ages:

@@ -77,6 +77,25 @@ def decode(outputs: torch.Tensor, head: str) -> Tuple[torch.Tensor, torch.Tensor
     return mean, var.clamp_min(0).sqrt()
 
 
+TTA = ("none", "flip")
+
+
+def predict_ages(model, x: torch.Tensor, head: str, tta: str = "none") -> Tuple[torch.Tensor, torch.Tensor]:
+    """(age, std) of a normalised N x 3 x H x W batch. tta "flip" also runs the mirrored batch and averages:
+    the two predicted distributions (distribution head: then decoded) or the two ages (regression)."""
+    if tta not in TTA:
+        raise ValueError(f"tta {tta!r}: use one of {TTA}")
+    out = model(x)
+    if tta == "none":
+        return decode(out, head)
+    mirrored = model(torch.flip(x, dims=[3]))
+    if head == "regression":
+        age = (out.float().squeeze(1) + mirrored.float().squeeze(1)) / 2
+        return age, torch.full_like(age, float("nan"))
+    probs = (torch.softmax(out.float(), dim=1) + torch.softmax(mirrored.float(), dim=1)) / 2
+    return decode(torch.log(probs.clamp_min(1e-12)), head)
+
+
 def loss_fn(outputs: torch.Tensor, ages: torch.Tensor, head: str, kind: str = "l1") -> torch.Tensor:
     """Training loss: L1 / smooth-L1 for regression; KL to the target distribution + L1 of the
     expected age for the distribution head."""

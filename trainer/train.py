@@ -87,6 +87,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle-buffer", type=non_negative_int, default=1024)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--tta", default="none", choices=M.TTA,
+                   help="test-time augmentation of the final val/test metrics: flip averages each face and its "
+                        "mirror image (epochs are still chosen without it)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -180,7 +183,7 @@ def _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, 
 
 
 @torch.no_grad()
-def evaluate(model, loader, head, device, progress, prefix: str) -> Dict[str, float]:
+def evaluate(model, loader, head, device, progress, prefix: str, tta: str = "none") -> Dict[str, float]:
     model.eval()
     errors = []
     for batch in progress(loader, desc=prefix, leave=False):
@@ -188,8 +191,7 @@ def evaluate(model, loader, head, device, progress, prefix: str) -> Dict[str, fl
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(x)
-        age, _ = M.decode(out, head)
+            age, _ = M.predict_ages(model, x, head, tta)
         errors.append((age.cpu() - batch["age"].float()).numpy())
     err = np.concatenate(errors) if errors else np.array([])
     return {f"{prefix}_mae": float(np.abs(err).mean()), f"{prefix}_rmse": float(np.sqrt((err**2).mean())),
@@ -374,11 +376,11 @@ def finish(args, model, loaders, sources, state: Progress, image_size, crop, dev
     if state.best_state is None:
         raise TrainError("no epoch was trained (check --epochs, or the checkpoint already finished)")
     model.load_state_dict(state.best_state)
-    test = evaluate(model, loaders["test"], args.head, device, progress, "test")
-    val = evaluate(model, loaders["val"], args.head, device, progress, "val")
+    test = evaluate(model, loaders["test"], args.head, device, progress, "test", args.tta)
+    val = evaluate(model, loaders["val"], args.head, device, progress, "val", args.tta)
     summary = {"best_val_mae": state.best, **val, **test, "epochs_run": len(state.history), "image_size": image_size,
                "device": str(device), "data": args.data, "data_version": sources["train"].version,
-               "rows": {s: src.rows for s, src in sources.items()}, "world_size": world}
+               "rows": {s: src.rows for s, src in sources.items()}, "world_size": world, "tta": args.tta}
     bundle_path = args.bundle or os.path.join(args.output, "model.pt")
     summary["bundle"] = bundle_path
     if world > 1:
