@@ -187,3 +187,42 @@ def test_more_shards_than_row_groups_is_refused(tables):
     settings = data.LoaderSettings(cur_shard=0, shard_count=len(source.row_groups()) + 1)
     with pytest.raises(ValueError, match="fewer than"):
         list(data.SplitLoader(source, settings, train=True))
+
+
+@pytest.mark.parametrize("reader", data.READERS)
+def test_the_cache_yields_the_same_rows_as_reading(tables, reader):
+    """--cache: the first pass keeps the decoded crops; later epochs come from memory with the same rows (val:
+    the same images; train: the same ages, freshly shuffled and augmented), each epoch's count still checked."""
+    root, _, _ = tables
+    base = data.LoaderSettings(batch_size=8, image_size=32, workers=2, shuffle_buffer=16, reader=reader)
+    cached_settings = data.LoaderSettings(**{**base.__dict__, "cache": True})
+    for split, train in (("val", False), ("train", True)):
+        source = data.split_source(str(root / "pq"), split)
+        plain, cached = data.SplitLoader(source, base, train), data.SplitLoader(source, cached_settings, train)
+        for epoch in range(3):
+            a = list(plain)
+            b = list(cached)
+            assert cached._cache is not None  # filled by the first complete pass
+            ages_a = sorted(x for batch in a for x in batch["age"].tolist())
+            ages_b = sorted(x for batch in b for x in batch["age"].tolist())
+            assert ages_a == ages_b and len(ages_b) == source.rows
+            if not train:  # no augmentation: the very same images (order aside)
+                key = lambda batches: sorted(im.numpy().tobytes() for batch in batches for im in batch["image"])  # noqa: E731
+                assert key(a) == key(b)
+    with pytest.raises(ValueError, match="leave out --cache for distributed training"):
+        data.SplitLoader(source, data.LoaderSettings(cache=True, cur_shard=0, shard_count=2), True)
+
+
+def test_cached_epochs_read_nothing_from_disk(tables, tmp_path):
+    import shutil
+
+    root, _, _ = tables
+    copy = tmp_path / "pq"
+    shutil.copytree(root / "pq", copy)
+    source = data.split_source(str(copy), "train")
+    loader = data.SplitLoader(source, data.LoaderSettings(batch_size=8, image_size=32, workers=2, cache=True,
+                                                          reader="pyarrow"), train=True)
+    first = sorted(x for batch in loader for x in batch["age"].tolist())
+    shutil.rmtree(copy / "faces")  # the table is gone: a cached epoch must not need it
+    second = sorted(x for batch in loader for x in batch["age"].tolist())
+    assert first == second and len(second) == source.rows

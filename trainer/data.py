@@ -207,12 +207,23 @@ def batches(row_groups, batch_size: int, shuffle_buffer: int, generator=None):
             yield {"image": pool_x[i:i + batch_size], "age": pool_y[i:i + batch_size]}
 
 
-def decode_ahead(raw_groups, size: int, strength: float, seed: int, workers: int) -> Iterator:
-    """(JPEG bytes, ages) row groups -> (uint8 N x 3 x H x W images, float32 N ages) tensors.
+class DecodedGroup:
+    """A row group already decoded at the training size (from the --cache), in place of its JPEG bytes."""
+
+    __slots__ = ("pixels",)
+
+    def __init__(self, pixels: np.ndarray):
+        self.pixels = pixels  # uint8 N x H x W x 3
+
+
+def decode_ahead(raw_groups, size: int, strength: float, seed: int, workers: int,
+                 keep: Optional[list] = None) -> Iterator:
+    """(JPEG bytes or DecodedGroup, ages) row groups -> (uint8 N x 3 x H x W images, float32 N ages) tensors.
 
     A pool of `workers` threads decodes (and augments, strength > 0) whole row groups, up to
     2 x workers groups ahead of the consumer (bounded memory), yielded in arrival order. PIL releases
-    the GIL while it decodes and warps, so the threads run beside the training loop.
+    the GIL while it decodes and warps, so the threads run beside the training loop. With `keep`, every
+    group's decoded, not yet augmented pixels are appended to it (the --cache's first pass).
     """
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -221,7 +232,13 @@ def decode_ahead(raw_groups, size: int, strength: float, seed: int, workers: int
 
     def work(index, images, ages):
         rng = np.random.default_rng([seed, index])
-        pixels = np.stack([augment(decode_image(b, size), rng, strength) for b in images])
+        if isinstance(images, DecodedGroup):
+            decoded = images.pixels
+        else:
+            decoded = np.stack([decode_image(b, size) for b in images])
+            if keep is not None:  # with its arrival index: the cache's order does not depend on thread timing
+                keep.append((index, DecodedGroup(decoded), np.asarray(ages, dtype=np.float32)))
+        pixels = np.stack([augment(p, rng, strength) for p in decoded]) if strength > 0 else decoded
         # N x 3 x H x W as a view: channels-last memory, which convolutions take as it is
         return torch.from_numpy(pixels).permute(0, 3, 1, 2), torch.from_numpy(np.asarray(ages, dtype=np.float32))
 
@@ -234,6 +251,11 @@ def decode_ahead(raw_groups, size: int, strength: float, seed: int, workers: int
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def cache_bytes(rows: int, size: int) -> int:
+    """Memory the --cache of a split needs: its crops decoded at the training size."""
+    return rows * size * size * 3
 
 
 def pyarrow_groups(groups: List[Tuple[str, int, int]], seed: int, shuffle: bool) -> Iterator:
@@ -269,6 +291,7 @@ class LoaderSettings:
     reader: str = "petastorm"  # or "pyarrow": no Petastorm needed (e.g. a GPU box without it)
     cur_shard: Optional[int] = None  # this rank's shard of the row groups (distributed training)
     shard_count: Optional[int] = None
+    cache: bool = False  # keep the decoded crops after the first pass; later epochs decode nothing
 
 
 class SplitLoader:
@@ -279,6 +302,18 @@ class SplitLoader:
         self.settings = settings
         self.train = train
         self.epoch = 0
+        self._cache: Optional[list] = None  # [(DecodedGroup, ages)] once a whole pass was kept
+        if settings.cache and settings.shard_count is not None:
+            raise ValueError("--cache keeps one process's whole split; a sharded rank reads other row groups each "
+                             "epoch: leave out --cache for distributed training")
+        if settings.cache:
+            import psutil
+
+            need, free = cache_bytes(source.rows, settings.image_size), psutil.virtual_memory().available
+            if need > free // 2:
+                raise ValueError(f"--cache needs {need / 2**20:.0f} MiB for the {source.split} split at "
+                                 f"{settings.image_size} px but only {free / 2**20:.0f} MiB are free; leave out "
+                                 f"--cache or lower --image-size")
 
     def __len__(self) -> int:
         """Batches per epoch (a shard's share of the split when sharded: exact size varies by epoch)."""
@@ -308,7 +343,13 @@ class SplitLoader:
         generator = torch.Generator().manual_seed(seed)
         strength = s.augment_strength if self.train else 0.0
         reader = None
-        if s.reader == "pyarrow":
+        keep = [] if s.cache and self._cache is None else None  # the first pass of a --cache loader
+        if self._cache is not None:  # a whole pass is in memory: its groups, in this epoch's order
+            order = np.arange(len(self._cache))
+            if self.train:
+                np.random.default_rng(seed).shuffle(order)
+            raw = (self._cache[i] for i in order)
+        elif s.reader == "pyarrow":
             raw = pyarrow_groups(mine, seed, self.train)
         else:
             # Petastorm reads, shuffles and shards row groups of JPEG bytes; decoding happens in our
@@ -320,7 +361,7 @@ class SplitLoader:
                 cur_shard=s.cur_shard, shard_count=s.shard_count, schema_fields=["image", "age"])
             raw = ((group.image, group.age) for group in reader)
         aug_seed = seed if s.cur_shard is None else seed * 1009 + s.cur_shard  # ranks augment differently
-        groups = decode_ahead(raw, s.image_size, strength, aug_seed, s.workers)
+        groups = decode_ahead(raw, s.image_size, strength, aug_seed, s.workers, keep)
         seen = 0
         try:
             for batch in batches(groups, s.batch_size, s.shuffle_buffer if self.train else 0, generator):
@@ -334,3 +375,5 @@ class SplitLoader:
             what = "the split has" if s.shard_count is None else f"shard {s.cur_shard}/{s.shard_count} has"
             raise ShortEpochError(f"split {self.source.split!r}: an epoch yielded {seen} rows, {what} "
                                   f"{expected}; refusing to train or evaluate on a partial epoch")
+        if keep is not None:  # a complete, checked pass: later epochs read it from memory
+            self._cache = [(group, ages) for _, group, ages in sorted(keep, key=lambda item: item[0])]

@@ -85,6 +85,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--reader", default="petastorm", choices=D.READERS,
                    help="petastorm, or pyarrow (local tables, no Petastorm needed: e.g. a GPU box without it)")
     p.add_argument("--shuffle-buffer", type=non_negative_int, default=1024)
+    p.add_argument("--cache", action="store_true",
+                   help="keep every split's crops decoded at the training size after the first pass (memory is "
+                        "checked first); later epochs decode nothing, row counts are still checked every epoch")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--tta", default="none", choices=M.TTA,
@@ -219,11 +222,14 @@ def build_loaders(args, sources: dict, image_size: int, rank: int, world: int) -
     groups (val/test whole on every rank)."""
     settings = D.LoaderSettings(batch_size=args.batch_size, image_size=image_size, augment_strength=args.augment,
                                 shuffle_buffer=args.shuffle_buffer, workers=args.workers, seed=args.seed,
-                                reader=args.reader)
-    loaders = {s: D.SplitLoader(src, settings, train=(s == "train")) for s, src in sources.items()}
-    if world > 1:
-        loaders["train"] = D.SplitLoader(sources["train"], dataclasses.replace(
-            settings, cur_shard=rank, shard_count=world), train=True)
+                                reader=args.reader, cache=args.cache)
+    try:
+        loaders = {s: D.SplitLoader(src, settings, train=(s == "train")) for s, src in sources.items()}
+        if world > 1:
+            loaders["train"] = D.SplitLoader(sources["train"], dataclasses.replace(
+                settings, cur_shard=rank, shard_count=world), train=True)
+    except ValueError as e:  # a --cache that does not fit in memory, or with sharded ranks
+        raise TrainError(str(e)) from None
     return loaders
 
 
