@@ -121,6 +121,21 @@ def dedupe_inputs(inputs: Sequence[str], canonical: Callable[[str], str], flag: 
     return kept
 
 
+def check_overlap(inputs, output: str, canonical) -> None:
+    """Refuse an output inside an input, or an input inside the output, compared after resolving links
+    (local paths) or qualifying (Hadoop URIs): a rerun would read its own output, or writing the
+    output could destroy the input."""
+    out = canonical(output)
+    for given in inputs:
+        real = canonical(given)
+        if is_within(out, real):
+            raise UserError(f"--output {output} is inside --input {given}: the job would read its own "
+                            f"output next time; choose an output folder outside the input")
+        if is_within(real, out):
+            raise UserError(f"--input {given} is inside --output {output} (links resolved: {real}): writing "
+                            f"the output could destroy the input; choose an output folder outside the input")
+
+
 # ----------------------------------------------------------------------------- markers
 
 def read_marker(fs, folder: str) -> Optional[dict]:

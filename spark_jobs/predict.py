@@ -35,7 +35,8 @@ def _records(photos) -> List[tuple]:
     import numpy as np
     from PIL import Image
 
-    from spark_jobs.prepare_steps import classify_file
+    from spark_jobs.prepare_steps import classify_file, list_files
+    from spark_jobs.storage import MAX_FILE_BYTES
 
     if isinstance(photos, (str, os.PathLike, bytes, Image.Image, np.ndarray)):
         photos = [photos]
@@ -48,16 +49,12 @@ def _records(photos) -> List[tuple]:
             out.append((f"<image {index}>", buf.getvalue(), None, None))
         elif isinstance(photo, bytes):
             out.append((f"<bytes {index}>", photo, None, None))
-        elif os.path.isdir(photo):
-            for dirpath, dirnames, filenames in os.walk(photo):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    path = os.path.join(dirpath, name)
-                    rel = os.path.relpath(path, photo)
-                    skip = classify_file(path, os.path.getsize(path), rel.startswith((".", "_")), 64 * 2**20)
-                    if skip and skip[0] in ("hidden_file", "unsupported_extension"):
-                        continue  # a folder's other files are not photos
-                    out.append((path, None, *skip) if skip else (path, _read(path), None, None))
+        elif os.path.isdir(photo):  # prepare's own listing: the same files, names and hidden rule as score
+            for path, length, hidden, os_path in list_files(None, [str(photo)]):
+                skip = classify_file(path, length, hidden, MAX_FILE_BYTES)
+                if skip and skip[0] in ("hidden_file", "unsupported_extension"):
+                    continue  # a folder's other files are not photos
+                out.append((path, None, *skip) if skip else (path, _read(os_path), None, None))
         elif os.path.isfile(photo):
             out.append((str(photo), _read(str(photo)), None, None))
         else:

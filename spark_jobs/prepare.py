@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script (spark-submit spark_jobs/prepar
 from schemas import layout  # noqa: E402
 from schemas.cli import (Parser, UserError, log, dumps, entry_points, fraction, new_run_id, number,  # noqa: E402
                          positive_int, redact, redact_all)
-from schemas.outputs import canonical_local, dedupe_inputs, is_within, looks_like_manifest  # noqa: E402
+from schemas.outputs import canonical_local, check_overlap, dedupe_inputs, looks_like_manifest  # noqa: E402
 from schemas.crop import DETECTORS, CropSettings  # noqa: E402
 from spark_jobs.splits import parse_fractions  # noqa: E402
 from spark_jobs.storage import FORMATS, MAX_FILE_BYTES, MODES, to_uri  # noqa: E402
@@ -74,21 +74,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-count", type=number(1, 100_000, integer=True), default=160,
                    help="synthetic images for --demo")
     return p
-
-
-def check_overlap(inputs, output: str, canonical) -> None:
-    """Refuse an output inside an input, or an input inside the output, compared after resolving links
-    (local paths) or qualifying (Hadoop URIs): a rerun would read its own output, or writing the
-    output could destroy the input."""
-    out = canonical(output)
-    for given in inputs:
-        real = canonical(given)
-        if is_within(out, real):
-            raise UserError(f"--output {output} is inside --input {given}: the job would read its own "
-                            f"output next time; choose an output folder outside the input")
-        if is_within(real, out):
-            raise UserError(f"--input {given} is inside --output {output} (links resolved: {real}): writing "
-                            f"the output could destroy the input; choose an output folder outside the input")
 
 
 def validate(args) -> dict:

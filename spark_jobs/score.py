@@ -32,7 +32,7 @@ from schemas import layout  # noqa: E402
 from schemas.cli import (Parser, UserError, log, dumps, entry_points, new_run_id, non_negative_int,  # noqa: E402
                          positive_int, redact, redact_all)
 from schemas.crop import DETECTORS  # noqa: E402
-from schemas.outputs import canonical_local, is_within, looks_like_manifest  # noqa: E402
+from schemas.outputs import canonical_local, check_overlap, looks_like_manifest  # noqa: E402
 from schemas.tables import SPLITS  # noqa: E402
 from spark_jobs.storage import MAX_FILE_BYTES, to_uri  # noqa: E402
 
@@ -115,12 +115,7 @@ def validate(args) -> dict:
         raise UserError("--detector/--aligned apply to photos; a faces table's crops are scored as they are")
     output = to_uri(args.output)
     if kind == "photos" and all(layout.local_path(u) is not None for u in inputs + [output]):
-        out = canonical_local(output)
-        for given, uri in zip(args.input, inputs):
-            real = canonical_local(uri)
-            if is_within(real, out) or is_within(out, real):
-                raise UserError(f"--input {given} and --output {args.output} overlap (links resolved): the output "
-                                f"must be outside the photo folders and not contain them")
+        check_overlap(args.input, args.output, canonical_local)
     return {"model": model_path, "bundle": bundle, "inputs": inputs, "kind": kind, "table": table,
             "output": output}
 

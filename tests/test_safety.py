@@ -457,3 +457,15 @@ def test_inputs_in_one_flag_or_repeated_and_mode_error(spark, tmp_path, capsys):
     assert prepare.main(["--input", str(a), "--input", str(b), "--output", str(out), "--mode", "error"] + NONE) == 2
     assert "already holds tables (--mode error)" in one_error_line(capsys.readouterr().err, "prepare")
     assert sorted(layout.table_files(str(out / "faces"))) == before
+
+
+def test_score_refuses_an_output_inside_its_photo_folder(bundles, tmp_path, capsys):
+    _, detecting = bundles
+    photos = faces_folder(tmp_path / "photos", 2)
+    assert score.main(["--model", str(detecting), "--input", str(photos), "--output", str(photos / "scored")]) == 2
+    assert "is inside --input" in one_error_line(capsys.readouterr().err, "score")
+    link = tmp_path / "out-link"
+    link.symlink_to(photos)
+    assert score.main(["--model", str(detecting), "--input", str(photos), "--output", str(link)]) == 2
+    assert "is inside --input" in one_error_line(capsys.readouterr().err, "score")
+    assert not (photos / "scored").exists() and len(list(photos.iterdir())) == 2  # nothing written into the input
