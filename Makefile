@@ -5,6 +5,10 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.faceage-installed
+# what `make install` adds to the pinned runtime: dev (tests: pytest, moto, mlflow) by default; the Docker image
+# takes EXTRAS=mlflow. TORCH_INDEX: a wheel index for torch/torchvision first (e.g. PyTorch's CPU-only one).
+EXTRAS ?= dev
+TORCH_INDEX ?=
 # spark-submit's launcher finds Spark through the first python3 on PATH: make it the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 UTKFACE ?= ../shared/data/utkface
@@ -24,7 +28,8 @@ $(STAMP): setup.cfg requirements.lock pyproject.toml
 	@command -v java >/dev/null || { echo "install: Java 17 is required for Spark (apt-get install openjdk-17-jre-headless)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 'setuptools>=77' wheel
-	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
+	$(if $(TORCH_INDEX),$(BIN)/pip install -q --index-url $(TORCH_INDEX) $$(grep -E '^torch(vision)?==' requirements.lock))
+	$(BIN)/pip install -q -c requirements.lock -e '.[$(EXTRAS)]'
 	# petastorm declares setuptools<70 (torch needs >=77): its runtime deps come from setup.cfg, it comes without.
 	$(BIN)/pip install -q --no-deps -c requirements.lock petastorm==0.13.1
 	$(BIN)/python -m spark_jobs.session --write-defaults
@@ -56,9 +61,11 @@ dist: install ## what spark-submit needs on a cluster, in dist/ (code zip, scrip
 
 # The multi-worker tuning tests need PostgreSQL: .ci/postgres.sh starts a throwaway one on loopback
 # (installing Debian's package when root); without it those tests skip, except under CI where they fail.
-test: install ## the test suite (starts a throwaway PostgreSQL on loopback)
+# The S3 tests need an S3-compatible server: .ci/s3.sh starts moto's on loopback and stops it afterwards.
+test: install ## the test suite (starts a throwaway PostgreSQL and a local S3 server on loopback)
 	@. .ci/postgres.sh || echo "test: no PostgreSQL server: the multi-worker tuning test will skip"; \
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	. .ci/s3.sh || echo "test: no S3 server from .ci/s3.sh: the S3 tests start their own"; \
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; .ci/s3.sh stop; exit $$rc
 
 check-env: install ## only the environment proofs (pins, Petastorm, torch, Optuna)
 	$(BIN)/python -m pytest tests/test_environment.py -v

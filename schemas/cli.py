@@ -277,6 +277,14 @@ def run_main(stage: str, body: Callable[[], int], extra_user_errors: tuple = ())
     except KeyboardInterrupt:
         sys.stderr.write(f"{stage}: interrupted\n")
         return 130
+    except Exception as e:  # noqa: BLE001 - a storage error from Spark's JVM (no bucket, no access) is the user's
+        from schemas.uri import describe_jvm_error
+
+        text = describe_jvm_error(e)
+        if text is None:
+            raise
+        sys.stderr.write(f"{stage}: error: {redact(text)}\n")
+        return USAGE_EXIT
 
 
 def entry_points(stage: str, job: Callable[[Optional[List[str]]], int]):
@@ -290,3 +298,17 @@ def entry_points(stage: str, job: Callable[[Optional[List[str]]], int]):
 
     main.__doc__ = f"The {stage} CLI: exit 0, or 2 with one `{stage}: error: ...` line for a user's mistake."
     return main, console_main
+
+
+def path_arg(text):
+    """argparse `type=` for every path flag: a local path, a file: URI or a well-formed remote URI
+    (s3://, s3a://, gs://, hdfs://); a mistyped URI such as `s3:/bucket` is refused, never made a local folder."""
+    from schemas.uri import check
+
+    try:
+        return check(text, "value")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)[len("value "):]) from None
+
+
+path_arg.__name__ = "path or URI"

@@ -31,24 +31,28 @@ def rejects_uri(output: str) -> str:
 
 
 def local_path(uri: str) -> Optional[str]:
-    """The filesystem path of a local URI (plain path or file:), else None."""
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    if uri.startswith("file:"):
-        return uri[len("file:"):]
-    if "://" in uri:
-        return None
-    return os.path.abspath(uri)
+    """The filesystem path of a local URI (plain path or file:), else None (schemas.uri.local_path)."""
+    from schemas import uri as uris
+
+    return uris.local_path(uri)
 
 
 def is_delta(uri: str) -> bool:
     path = local_path(uri)
     if path is not None:
         return os.path.isdir(os.path.join(path, "_delta_log"))
-    import fsspec
+    from schemas import uri as uris
 
-    fs, p = fsspec.core.url_to_fs(uri)
-    return fs.exists(join(p, "_delta_log"))
+    return uris.RemoteFS().exists(join(uri, "_delta_log"))
+
+
+def delta_table(uri: str, version: Optional[int] = None):
+    """deltalake's DeltaTable at a local path or URI (an S3-compatible endpoint from the environment)."""
+    from deltalake import DeltaTable
+
+    from schemas import uri as uris
+
+    return DeltaTable(uris.delta_uri(uri), version=version, storage_options=uris.delta_options(uri) or None)
 
 
 def table_files(uri: str, version: Optional[int] = None) -> List[str]:
@@ -59,30 +63,28 @@ def table_files(uri: str, version: Optional[int] = None) -> List[str]:
     `_SUCCESS` marker says the write finished; otherwise IncompleteTableError.
     """
     if is_delta(uri):
-        from deltalake import DeltaTable
-
         try:
-            table = DeltaTable(uri, version=version)
+            table = delta_table(uri, version)
         except Exception as e:  # noqa: BLE001 - deltalake raises its own error types for a missing version
             if version is None:
                 raise ValueError(f"{uri}: cannot read the Delta table ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:200]})") from None
-            latest = DeltaTable(uri).version()
+            latest = delta_table(uri).version()
             raise ValueError(f"{uri}: Delta version {version} does not exist (versions 0..{latest}); "
                              f"give one of those, or leave the version out for the latest") from None
         files = table.file_uris()
-        return [("file://" + f) if f.startswith("/") else f for f in files]
+        return [("file://" + f) if f.startswith("/") else f for f in files]  # s3:// for s3a:// tables
     if version is not None:
         raise ValueError(f"{uri} is a Parquet directory: --data-version applies to Delta tables only")
     path = local_path(uri)
     if path is None:
-        import fsspec
+        from schemas import uri as uris
 
-        fs, root = fsspec.core.url_to_fs(uri)
-        if not fs.exists(join(root, "_SUCCESS")):
+        remote = uris.RemoteFS()
+        if not remote.exists(join(uri, "_SUCCESS")):
             raise IncompleteTableError(_incomplete_message(uri))
-        found = [f for f in fs.find(root) if f.endswith(".parquet") and "/_" not in f[len(root):] and "/." not in f]
-        return [f"{uri.split('://', 1)[0]}://{f}" for f in sorted(found)]
+        return [join(uri, rel) for rel in remote.walk_files(uri)
+                if rel.endswith(".parquet") and not any(part[:1] in "_." for part in rel.split("/"))]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{uri}: no such table directory (run spark_jobs/prepare.py first)")
     if not os.path.exists(os.path.join(path, "_SUCCESS")):
@@ -114,14 +116,9 @@ def output_root(data_uri: str) -> str:
 
 def read_text(uri: str) -> str:
     """A small text file at a local path, file: URI or any fsspec URI (s3://, gs://, hdfs://, ...)."""
-    path = local_path(uri)
-    if path is not None:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    import fsspec
+    from schemas import uri as uris
 
-    with fsspec.open(uri.replace("s3a://", "s3://", 1), "r", encoding="utf-8") as f:
-        return f.read()
+    return uris.read_text(uri)
 
 
 def read_prepare_manifest(data_uri: str) -> dict:

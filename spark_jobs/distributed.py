@@ -72,7 +72,7 @@ def _tune_task(args, worker: int) -> dict:
 
 def spark_workers(args) -> List[dict]:
     """trainer.tune's launcher: --workers Spark tasks, each a tune worker on the shared storage."""
-    from schemas import layout
+    from schemas import uri
     from spark_jobs.session import get_spark
     from trainer import tune
 
@@ -82,8 +82,9 @@ def spark_workers(args) -> List[dict]:
         raise UserError("tune on a cluster needs a database every executor reaches (e.g. --storage "
                         "postgresql://...), not a local SQLite file")
     k = max(1, args.workers)
-    data = os.path.abspath(args.data) if "://" not in args.data and layout.local_path(args.data) else args.data
-    task_args = argparse.Namespace(**{**vars(args), "data": data, "output": os.path.abspath(args.output)})
+    data = args.data if uri.is_remote(args.data) else uri.local_path(args.data)
+    output = args.output if uri.is_remote(args.output) else uri.local_path(args.output)
+    task_args = argparse.Namespace(**{**vars(args), "data": data, "output": output})
     return spark.sparkContext.parallelize(range(k), k).map(lambda w: _tune_task(task_args, w)).collect()
 
 

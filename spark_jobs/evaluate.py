@@ -17,7 +17,9 @@ import datetime as dt
 import html
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Iterator, List, Optional
 
@@ -25,8 +27,10 @@ if __package__ in (None, ""):  # run as a file by spark-submit: make the project
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from schemas import layout  # noqa: E402
-from schemas.cli import Parser, UserError, log, dumps, entry_points, new_run_id, non_negative_int, redact  # noqa: E402
-from schemas.outputs import LocalFS, Outputs  # noqa: E402
+from schemas.cli import (Parser, UserError, log, dumps, entry_points, new_run_id, non_negative_int,  # noqa: E402
+                         path_arg, redact)
+from schemas import uri as uri_io  # noqa: E402
+from schemas.outputs import Outputs  # noqa: E402
 from schemas.tables import SPLITS  # noqa: E402
 from spark_jobs.storage import to_uri  # noqa: E402
 
@@ -51,16 +55,19 @@ REPORT_FILES = ("metrics.json", "slices.csv", "confusion.csv", "confusion.png", 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("evaluate", prog="spark-submit spark_jobs/evaluate.py", description=__doc__.splitlines()[0])
-    p.add_argument("--predictions", required=True, help="score output folder (or its predictions/ table)")
-    p.add_argument("--labels", required=True,
+    p.add_argument("--predictions", required=True, type=path_arg, help="score output folder (or its predictions/ table)")
+    p.add_argument("--labels", required=True, type=path_arg,
                    help="a prepare output / faces table (join on face_id), or a CSV/Parquet manifest with path "
                         "and age (join on source_path)")
-    p.add_argument("--output", required=True,
-                   help="local folder for metrics.json, CSVs, PNGs and report.html (only files faceage wrote "
+    p.add_argument("--output", required=True, type=path_arg,
+                   help="folder (local or URI) for metrics.json, CSVs, PNGs and report.html (only files faceage wrote "
                         "are ever replaced)")
     p.add_argument("--split", default=None, choices=SPLITS, help="faces-table labels: only this split")
     p.add_argument("--data-version", "--labels-version", dest="labels_version", type=non_negative_int,
                    default=None, help="Delta version of a faces-table labels input (default: latest)")
+    from trainer import tracking
+
+    tracking.add_arguments(p)
     return p
 
 
@@ -102,8 +109,7 @@ def load_labels(spark, uri: str, split: Optional[str], version: Optional[int]):
 
     from spark_jobs import label_manifest, storage
 
-    path = layout.local_path(uri)
-    if path and os.path.isfile(path):  # a manifest: path, age[, gender, race, dataset]
+    if uri_io.isfile(uri):  # a manifest: path, age[, gender, race, dataset]
         if split or version is not None:
             raise UserError("--split and --data-version apply to faces-table labels, not a manifest file")
         df = label_manifest.read(spark, uri).mapInPandas(parse_manifest_labels, schema=LABELS_SCHEMA)
@@ -125,9 +131,7 @@ def load_labels(spark, uri: str, split: Optional[str], version: Optional[int]):
             raise UserError(f"--split {split}: {faces} has no rows in that split; nothing to evaluate")
     version_read = None
     if fmt == "delta":
-        from deltalake import DeltaTable
-
-        version_read = version if version is not None else DeltaTable(layout.local_path(faces) or faces).version()
+        version_read = version if version is not None else layout.delta_table(faces).version()
     df = df.select("face_id", "age", "gender", "race", "dataset",
                    sf.when(sf.col("age").isNull(), sf.lit("no age")).alias("label_error"))
     return df, "face_id", {"uri": faces, "kind": f"faces table ({fmt})", "split": split, "version": version_read}
@@ -288,10 +292,8 @@ def run(args) -> dict:
     from spark_jobs.session import get_spark
 
     started = time.time()
-    out_path = layout.local_path(to_uri(args.output))
-    if out_path is None:
-        raise UserError(f"--output {args.output}: the report is written to a local folder; give a local path")
-    outputs = Outputs(LocalFS(), os.path.abspath(out_path), "evaluate", new_run_id())
+    root = args.output if uri_io.is_remote(args.output) else uri_io.local_path(args.output)
+    outputs = Outputs(uri_io.fs_for(root), root, "evaluate", new_run_id())
     outputs.check(REPORT_FILES)  # before any work: never replace files faceage did not write
     spark = get_spark("faceage-evaluate")
     try:
@@ -323,7 +325,8 @@ def run(args) -> dict:
     cells, density, uncertainty = aggregated["cells"], aggregated["density"], aggregated["uncertainty"]
     curves = training_curves(to_uri(args.predictions))
 
-    staging = outputs.staging_root
+    # the report is written in a local folder: the staging folder itself, or one uploaded to a remote one
+    staging = tempfile.mkdtemp(prefix="faceage-report-") if uri_io.is_remote(root) else outputs.staging_root
     try:
         os.makedirs(staging, exist_ok=True)
         matrix, normalized = confusion(cells)
@@ -352,13 +355,39 @@ def run(args) -> dict:
             f.write(redact(dumps(metrics, default=str)))
         write_html(os.path.join(staging, "report.html"), json.loads(redact(dumps(metrics, default=str))), staging)
         written = [n for n in REPORT_FILES if os.path.exists(os.path.join(staging, n))]
+        if staging != outputs.staging_root:
+            for name in written:
+                uri_io.put(os.path.join(staging, name), outputs.staging(name))
         outputs.commit(written)
+        track(args, metrics, [os.path.join(staging if staging != outputs.staging_root else root, n) for n in written])
         for name in set(REPORT_FILES) - set(written):  # a plot this report has not (e.g. no uncertainty now)
             if outputs.exists(name) and outputs.owned(name):
-                outputs.fs.delete(os.path.join(outputs.root, name))
+                outputs.fs.delete(layout.join(outputs.root, name))
     finally:
         outputs.finish()
+        if staging != outputs.staging_root:
+            shutil.rmtree(staging, ignore_errors=True)
     return metrics
+
+
+def track(args, metrics: dict, files: List[str]) -> None:
+    """--mlflow / MLFLOW_TRACKING_URI: the metrics and report files on the scored model's MLflow run (its id
+    is in the score manifest when the model was trained with tracking), else on a run of their own."""
+    from trainer import tracking
+
+    if not tracking.enabled(args):
+        return
+    model_run = score_manifest(to_uri(args.predictions)).get("mlflow_run_id")
+    models = metrics.get("models") or [{}]
+    tracker = tracking.Run(args, "evaluate", tags={"faceage.model_id": models[0].get("model_id")}, run_id=model_run)
+    split = metrics["labels"].get("split") or "all"
+    overall = metrics["overall"]
+    tracker.log_metrics({f"eval_{split}_{k}": v for k, v in overall.items()})
+    for file in files:
+        tracker.log_artifact(file, f"evaluation/{split}")
+    if model_run is None:
+        tracker.end()
+    log.info(f"evaluate: logged to MLflow run {tracker.run_id}" + (" (the model's)" if model_run else ""))
 
 
 def confusion(cells):
@@ -472,21 +501,26 @@ def write_plots(folder: str, matrix, normalized, slices, density, uncertainty, c
     return written
 
 
+def score_manifest(predictions_uri: str) -> dict:
+    """The score run's manifest beside its predictions/ table ({} when there is none)."""
+    root = predictions_uri.rstrip("/")
+    if uri_io.basename(root) == "predictions":
+        root = uri_io.parent(root)
+    try:
+        data = json.loads(uri_io.read_text(layout.join(root, "score_manifest.json")))
+    except (OSError, ValueError, UserError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def training_curves(predictions_uri: str) -> list:
     """The scored model's per-epoch metrics (metrics.jsonl beside its bundle, found through the score run's
     manifest), or [] when they are not at hand."""
-    root = layout.local_path(predictions_uri)
-    if root is None:
-        return []
-    root = root.rstrip("/")
-    if os.path.basename(root) == "predictions":
-        root = os.path.dirname(root)
     try:
-        with open(os.path.join(root, "score_manifest.json")) as f:
-            model = json.load(f).get("model") or ""
-        with open(os.path.join(os.path.dirname(model), "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError):
+        model = score_manifest(predictions_uri).get("model") or ""
+        text = uri_io.read_text(layout.join(uri_io.parent(model), "metrics.jsonl"))
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, ValueError, UserError):
         return []
     return [r for r in rows if all(k in r for k in ("epoch", "val_mae", "train_loss"))]
 

@@ -24,7 +24,8 @@ from typing import Iterable, List, Optional, Union
 if __package__ in (None, ""):  # run as a file: make the project importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from schemas.cli import Parser, UserError, entry_points, positive_int  # noqa: E402
+from schemas import uri  # noqa: E402
+from schemas.cli import Parser, UserError, entry_points, path_arg, positive_int  # noqa: E402
 from schemas.crop import DETECTORS  # noqa: E402
 
 Photo = Union[str, os.PathLike, bytes, object]  # a path, encoded bytes, a PIL image or an HxWx3 uint8 array
@@ -49,6 +50,8 @@ def _records(photos) -> List[tuple]:
             out.append((f"<image {index}>", buf.getvalue(), None, None))
         elif isinstance(photo, bytes):
             out.append((f"<bytes {index}>", photo, None, None))
+        elif uri.is_remote(str(photo)):  # a URI (s3://...): the object, or every object under the prefix
+            out += _remote_records(str(photo))
         elif os.path.isdir(photo):  # prepare's own listing: the same files, names and hidden rule as score
             for path, length, hidden, os_path in list_files(None, [str(photo)]):
                 skip = classify_file(path, length, hidden, MAX_FILE_BYTES)
@@ -59,6 +62,27 @@ def _records(photos) -> List[tuple]:
             out.append((str(photo), _read(str(photo)), None, None))
         else:
             raise UserError(f"{photo}: no such file or folder")
+    return out
+
+
+def _remote_records(photo: str) -> list:
+    from spark_jobs.prepare_steps import classify_file
+    from spark_jobs.storage import MAX_FILE_BYTES
+
+    fs = uri.RemoteFS()
+    if fs.isfile(photo):
+        return [(photo, fs.read_bytes(photo), None, None)]
+    if not fs.isdir(photo):
+        raise UserError(f"{photo}: no such object or prefix")
+    out = []
+    for rel in fs.walk_files(photo):
+        path = uri.join(photo, rel)
+        hidden = any(part[:1] in "._" for part in rel.split("/"))
+        fsys, inner = uri.filesystem(path)
+        skip = classify_file(path, int(fsys.size(inner)), hidden, MAX_FILE_BYTES)
+        if skip and skip[0] in ("hidden_file", "unsupported_extension"):
+            continue
+        out.append((path, None, *skip) if skip else (path, fs.read_bytes(path), None, None))
     return out
 
 
@@ -76,7 +100,7 @@ def estimate_ages(photos: Union[Photo, Iterable[Photo]], model: str, detector: s
     from spark_jobs import score_steps
     from trainer.bundle import Predictor, model_id
 
-    if not os.path.isfile(model):
+    if not uri.isfile(model):
         raise UserError(f"--model {model}: no such model bundle (python -m trainer.train writes one)")
     predictor = Predictor(model, device, detector=detector)
     settings = score_steps.ScoreSettings(bundle=model, model_id=model_id(model), data_version=None,
@@ -90,8 +114,8 @@ def estimate_ages(photos: Union[Photo, Iterable[Photo]], model: str, detector: s
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("predict", prog="python -m spark_jobs.predict", description=__doc__.splitlines()[0])
-    p.add_argument("photos", nargs="+", help="photo files or folders")
-    p.add_argument("--model", default="runs/train/model.pt", help="model bundle written by python -m trainer.train")
+    p.add_argument("photos", nargs="+", type=path_arg, help="photo files or folders")
+    p.add_argument("--model", default="runs/train/model.pt", type=path_arg, help="model bundle written by python -m trainer.train")
     framing = p.add_mutually_exclusive_group()
     framing.add_argument("--detector", default="auto", choices=("auto",) + DETECTORS,
                          help="auto detects and aligns faces to the model's framing; none: already aligned chips")

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script (spark-submit spark_jobs/prepar
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from schemas import layout  # noqa: E402
-from schemas.cli import (Parser, UserError, log, dumps, entry_points, fraction, new_run_id, number,  # noqa: E402
+from schemas.cli import (Parser, UserError, log, dumps, entry_points, fraction, new_run_id, number, path_arg,  # noqa: E402
                          positive_int, redact, redact_all)
 from schemas.outputs import canonical_local, check_overlap, dedupe_inputs, looks_like_manifest  # noqa: E402
 from schemas.crop import DETECTORS, CropSettings  # noqa: E402
@@ -37,10 +37,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("prepare", prog="spark-submit spark_jobs/prepare.py",
                description="Turn folders of face photos into a labelled faces table (Parquet or Delta), "
                            "a rejects table and a JSON run manifest.")
-    p.add_argument("--input", action="extend", nargs="+", metavar="URI",
+    p.add_argument("--input", action="extend", nargs="+", metavar="URI", type=path_arg,
                    help="image folders (local path, file:, s3a://, hdfs://), read recursively: --input A B or "
                         "--input A --input B")
-    p.add_argument("--output", metavar="URI",
+    p.add_argument("--output", metavar="URI", type=path_arg,
                    help="output root: writes faces/, rejects/, manifest.json and _runs/<run_id>.json under it")
     p.add_argument("--format", default="parquet", choices=FORMATS, help="table format")
     p.add_argument("--mode", default="overwrite", choices=MODES,

@@ -29,7 +29,8 @@ if __package__ in (None, ""):  # run as a file by spark-submit: make the project
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from schemas import layout  # noqa: E402
-from schemas.cli import (Parser, UserError, log, dumps, entry_points, new_run_id, non_negative_int,  # noqa: E402
+from schemas import uri as uri_io  # noqa: E402
+from schemas.cli import (Parser, UserError, log, dumps, entry_points, new_run_id, non_negative_int, path_arg,  # noqa: E402
                          positive_int, redact, redact_all)
 from schemas.crop import DETECTORS  # noqa: E402
 from schemas.outputs import canonical_local, check_overlap, looks_like_manifest  # noqa: E402
@@ -44,10 +45,10 @@ NO_FACE = ("no_face", "face_too_small")  # a readable photo without a usable fac
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("score", prog="spark-submit spark_jobs/score.py", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="model bundle written by python -m trainer.train")
-    p.add_argument("--input", required=True, action="extend", nargs="+", metavar="URI",
+    p.add_argument("--model", required=True, type=path_arg, help="model bundle written by python -m trainer.train")
+    p.add_argument("--input", required=True, action="extend", nargs="+", metavar="URI", type=path_arg,
                    help="photo folders, or a prepare output / faces table: --input A B or --input A --input B")
-    p.add_argument("--output", required=True, help="folder for predictions/ and score_manifest.json")
+    p.add_argument("--output", required=True, type=path_arg, help="folder for predictions/ and score_manifest.json")
     p.add_argument("--format", default="parquet", choices=FORMATS)
     p.add_argument("--mode", default="overwrite", choices=("overwrite", "error"),
                    help="if OUTPUT already holds predictions: overwrite replaces predictions faceage wrote (never "
@@ -79,12 +80,10 @@ def _table_root(uri: str, explicit: bool = False) -> Optional[str]:
     URIs are not probed: with --input-kind table they are taken at their word."""
     candidates = [uri] if uri.rstrip("/").endswith("/" + layout.FACES_DIR) else [layout.faces_uri(uri), uri]
     for cand in candidates:
-        path = layout.local_path(cand)
-        if path is None:
-            return candidates[0] if explicit else None
-        if os.path.isdir(os.path.join(path, "_delta_log")) or os.path.exists(os.path.join(path, "_SUCCESS")):
+        fs = uri_io.fs_for(cand)
+        if fs.exists(layout.join(cand, "_delta_log")) or fs.exists(layout.join(cand, "_SUCCESS")):
             return cand
-    return None
+    return candidates[0] if explicit and uri_io.is_remote(candidates[0]) else None
 
 
 def validate(args) -> dict:
@@ -92,7 +91,7 @@ def validate(args) -> dict:
 
     if args.aligned:
         args.detector = "none"
-    model_path = os.path.abspath(layout.local_path(args.model) or args.model)
+    model_path = args.model if uri_io.is_remote(args.model) else uri_io.local_path(args.model)
     try:
         _, bundle = load_bundle(model_path)  # refuses a bundle whose weights, head or crop settings don't fit
     except FileNotFoundError as e:
@@ -159,7 +158,7 @@ def _score(spark, args, resolved: dict, outputs, started: float) -> dict:
     # SparkContext refuses a second file of the same name with other bytes (two models, one session).
     mid = bundle_io.model_id(resolved["model"])
     shipped = os.path.join(resolved["ship_dir"], f"model-{mid}.pt")
-    shutil.copyfile(resolved["model"], shipped)
+    uri_io.get(resolved["model"], shipped)  # a local copy (downloaded when the bundle is on S3, ...)
     spark.sparkContext.addFile(shipped)
     input_version = None
     schema = schema_fields.spark_schema(PREDICTIONS)
@@ -168,10 +167,7 @@ def _score(spark, args, resolved: dict, outputs, started: float) -> dict:
         table = resolved["table"]
         fmt = "delta" if layout.is_delta(table) else "parquet"
         if fmt == "delta":
-            from deltalake import DeltaTable
-
-            input_version = args.version if args.version is not None else DeltaTable(
-                layout.local_path(table) or table).version()
+            input_version = args.version if args.version is not None else layout.delta_table(table).version()
         elif args.version is not None:
             raise UserError(f"--data-version applies to Delta tables; {table} is Parquet")
         try:
@@ -217,6 +213,7 @@ def _score(spark, args, resolved: dict, outputs, started: float) -> dict:
         "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "argv": redact_all(sys.argv[1:]), "model": resolved["model"], "model_id": settings.model_id,
+        "mlflow_run_id": (bundle.get("params") or {}).get("mlflow_run_id"),
         "model_data": bundle.get("data"), "model_metrics": bundle.get("metrics"),
         "model_framing": bundle.get("framing"), "tta": args.tta,
         "photo_crop": pred.to_dict() if pred is not None else None,
@@ -263,13 +260,13 @@ def read_predictions(spark, uri: str, fmt: Optional[str] = None):
     from schemas.tables import PREDICTIONS
     from spark_jobs import storage
 
-    path = layout.local_path(uri)
-    if uri.rstrip("/").split("/")[-1] != PREDICTIONS_DIR and path and os.path.isdir(os.path.join(path, PREDICTIONS_DIR)):
-        uri, path = layout.join(uri, PREDICTIONS_DIR), os.path.join(path, PREDICTIONS_DIR)
+    fs = storage.HadoopFS(spark)  # local, s3a://, hdfs:// alike
+    if uri.rstrip("/").split("/")[-1] != PREDICTIONS_DIR and fs.isdir(layout.join(uri, PREDICTIONS_DIR)):
+        uri = layout.join(uri, PREDICTIONS_DIR)
     if fmt is None:
-        if path and os.path.isdir(os.path.join(path, "_delta_log")):
+        if fs.exists(layout.join(uri, "_delta_log")):
             fmt = "delta"
-        elif path and any(n.endswith(".csv") for n in os.listdir(path)):
+        elif fs.isdir(uri) and any(n.endswith(".csv") for n in fs.listdir(uri)):
             fmt = "csv"
         else:
             fmt = "parquet"

@@ -112,3 +112,68 @@ def bundles(tables, tmp_path_factory):
     detecting = out / "model-yunet.pt"
     torch.save(bundle, detecting)
     return plain, detecting
+
+
+# ----------------------------------------------------------------------------- a local S3 server
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIAFACEAGELOCAL0001", "AWS_SECRET_ACCESS_KEY": "local-server-secret-0001",
+                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+
+
+def _wait_http(url: str, seconds: float = 20.0) -> bool:
+    import time
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return True
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.2)
+    return False
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """An S3-compatible server on 127.0.0.1 (moto's server mode): the one .ci/s3.sh started
+    ($FACEAGE_TEST_S3), else one started here for the session. The AWS environment points every
+    client at it (boto3, s3fs, Spark's S3A and child processes alike), with throwaway credentials."""
+    import socket
+    import subprocess
+
+    endpoint, proc = os.environ.get("FACEAGE_TEST_S3"), None
+    if not endpoint:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = open(tmp_path_factory.mktemp("s3") / "moto.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+        endpoint = f"http://127.0.0.1:{port}"
+    if not _wait_http(endpoint + "/moto-api/"):
+        pytest.fail(f"no S3 server answers at {endpoint}")
+    saved = {k: os.environ.get(k) for k in [*S3_CREDENTIALS, "AWS_ENDPOINT_URL"]}
+    os.environ.update(S3_CREDENTIALS, AWS_ENDPOINT_URL=endpoint)
+    yield endpoint
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if proc is not None:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the local S3 server; yields its name."""
+    import re
+
+    import boto3
+
+    name = "faceage-" + re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket=name)
+    yield name

@@ -27,5 +27,5 @@ def test_make_e2e_ends_in_a_report(tmp_path):
     # quiet consoles: no Spark INFO lines, no Ivy resolution report, no log4j start-up notice
     lines = (proc.stdout + proc.stderr).splitlines()
     noise = [line for line in lines if " INFO " in line or ":: resolving" in line or "Ivy Default Cache" in line
-             or "log4j" in line.lower()]
+             or "log4j" in line.lower() or "SLF4J" in line]
     assert noise == [], noise[:5]

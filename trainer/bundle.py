@@ -105,21 +105,31 @@ def save_bundle(path: str, model: nn.Module, head: str, input_size: int, mean, s
     os.replace(tmp, path)
 
 
+def _read(path: str) -> bytes:
+    """The bytes of a bundle at a local path or URI (schemas.uri)."""
+    from schemas import uri
+
+    return uri.read_bytes(path)
+
+
 def is_bundle(path: str) -> bool:
-    """True when `path` is a faceage model bundle (safe to replace with a newer one)."""
+    """True when `path` (local or a URI) is a faceage model bundle (safe to replace with a newer one)."""
     try:
-        bundle = torch.load(path, map_location="cpu", weights_only=True)
+        bundle = torch.load(io.BytesIO(_read(path)), map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001
         return False
     return isinstance(bundle, dict) and bundle.get("format") == BUNDLE_FORMAT
 
 
 def load_bundle(path: str) -> Tuple[nn.Module, dict]:
-    """(model in eval mode, bundle dict) from a bundle file; BundleError with a reason otherwise."""
-    if not os.path.isfile(path):
+    """(model in eval mode, bundle dict) from a bundle file (local or a URI); BundleError with a reason
+    otherwise."""
+    from schemas import uri
+
+    if not uri.isfile(path):
         raise FileNotFoundError(f"model bundle {path}: no such file")
     try:
-        bundle = torch.load(path, map_location="cpu", weights_only=True)
+        bundle = torch.load(io.BytesIO(_read(path)), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise BundleError(f"model bundle {path}: unreadable, corrupt or holding code that will not be run "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -159,11 +169,8 @@ def load_bundle(path: str) -> Tuple[nn.Module, dict]:
 
 
 def model_id(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    """The first 16 hex digits of the bundle's SHA-256 (local path or URI)."""
+    return hashlib.sha256(_read(path)).hexdigest()[:16]
 
 
 class Predictor:

@@ -121,6 +121,31 @@ def shard_row_groups(source: SplitSource, cur_shard: Optional[int], shard_count:
     return [groups[i] for i in indexes if i % shard_count == cur_shard]
 
 
+def open_input(uri: str):
+    """A binary file object for a local path, file: URI or remote URI (schemas.uri's one I/O layer)."""
+    from schemas import uri as uris
+
+    path = uris.local_path(uri)
+    if path is not None:
+        return open(path, "rb")
+    fs, inner = uris.filesystem(uri)
+    return fs.open(inner, "rb")
+
+
+def petastorm_filesystem(uri: str):
+    """None for local files (Petastorm's own), else the remote filesystem of schemas.uri in the legacy
+    pyarrow wrapper Petastorm 0.13 reads through (with a plain fsspec object pyarrow 14 takes its new
+    dataset API, which Petastorm's arguments break)."""
+    from schemas import uri as uris
+
+    if not uris.is_remote(uri):
+        return None
+    import pyarrow.filesystem as pafs
+
+    fs, _ = uris.filesystem(uri)
+    return pafs.S3FSWrapper(fs) if uris.fsspec_protocol(uri) == "s3" else pafs.DaskFileSystem(fs)
+
+
 def split_source(data_uri: str, split: str, version: Optional[int] = None) -> SplitSource:
     """The live files of one split and their row count (from Parquet footers, no data read)."""
     import pyarrow.parquet as pq
@@ -130,19 +155,11 @@ def split_source(data_uri: str, split: str, version: Optional[int] = None) -> Sp
     faces = data_uri if data_uri.rstrip("/").endswith("/" + layout.FACES_DIR) else layout.faces_uri(data_uri)
     files = sorted(f for f in layout.table_files(faces, version) if f"/split={split}/" in f)
     if layout.is_delta(faces) and version is None:
-        from deltalake import DeltaTable
-
-        version = DeltaTable(faces).version()
+        version = layout.delta_table(faces).version()
     group_rows = []
     for uri in files:
-        path = layout.local_path(uri)
-        if path is not None:
-            meta = pq.ParquetFile(path).metadata
-        else:
-            import fsspec
-
-            with fsspec.open(uri, "rb") as f:
-                meta = pq.ParquetFile(f).metadata
+        with open_input(uri) as f:
+            meta = pq.ParquetFile(f).metadata
         group_rows.append(tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups)))
     if not files:
         raise ValueError(f"{faces} has no rows in split {split!r}")
@@ -262,16 +279,12 @@ def pyarrow_groups(groups: List[Tuple[str, int, int]], seed: int, shuffle: bool)
     """(JPEG bytes, ages) of each row group read with pyarrow alone, in a seeded order when shuffling."""
     import pyarrow.parquet as pq
 
-    jobs = []
-    for uri, group, _ in groups:
-        path = layout.local_path(uri)
-        if path is None:
-            raise ValueError(f"--reader pyarrow reads local tables only; {uri} is remote (use petastorm)")
-        jobs.append((path, group))
+    jobs = [(uri, group) for uri, group, _ in groups]
     if shuffle:
         np.random.default_rng(seed).shuffle(jobs)
-    for path, group in jobs:
-        table = pq.ParquetFile(path).read_row_group(group, columns=["image", "age"])
+    for uri, group in jobs:
+        with open_input(uri) as f:
+            table = pq.ParquetFile(f).read_row_group(group, columns=["image", "age"])
         yield table.column("image").to_pylist(), table.column("age").to_numpy()
 
 
@@ -358,7 +371,8 @@ class SplitLoader:
             reader = make_batch_reader(
                 self.source.files, num_epochs=1, workers_count=max(1, s.workers // 2),
                 shuffle_row_groups=self.train, seed=seed if self.train else None,
-                cur_shard=s.cur_shard, shard_count=s.shard_count, schema_fields=["image", "age"])
+                cur_shard=s.cur_shard, shard_count=s.shard_count, schema_fields=["image", "age"],
+                filesystem=petastorm_filesystem(self.source.files[0]))
             raw = ((group.image, group.age) for group in reader)
         aug_seed = seed if s.cur_shard is None else seed * 1009 + s.cur_shard  # ranks augment differently
         groups = decode_ahead(raw, s.image_size, strength, aug_seed, s.workers, keep)

@@ -8,7 +8,6 @@ Heads:
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -33,17 +32,21 @@ def build_model(head: str = "distribution", init_weights: Optional[str] = None) 
 
 
 def load_init_weights(model: nn.Module, path: str) -> Dict[str, list]:
-    """Load a state dict from a local file (e.g. torchvision's ImageNet ResNet-18 weights).
+    """Load a state dict from a file, local or a URI (e.g. torchvision's ImageNet ResNet-18 weights).
 
     Layers whose shapes differ (the classifier) keep their fresh initialisation. Returns which keys
     were loaded and skipped; raises BundleError when the file holds no matching weights.
     """
     from trainer.bundle import BundleError
 
-    if not os.path.isfile(path):
+    import io
+
+    from schemas import uri
+
+    if not uri.isfile(path):
         raise FileNotFoundError(f"--init-weights {path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(uri.read_bytes(path)), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
         raise BundleError(f"--init-weights {path}: not a PyTorch weights file ({type(e).__name__}: {e})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -23,13 +23,14 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from schemas import layout
-from schemas.cli import (Parser, UserError, log, apply_params, dumps, entry_points, non_negative_int, number,
+from schemas import layout, uri
+from schemas.cli import (Parser, UserError, log, apply_params, dumps, entry_points, non_negative_int, number, path_arg,
                          positive_int, redact)
-from schemas.outputs import LocalFS, Outputs
+from schemas.outputs import Outputs
 from trainer import bundle as B
 from trainer import data as D
 from trainer import model as M
+from trainer import tracking
 from trainer.schedules import SCHEDULES, build_schedule
 
 OPTIMIZERS = {
@@ -49,12 +50,12 @@ RESUME_KEYS = ("head", "image_size", "optimizer", "schedule", "batch_size", "dat
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("train", prog="python -m trainer.train", description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True, help="prepare output root (or its faces/ table): Parquet or Delta")
+    p.add_argument("--data", required=True, type=path_arg, help="prepare output root (or its faces/ table): Parquet or Delta")
     p.add_argument("--data-version", type=non_negative_int, default=None,
                    help="Delta version to read (default: latest)")
-    p.add_argument("--output", default="runs/train", help="run folder: checkpoint, metrics, bundle")
-    p.add_argument("--bundle", default=None, help="model bundle path (default OUTPUT/model.pt)")
-    p.add_argument("--params", default=None, help="JSON file of flag values (e.g. trainer.tune's best params)")
+    p.add_argument("--output", default="runs/train", type=path_arg, help="run folder: checkpoint, metrics, bundle")
+    p.add_argument("--bundle", default=None, type=path_arg, help="model bundle path (default OUTPUT/model.pt)")
+    p.add_argument("--params", default=None, type=path_arg, help="JSON file of flag values (e.g. trainer.tune's best params)")
     p.add_argument("--epochs", type=positive_int, default=30)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--image-size", type=number(16, 1024, integer=True), default=None,
@@ -80,7 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=number(0.0), default=None,
                    help="start no new epoch after this much training time (a wall-clock budget; the first "
                         "epoch of a run always runs)")
-    p.add_argument("--init-weights", default=None, help="local state-dict file to start from (e.g. ImageNet)")
+    p.add_argument("--init-weights", default=None, type=path_arg,
+                   help="state-dict file (local or a URI) to start from (e.g. ImageNet)")
     p.add_argument("--workers", type=positive_int, default=2, help="reader threads")
     p.add_argument("--reader", default="petastorm", choices=D.READERS,
                    help="petastorm, or pyarrow (local tables, no Petastorm needed: e.g. a GPU box without it)")
@@ -95,6 +97,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "mirror image (epochs are still chosen without it)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tracking.add_arguments(p, register=True)
+    p.add_argument("--mlflow-parent-run", default=None, help=argparse.SUPPRESS)  # trainer.tune's study run
     return p
 
 
@@ -104,8 +108,7 @@ def apply_params_file(args, parser, argv) -> None:
     if not args.params:
         return
     try:
-        with open(args.params) as f:
-            params = json.load(f)
+        params = json.loads(uri.read_text(args.params))
     except (OSError, ValueError) as e:
         raise TrainError(f"--params {args.params}: {e}") from None
     try:
@@ -115,18 +118,14 @@ def apply_params_file(args, parser, argv) -> None:
 
 
 def check_output(args) -> Outputs:
-    """The run folder may hold only what a faceage run wrote (refused otherwise, before any work)."""
-    for flag, value in (("--output", args.output), ("--bundle", args.bundle)):
-        if value and "://" in value and not value.startswith("file:"):
-            raise TrainError(f"{flag} {value}: remote URIs are not written by the trainer yet; give a local "
-                             f"path and copy the run folder afterwards")
-    outputs = Outputs(LocalFS(), os.path.abspath(layout.local_path(args.output)), "train")
+    """The run folder (local or a URI) may hold only what a faceage run wrote (refused otherwise, before
+    any work); so may --bundle."""
+    root = args.output if uri.is_remote(args.output) else uri.local_path(args.output)
+    outputs = Outputs(uri.fs_for(root), root, "train")
     outputs.check(RUN_FILES)
-    if args.bundle:
-        bundle = os.path.abspath(layout.local_path(args.bundle))
-        if os.path.lexists(bundle) and not B.is_bundle(bundle):
-            raise TrainError(f"--bundle {args.bundle}: the file there is not a faceage model bundle; refusing to "
-                             f"overwrite it (choose another path or move it away)")
+    if args.bundle and uri.exists(args.bundle) and not B.is_bundle(args.bundle):
+        raise TrainError(f"--bundle {args.bundle}: the file there is not a faceage model bundle; refusing to "
+                         f"overwrite it (choose another path or move it away)")
     return outputs
 
 
@@ -147,9 +146,9 @@ def pick_device(name: str) -> torch.device:
 def table_image_size(source: D.SplitSource) -> int:
     import pyarrow.parquet as pq
 
-    path = layout.local_path(source.files[0])
-    table = pq.read_table(path, columns=["image_size"]) if path else None
-    return int(table.column("image_size")[0].as_py()) if table is not None and table.num_rows else 128
+    with D.open_input(source.files[0]) as f:
+        table = pq.read_table(f, columns=["image_size"])
+    return int(table.column("image_size")[0].as_py()) if table.num_rows else 128
 
 
 def train_one_epoch(model, loader, optimizer, schedule, head, loss_kind, device, progress) -> Dict[str, float]:
@@ -300,24 +299,54 @@ def run(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
         raise TrainError(str(e)) from None
     # read now, not after hours of training: the bundle must say how its crops were made
     crop = layout.table_crop_settings(args.data).to_dict()
-    os.makedirs(args.output, exist_ok=True)
+    work = uri.WorkFolder(args.output)  # the run folder itself, or a local mirror of a remote one
     if main_rank:  # the folder is ours from now on: a killed run never blocks its rerun
         outputs.record(RUN_FILES)
+    tracker = tracking.Run(args, f"train-{uri.basename(args.output)}", parent_run_id=args.mlflow_parent_run,
+                           active=main_rank)
+    args.mlflow_run_id = tracker.run_id  # recorded in the bundle: evaluate logs to this run
+    tracker.log_params({k: v for k, v in vars(args).items() if k not in ("resume", "no_progress", "mlflow_run_id")})
+    status = "FAILED"
+    try:
+        summary = _train(args, on_epoch, rank, world, device, main_rank, sources, crop, work, tracker)
+        # the chosen epoch's test metrics (val_* per epoch were logged with their steps)
+        tracker.log_metrics({k: v for k, v in summary.items() if k.startswith(("test_", "best_"))},
+                            step=summary["epochs_run"])
+        tracker.log_bundle(local_bundle(args, work), getattr(args, "register_model", None))
+        tracker.log_artifact(work.local("summary.json"))
+        status = "FINISHED"
+        return summary
+    except BaseException as e:
+        status = "KILLED" if type(e).__name__ in ("TrialPruned", "KeyboardInterrupt") else "FAILED"
+        raise
+    finally:
+        tracker.end(status)
+        work.close()
+
+
+def local_bundle(args, work) -> str:
+    """Where the bundle is written on local disk (then copied to --bundle / OUTPUT when those are remote)."""
+    return work.local("model.pt") if args.bundle is None or uri.is_remote(args.bundle) else args.bundle
+
+
+def _train(args, on_epoch, rank, world, device, main_rank, sources, crop, work, tracker) -> dict:
     image_size = args.image_size or table_image_size(sources["train"])
     loaders = build_loaders(args, sources, image_size, rank, world)
     model, net, optimizer, schedule = build_training(args, device, world, len(loaders["train"]))
-    ckpt_path = os.path.join(args.output, "checkpoint.pt")
-    metrics_path = os.path.join(args.output, "metrics.jsonl")
+    ckpt_path, metrics_path = work.local("checkpoint.pt"), work.local("metrics.jsonl")
+    if args.resume:
+        work.pull("checkpoint.pt")
     state = resume(args, ckpt_path, device, image_size, model, optimizer, schedule)
     if main_rank:
         with open(metrics_path, "w") as f:  # rewritten from the checkpoint's history: no duplicate epochs
             for row in state.history:
                 f.write(json.dumps(row) + "\n")
+        work.push("metrics.jsonl")
     for loader in loaders.values():
         loader.epoch = state.start_epoch  # the same shuffles and augmentations as an uninterrupted run
 
     progress = _progress(args.no_progress or not main_rank)
-    writer = _tensorboard(os.path.join(args.output, "tensorboard")) if main_rank else None
+    writer = _tensorboard(work.local("tensorboard")) if main_rank else None
     since_best = epochs_since_best(state.history)
     started = time.time()
     try:
@@ -350,12 +379,18 @@ def run(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
             if main_rank:  # only rank 0 writes
                 record_epoch(args, ckpt_path, metrics_path, model, optimizer, schedule, epoch, state, row, writer,
                              improved)
+                work.push("checkpoint.pt", "metrics.jsonl")
+                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
             if on_epoch is not None:
                 on_epoch(row)
     finally:
         if writer is not None:
             writer.close()
-    return finish(args, model, loaders, sources, state, image_size, crop, device, world, main_rank, progress)
+    summary = finish(args, model, loaders, sources, state, image_size, crop, device, world, main_rank, progress,
+                     work)
+    if main_rank:
+        work.push("summary.json", "tensorboard")
+    return summary
 
 
 def record_epoch(args, ckpt_path, metrics_path, model, optimizer, schedule, epoch, state: Progress, row, writer,
@@ -377,7 +412,7 @@ def record_epoch(args, ckpt_path, metrics_path, model, optimizer, schedule, epoc
 
 
 def finish(args, model, loaders, sources, state: Progress, image_size, crop, device, world, main_rank,
-           progress) -> dict:
+           progress, work) -> dict:
     """The best epoch's weights on test and val; rank 0 writes the bundle and summary.json."""
     if state.best_state is None:
         raise TrainError("no epoch was trained (check --epochs, or the checkpoint already finished)")
@@ -387,7 +422,7 @@ def finish(args, model, loaders, sources, state: Progress, image_size, crop, dev
     summary = {"best_val_mae": state.best, **val, **test, "epochs_run": len(state.history), "image_size": image_size,
                "device": str(device), "data": args.data, "data_version": sources["train"].version,
                "rows": {s: src.rows for s, src in sources.items()}, "world_size": world, "tta": args.tta}
-    bundle_path = args.bundle or os.path.join(args.output, "model.pt")
+    bundle_path = args.bundle or uri.join(args.output, "model.pt")
     summary["bundle"] = bundle_path
     if world > 1:
         import torch.distributed as dist
@@ -396,11 +431,14 @@ def finish(args, model, loaders, sources, state: Progress, image_size, crop, dev
         dist.destroy_process_group()
     if not main_rank:
         return summary
-    B.save_bundle(bundle_path, model, args.head, image_size, B.MEAN, B.STD, crop,
+    local = local_bundle(args, work)
+    B.save_bundle(local, model, args.head, image_size, B.MEAN, B.STD, crop,
                   {"uri": args.data, "version": sources["train"].version, "rows": summary["rows"]},
                   {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress")},
                   {k: summary[k] for k in ("best_val_mae", "val_mae", "test_mae", "test_rmse", "test_cs5")})
-    with open(os.path.join(args.output, "summary.json"), "w") as f:
+    if uri.is_remote(bundle_path) or local != uri.local_path(bundle_path):
+        uri.put(local, bundle_path)
+    with open(work.local("summary.json"), "w") as f:
         f.write(redact(dumps(summary)))
     test_line = f"test MAE {test['test_mae']:.2f}, CS@5 {test['test_cs5']:.3f}, RMSE {test['test_rmse']:.2f}"
     log.info(f"train: {test_line}; bundle {bundle_path}")

@@ -22,7 +22,10 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
-from schemas.cli import Parser, UserError, log, dumps, entry_points, non_negative_int, number, positive_int, redact
+from schemas import uri
+from schemas.cli import (Parser, UserError, log, dumps, entry_points, non_negative_int, number, path_arg,
+                         positive_int, redact)
+from trainer import tracking
 
 # ----------------------------------------------------------------------------- the search space
 
@@ -89,11 +92,11 @@ def train_params(space_values: dict, train_rows: int) -> dict:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("tune", prog="python -m trainer.tune", description=__doc__.splitlines()[0], epilog=describe_space())
-    p.add_argument("--data", help="prepare output root (Parquet or Delta), as for trainer.train")
+    p.add_argument("--data", type=path_arg, help="prepare output root (Parquet or Delta), as for trainer.train")
     p.add_argument("--study", default="faceage", help="study name (rerun with the same name to resume)")
     p.add_argument("--storage", default=None,
                    help="SQLAlchemy URL (default: sqlite:///OUTPUT/optuna.db); e.g. postgresql://user@host/db")
-    p.add_argument("--output", default="runs/tune", help="folder for trials, best_params.json and the report")
+    p.add_argument("--output", default="runs/tune", type=path_arg, help="folder for trials, best_params.json and the report")
     p.add_argument("--n-trials", type=positive_int, default=20,
                    help="finished (complete or pruned) trials the study needs")
     p.add_argument("--timeout", type=number(0.0, low_open=True), default=None,
@@ -111,6 +114,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                     "e.g. \"--image-size 64 --workers 1\"")
     p.add_argument("--print-space", action="store_true", help="print the search space and exit")
     p.add_argument("--report-only", action="store_true", help="write best_params.json and the report, no trials")
+    tracking.add_arguments(p)
     return p
 
 
@@ -118,8 +122,14 @@ class TuneError(UserError):
     """A problem a user can fix."""
 
 
+def work_dir(args) -> str:
+    """The local folder of the tuner's own files (study database, logs, report): --output itself, or for a
+    remote --output the local mirror that run() uploads from (schemas.uri.WorkFolder)."""
+    return getattr(args, "work_dir", None) or uri.local_path(args.output)
+
+
 def storage_url(args) -> str:
-    return args.storage or f"sqlite:///{os.path.abspath(os.path.join(args.output, 'optuna.db'))}"
+    return args.storage or f"sqlite:///{os.path.abspath(os.path.join(work_dir(args), 'optuna.db'))}"
 
 
 def make_storage(args):
@@ -182,13 +192,17 @@ def objective_factory(args, train_rows: int):
     def objective(trial) -> float:
         values = suggest(trial)
         params = train_params(values, train_rows)
-        out = os.path.join(args.output, "trials", f"{trial.number:04d}")
+        out = uri.join(args.output, "trials", f"{trial.number:04d}")  # local or a URI: the trainer writes either
         argv = ["--data", args.data, "--output", out, "--epochs", str(args.epochs), "--no-progress",
                 *shlex.split(args.train_args)]
         parser = T.get_args_parser()
         targs = parser.parse_args(argv)
         for key, value in params.items():
             setattr(targs, key, value)
+        # tracked trials are nested runs of the study's run
+        targs.mlflow = getattr(args, "mlflow", None)
+        targs.mlflow_experiment = getattr(args, "mlflow_experiment", tracking.DEFAULT_EXPERIMENT)
+        targs.mlflow_parent_run = getattr(args, "mlflow_parent_run", None)
         trial.set_user_attr("train_params", params)
         trial.set_user_attr("worker_pid", os.getpid())
         curve: List[float] = []
@@ -228,7 +242,7 @@ def run_worker(args, worker: int) -> None:
 def _worker_entry(args, worker: int) -> None:
     import contextlib
 
-    log = os.path.join(args.output, f"worker-{worker}.log")
+    log = os.path.join(work_dir(args), f"worker-{worker}.log")
     with open(log, "a") as f, contextlib.redirect_stdout(f):
         run_worker(args, worker)
 
@@ -241,9 +255,6 @@ def check_data(args) -> int:
 
     if not args.data:
         raise TuneError("--data is required (a prepare output)")
-    if "://" in args.output and not args.output.startswith("file:"):
-        raise TuneError(f"--output {args.output}: remote URIs are not written by the tuner yet; give a local folder "
-                        f"(a URI is never turned into a local folder named after its scheme)")
     try:
         rows = D.split_source(args.data, "train").rows
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -262,11 +273,55 @@ def check_data(args) -> int:
     return rows
 
 
+REPORT_FILES = ("best_params.json", "report.json", "optimization_history.png", "param_importances.png",
+                "best_trial_curve.png")
+
+
+def claim_output(args) -> None:
+    """The report files tune writes may replace only what faceage wrote (refused otherwise, before any trial);
+    the output is marked as faceage's (a remote one proves writable here, not after the first trial)."""
+    from schemas.outputs import Outputs, looks_like_manifest
+
+    root = args.output if uri.is_remote(args.output) else uri.local_path(args.output)
+    fs = uri.fs_for(root)
+    outputs = Outputs(fs, root, "tune", legacy=lambda name: looks_like_manifest(
+        fs, uri.join(root, "report.json"), ("study", "best", "trials")))
+    outputs.check(REPORT_FILES)
+    outputs.record(REPORT_FILES)
+
+
 def run(args, launch: Optional[Callable] = None) -> dict:
     """Run the study's trials (here, in --workers processes, or through `launch(args)`: e.g. Spark tasks,
     spark_jobs/distributed.py) and write the report."""
     check_data(args)
-    os.makedirs(args.output, exist_ok=True)
+    claim_output(args)
+    work = uri.WorkFolder(args.output)  # --output itself, or a local mirror of a remote one
+    args.work_dir = work.path
+    tracker = tracking.Run(args, f"tune-{args.study}", tags={"optuna.study": args.study})
+    args.mlflow_parent_run = tracker.run_id
+    tracker.log_params({k: getattr(args, k) for k in ("study", "sampler", "pruner", "n_trials", "epochs", "seed",
+                                                      "data", "train_args", "workers")})
+    status = "FAILED"
+    try:
+        if not args.storage:
+            work.pull("optuna.db")  # a study to continue (remote --output)
+        report = _run(args, launch)
+        work.push("optuna.db", "best_params.json", "report.json", *report["plots"],
+                  *[f"worker-{k}.log" for k in range(args.workers)])
+        best = report["best"]
+        tracker.log_metrics({"best_val_mae": best["val_mae"], "best_test_mae": best.get("test_mae"),
+                             **{f"trials_{k}": v for k, v in report["trials"].items()}})
+        tracker.set_tags({"best_trial": best["number"], **{f"best.{k}": v for k, v in best["train_params"].items()}})
+        for name in ("best_params.json", "report.json", *report["plots"]):
+            tracker.log_artifact(os.path.join(work.path, name))
+        status = "FINISHED"
+        return report
+    finally:
+        tracker.end(status)
+        work.close()
+
+
+def _run(args, launch: Optional[Callable]) -> dict:
     start = time.time()
     load_study(args, args.seed)  # create it once, before workers race to
     if launch is not None:
@@ -283,11 +338,25 @@ def run(args, launch: Optional[Callable] = None) -> dict:
             proc.join()
         bad = [p.name for p in procs if p.exitcode != 0]
         if bad:
-            raise TuneError(f"workers {bad} failed: see {args.output}/worker-*.log")
+            raise TuneError(f"workers {bad} failed: see {work_dir(args)}/worker-*.log")
     return write_report(args, wall_seconds=time.time() - start)
 
 
 # ----------------------------------------------------------------------------- results
+
+def report_only(args) -> dict:
+    """--report-only: the report of the study so far (its database pulled from a remote --output first)."""
+    work = uri.WorkFolder(args.output)
+    args.work_dir = work.path
+    try:
+        if not args.storage:
+            work.pull("optuna.db")
+        report = write_report(args)
+        work.push("best_params.json", "report.json", *report["plots"])
+        return report
+    finally:
+        work.close()
+
 
 def write_report(args, wall_seconds: Optional[float] = None) -> dict:
     from optuna.trial import TrialState
@@ -301,9 +370,9 @@ def write_report(args, wall_seconds: Optional[float] = None) -> dict:
     best = study.best_trial
     best_params = dict(best.user_attrs["train_params"])
     best_params["epochs"] = args.epochs
-    best_path = os.path.join(args.output, "best_params.json")
-    with open(best_path, "w") as f:
+    with open(os.path.join(work_dir(args), "best_params.json"), "w") as f:
         f.write(dumps(best_params))
+    best_path = uri.join(args.output, "best_params.json")
     report = {
         "study": args.study, "storage": redact(storage_url(args)), "sampler": args.sampler, "pruner": args.pruner,
         "epochs_per_trial": args.epochs, "trials": counts, "wall_seconds": wall_seconds,
@@ -315,8 +384,8 @@ def write_report(args, wall_seconds: Optional[float] = None) -> dict:
                  "test_mae": t.user_attrs.get("test_mae"), "epochs": len(t.intermediate_values)} for t in trials],
         "best_params_file": best_path,
     }
-    report["plots"] = _plots(study, best, args.output)
-    with open(os.path.join(args.output, "report.json"), "w") as f:
+    report["plots"] = _plots(study, best, work_dir(args))
+    with open(os.path.join(work_dir(args), "report.json"), "w") as f:
         f.write(redact(dumps(report, default=str)))
     return report
 
@@ -371,7 +440,7 @@ def _job(argv: Optional[list]) -> int:
     if args.print_space:
         print(describe_space())
         return 0
-    report_line(write_report(args) if args.report_only else run(args))
+    report_line(report_only(args) if args.report_only else run(args))
     return 0
 
 

@@ -1,0 +1,85 @@
+"""MLflow tracking against a local store (sqlite, in the test's folder): train, tune and evaluate appear as
+runs with params, metrics and artifacts; the registered pyfunc model scores the ages score.py writes."""
+import json
+
+import numpy as np
+import pytest
+
+from spark_jobs import evaluate, score
+from trainer import train, tune
+
+TINY = "--image-size 32 --batch-size 16 --workers 1 --reader pyarrow --no-progress"
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A local tracking store; artifacts land under the test folder (the sqlite store's ./mlruns)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_untracked_runs_never_touch_mlflow(tables, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    root, _, _ = tables
+    assert train.main(["--data", str(root / "pq"), "--output", "run", "--epochs", "1", *TINY.split()]) == 0
+    bundle = __import__("torch").load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert bundle["params"]["mlflow_run_id"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no mlflow.db, no mlruns/
+
+
+@pytest.mark.slow
+def test_train_tune_evaluate_are_tracked_and_the_pyfunc_scores_like_score(tables, spark, store, tmp_path):
+    import mlflow
+
+    root, _, _ = tables
+    # train: params, one metric row per epoch, the bundle as a registered pyfunc model
+    assert train.main(["--data", str(root / "pq"), "--output", str(tmp_path / "run"), "--epochs", "2",
+                       "--mlflow", store, "--register-model", "faceage-test", *TINY.split()]) == 0
+    client = mlflow.MlflowClient(store)
+    exp = client.get_experiment_by_name("faceage")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`faceage.stage` = 'train'")
+    assert run.info.status == "FINISHED" and run.data.params["epochs"] == "2" and run.data.params["lr"] == "0.003"
+    history = client.get_metric_history(run.info.run_id, "val_mae")
+    assert [m.step for m in history] == [1, 2]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert run.data.metrics["test_mae"] == pytest.approx(summary["test_mae"])
+    bundle = __import__("torch").load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert bundle["params"]["mlflow_run_id"] == run.info.run_id
+    (version,) = client.search_model_versions("name = 'faceage-test'")
+    assert version.run_id == run.info.run_id
+
+    # tune: the study is a parent run, every trial a nested run under it
+    assert tune.main(["--data", str(root / "pq"), "--study", "tracked", "--output", str(tmp_path / "tune"),
+                      "--n-trials", "2", "--epochs", "1", "--train-args", TINY, "--mlflow", store]) == 0
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`faceage.stage` = 'tune'")
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 2 and all(c.data.tags["faceage.stage"] == "train" for c in children)
+    report = json.loads((tmp_path / "tune" / "report.json").read_text())
+    assert parent.data.metrics["best_val_mae"] == pytest.approx(report["best"]["val_mae"])
+    assert "report.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    # score a table, evaluate with tracking: the metrics land on the model's own run
+    scored = tmp_path / "scored"
+    assert score.main(["--model", str(tmp_path / "run" / "model.pt"), "--input", str(root / "pq"), "--split",
+                       "test", "--output", str(scored)]) == 0
+    assert evaluate.main(["--predictions", str(scored), "--labels", str(root / "pq"), "--split", "test",
+                          "--output", str(tmp_path / "report"), "--mlflow", store]) == 0
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    tracked = client.get_run(run.info.run_id)
+    assert tracked.data.metrics["eval_test_mae"] == pytest.approx(metrics["overall"]["mae"])
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/test")}
+    assert "evaluation/test/metrics.json" in logged and "evaluation/test/report.html" in logged
+
+    # the registered pyfunc model as a Spark UDF over the faces table: the ages score.py wrote
+    from pyspark.sql import functions as sf
+
+    mlflow.set_tracking_uri(store)
+    udf = mlflow.pyfunc.spark_udf(spark, "models:/faceage-test/1", result_type="double", env_manager="local")
+    faces = spark.read.parquet(str(root / "pq" / "faces")).where("split = 'test'")
+    mine = faces.select("face_id", udf(sf.struct("image")).alias("age")).toPandas().set_index("face_id")
+    theirs = spark.read.parquet(str(scored / "predictions")).toPandas().set_index("face_id")
+    joined = mine.join(theirs["predicted_age"], how="inner")
+    assert len(joined) == len(theirs) == len(mine) > 0
+    assert np.allclose(joined["age"], joined["predicted_age"], atol=1e-3)

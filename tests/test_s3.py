@@ -1,0 +1,144 @@
+"""Every stage against a real S3-compatible server on 127.0.0.1 (moto's server mode, tests/conftest.py).
+
+The chain prepare (Spark, s3a://) -> train (Petastorm over the S3 table, bundle to S3) -> score (model and
+photos on S3) -> evaluate (report to S3) must account for every file exactly as on local disk; and a
+string that looks like a URI is never turned into a local folder."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, spark_submit, venv_env
+
+
+def run_cli(args, cwd, timeout=900):
+    proc = subprocess.run(args, cwd=cwd, env=venv_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                          timeout=timeout)
+    return proc
+
+
+def s3_json(client, bucket, key):
+    return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+# --------------------------------------------------------------------------- mistyped URIs stay URIs
+
+CLIS = {
+    "prepare": [spark_submit(), str(REPO / "spark_jobs/prepare.py"), "--input", "photos", "--output", "{out}"],
+    "train": [sys.executable, "-m", "trainer.train", "--data", "prepared", "--output", "{out}"],
+    "tune": [sys.executable, "-m", "trainer.tune", "--data", "prepared", "--output", "{out}"],
+    "score": [spark_submit(), str(REPO / "spark_jobs/score.py"), "--model", "m.pt", "--input", "photos",
+              "--output", "{out}"],
+    "evaluate": [spark_submit(), str(REPO / "spark_jobs/evaluate.py"), "--predictions", "p", "--labels", "l",
+                 "--output", "{out}"],
+    "predict": [sys.executable, "-m", "spark_jobs.predict", "--model", "{out}", "photo.jpg"],
+}
+
+
+@pytest.mark.parametrize("stage", sorted(CLIS))
+@pytest.mark.parametrize("bad", ["s3:/bucket/run", "s3a:bucket/run", "gs:/b/x"])
+def test_a_mistyped_uri_is_refused_and_no_local_folder_appears(tmp_path, stage, bad):
+    cmd = [a.replace("{out}", bad) for a in CLIS[stage]]
+    proc = run_cli(cmd, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr  # spark-submit passes its Python's stderr on as stdout
+    line = [x for x in out.splitlines() if "error:" in x]
+    assert len(line) == 1 and "is not one" in line[0] and "://" in line[0], out[-2000:]
+    assert "Traceback" not in out
+    assert os.listdir(tmp_path) == []  # no `s3:` / `s3a:bucket` / `gs:` folder, nothing at all
+
+
+def test_uri_layer_reads_writes_and_renames_on_s3(s3_bucket):
+    from schemas import uri
+    from schemas.cli import UserError
+    from schemas.outputs import Outputs
+
+    base = f"s3a://{s3_bucket}/out"
+    fs = uri.fs_for(base)
+    assert isinstance(fs, uri.RemoteFS) and not fs.exists(base)
+    outputs = Outputs(fs, base, "test")
+    outputs.check(["report"])
+    fs.write_text(outputs.staging("report") + "/a.txt", "one")
+    outputs.commit(["report"], folder_markers=["report"])
+    outputs.finish()
+    assert uri.read_text(f"s3://{s3_bucket}/out/report/a.txt") == "one"  # s3a:// and s3:// name one object
+    assert fs.listdir(base) == ["_FACEAGE.json", "report"]
+    # a foreign object under the output is never replaced
+    fs.write_text(f"{base}/theirs/b.txt", "theirs")
+    with pytest.raises(UserError, match="did not write"):
+        Outputs(fs, base, "test").check(["theirs"])
+    assert uri.check(f"s3://{s3_bucket}/x") == f"s3://{s3_bucket}/x"
+    with pytest.raises(UserError, match="is not one"):
+        uri.check("s3:/bucket/x")
+
+
+# --------------------------------------------------------------------------- the whole chain on S3
+
+@pytest.mark.slow
+def test_prepare_train_score_evaluate_through_s3(s3_bucket, tmp_path):
+    import boto3
+
+    from spark_jobs.synthetic import write_demo_folder
+
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    photos = tmp_path / "photos"
+    files = write_demo_folder(str(photos), count=60)
+    for name in os.listdir(photos):
+        client.upload_file(str(photos / name), s3_bucket, f"photos/{name}")
+    root = f"s3a://{s3_bucket}"
+    steps = [
+        [spark_submit(), str(REPO / "spark_jobs/prepare.py"), "--input", f"{root}/photos", "--output",
+         f"{root}/prepared", "--size", "48", "--format", "delta"],
+        [sys.executable, "-m", "trainer.train", "--data", f"{root}/prepared", "--output", f"s3://{s3_bucket}/train",
+         "--epochs", "1", "--batch-size", "16", "--image-size", "32", "--no-progress"],
+        [spark_submit(), str(REPO / "spark_jobs/score.py"), "--model", f"s3://{s3_bucket}/train/model.pt",
+         "--input", f"{root}/photos", "--output", f"{root}/scored"],
+        [spark_submit(), str(REPO / "spark_jobs/evaluate.py"), "--predictions", f"{root}/scored", "--labels",
+         f"{root}/prepared", "--split", "test", "--output", f"s3://{s3_bucket}/report"],
+    ]
+    for cmd in steps:
+        proc = run_cli(cmd, cwd=tmp_path)
+        assert proc.returncode == 0, " ".join(cmd[:3]) + "\n" + proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["photos"]  # nothing of the run landed on local disk
+
+    prepared = s3_json(client, s3_bucket, "prepared/manifest.json")
+    scored = s3_json(client, s3_bucket, "scored/score_manifest.json")
+    summary = s3_json(client, s3_bucket, "train/summary.json")
+    metrics = s3_json(client, s3_bucket, "report/metrics.json")
+    # every file accounted for, exactly as the local e2e test reconciles them
+    assert prepared["counts"]["inputs"] == files
+    assert scored["counts"]["photos"] == prepared["counts"]["inputs"]
+    assert scored["counts"]["photos_with_faces"] == prepared["counts"]["faces"]
+    assert summary["rows"]["test"] == prepared["splits"]["test"] == metrics["rows"]["matched"]
+    assert metrics["rows"]["labels_without_prediction"] == 0
+    assert metrics["overall"]["mae"] == pytest.approx(summary["test_mae"], rel=1e-4)  # same crops, same model
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    assert {"train/model.pt", "train/checkpoint.pt", "train/metrics.jsonl", "report/report.html"} <= keys
+    assert not any("_faceage_staging_" in k for k in keys)  # staging folders removed after the commits
+    assert any(k.startswith("prepared/faces/_delta_log/") for k in keys)
+
+
+@pytest.mark.parametrize("stage", ["prepare-output", "prepare-input", "train-output", "score-model"])
+def test_a_missing_bucket_is_one_line_for_every_stage(stage, s3_server, tables, tmp_path):
+    root, _, _ = tables
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    missing = "no-such-bucket-faceage"
+    cmd = {
+        "prepare-output": [spark_submit(), str(REPO / "spark_jobs/prepare.py"), "--input", str(photos), "--output",
+                           f"s3a://{missing}/prepared"],
+        "prepare-input": [spark_submit(), str(REPO / "spark_jobs/prepare.py"), "--input", f"s3a://{missing}/photos",
+                          "--output", str(tmp_path / "out")],
+        "train-output": [sys.executable, "-m", "trainer.train", "--data", str(root / "pq"), "--output",
+                         f"s3://{missing}/run", "--epochs", "1"],
+        "score-model": [spark_submit(), str(REPO / "spark_jobs/score.py"), "--model", f"s3://{missing}/model.pt",
+                        "--input", str(photos), "--output", str(tmp_path / "scored")],
+    }[stage]
+    proc = run_cli(cmd, cwd=tmp_path, timeout=300)
+    out = proc.stdout + proc.stderr
+    errors = [x for x in out.splitlines() if "error:" in x]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    assert missing in errors[0] and ("bucket does not exist" in errors[0] or "no such file" in errors[0])
+    assert sorted(os.listdir(tmp_path)) == ["photos"]  # nothing written locally either

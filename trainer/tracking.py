@@ -1,0 +1,140 @@
+"""MLflow experiment tracking: optional, but the same for every stage that uses it.
+
+On when a stage gets `--mlflow [URI]` or MLFLOW_TRACKING_URI is set (a local store such as
+sqlite:///mlflow.db, or a tracking server); off otherwise, and then nothing imports mlflow.
+
+- trainer.train: one run per training (params, per-epoch metrics, test metrics, the bundle as an
+  artifact and as an `mlflow.pyfunc` model that scores a faces table's crops; --register-model NAME
+  registers it). Its run id is recorded in the bundle (params.mlflow_run_id).
+- trainer.tune: one parent run per study call, each trial a nested run (the trainer's run with
+  parent_run_id), the best value and params on the parent.
+- spark_jobs/evaluate.py: metrics and the report's files logged to the scored model's run (found
+  through the score manifest), or to a run of its own when the model was not tracked.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+DEFAULT_EXPERIMENT = "faceage"
+PYFUNC_NAME = "model"  # the pyfunc model's name inside its run
+ENV_URI = "MLFLOW_TRACKING_URI"
+FROM_ENV = "env"  # --mlflow without a value: $MLFLOW_TRACKING_URI, else a local sqlite store
+
+
+def add_arguments(parser, register: bool = False) -> None:
+    parser.add_argument("--mlflow", nargs="?", const=FROM_ENV, default=None, metavar="TRACKING_URI",
+                        help="log to MLflow: a tracking URI (sqlite:///mlflow.db, http://host:5000, ...); without "
+                             "a value $MLFLOW_TRACKING_URI or sqlite:///mlflow.db. On too whenever "
+                             "MLFLOW_TRACKING_URI is set")
+    parser.add_argument("--mlflow-experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
+    if register:
+        parser.add_argument("--register-model", default=None, metavar="NAME",
+                            help="with MLflow on: register the bundle's pyfunc model under NAME (a new version)")
+
+
+def tracking_uri(value: Optional[str]) -> Optional[str]:
+    """The tracking URI to use, or None when tracking is off."""
+    if value and value != FROM_ENV:
+        return value
+    env = os.environ.get(ENV_URI)
+    if env:
+        return env
+    return "sqlite:///mlflow.db" if value == FROM_ENV else None
+
+
+def enabled(args) -> bool:
+    return tracking_uri(getattr(args, "mlflow", None)) is not None
+
+
+def _mlflow(args):
+    from schemas.cli import UserError
+
+    try:
+        import mlflow
+    except ImportError:
+        raise UserError("--mlflow / MLFLOW_TRACKING_URI: mlflow is not installed (pip install 'faceage[mlflow]', "
+                        "or make install)") from None
+    mlflow.set_tracking_uri(tracking_uri(getattr(args, "mlflow", None)))
+    return mlflow
+
+
+class Run:
+    """One MLflow run, or nothing at all when tracking is off (every method is then a no-op)."""
+
+    def __init__(self, args, run_name: str, tags: Optional[dict] = None, parent_run_id: Optional[str] = None,
+                 run_id: Optional[str] = None, active: bool = True):
+        self.on = active and enabled(args)
+        self.run_id = None
+        if not self.on:
+            return
+        self.mlflow = _mlflow(args)
+        self.client = self.mlflow.MlflowClient()
+        if run_id is None:
+            experiment = self.mlflow.set_experiment(getattr(args, "mlflow_experiment", DEFAULT_EXPERIMENT))
+            all_tags = {"faceage.stage": run_name.split("-")[0], **(tags or {})}
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run = self.client.create_run(experiment.experiment_id, run_name=run_name, tags=all_tags)
+            run_id = run.info.run_id
+        self.run_id = run_id
+
+    def log_params(self, params: dict) -> None:
+        if self.on:
+            from mlflow.entities import Param
+
+            from schemas.cli import redact
+
+            plain = [Param(k, redact(v)[:500]) for k, v in sorted(params.items()) if v is not None]
+            for start in range(0, len(plain), 100):  # MLflow takes at most 100 params a batch
+                self.client.log_batch(self.run_id, params=plain[start:start + 100])
+
+    def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
+        if self.on:
+            import math
+            import time
+
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            rows = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+            if rows:
+                self.client.log_batch(self.run_id, metrics=rows)
+
+    def set_tags(self, tags: dict) -> None:
+        if self.on:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifacts(self, folder: str, path: Optional[str] = None) -> None:
+        if self.on:
+            self.client.log_artifacts(self.run_id, folder, path)
+
+    def log_artifact(self, file: str, path: Optional[str] = None) -> None:
+        if self.on:
+            self.client.log_artifact(self.run_id, file, path)
+
+    def log_bundle(self, bundle_path: str, register: Optional[str] = None) -> Optional[str]:
+        """The bundle as a pyfunc model of this run (registered as `register` when given); its model URI."""
+        if not self.on:
+            return None
+        import schemas
+        import trainer
+
+        code = [os.path.dirname(trainer.__file__), os.path.dirname(schemas.__file__)]
+        with self.mlflow.start_run(run_id=self.run_id):
+            info = self.mlflow.pyfunc.log_model(
+                name=PYFUNC_NAME, python_model=os.path.join(os.path.dirname(__file__), "pyfunc_model.py"),
+                artifacts={"bundle": bundle_path}, code_paths=code, registered_model_name=register,
+                pip_requirements=["torch", "torchvision", "numpy", "pillow", "pandas"])
+        return info.model_uri
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.on:
+            self.client.set_terminated(self.run_id, status)
+
+
+def run_of_model(bundle_params: dict) -> Optional[str]:
+    """The MLflow run id a bundle was trained under (None when it was not tracked)."""
+    return (bundle_params or {}).get("mlflow_run_id")
