@@ -14,7 +14,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 UTKFACE ?= ../shared/data/utkface
 OUT ?= out
 
-.PHONY: help install demo e2e test check-env bench-prepare prepare-utkface lock clean dist
+.PHONY: help install demo e2e test check-env bench-prepare prepare-utkface recipe lock clean dist
 .DEFAULT_GOAL := help
 
 help: ## list the targets (a bare `make` does this)
@@ -73,6 +73,23 @@ check-env: install ## only the environment proofs (pins, Petastorm, torch, Optun
 prepare-utkface: install ## prepare ../shared/data/utkface into out/utkface_parquet
 	$(BIN)/spark-submit spark_jobs/prepare.py --input $(UTKFACE) --labels utkface --detector none \
 		--output $(OUT)/utkface_parquet --format parquet
+
+# The reference recipe for a 2-core CPU machine (issue 11): UTKFace prepared once, then one training within a
+# 60-minute budget, the test split scored (flip TTA) and evaluated, and a model card beside the bundle.
+RECIPE ?= runs/recipe
+RECIPE_DATA ?= $(OUT)/utkface_parquet
+RECIPE_TRAIN ?= --image-size 64 --epochs 30 --schedule onecycle --head regression --cache --tta flip \
+	--max-minutes 58 --no-progress
+recipe: install ## UTKFace -> a 60-minute training on 2 CPU cores -> scored + evaluated test split -> MODEL_CARD.md
+	test -f $(RECIPE_DATA)/manifest.json || $(BIN)/spark-submit spark_jobs/prepare.py --input $(UTKFACE) \
+		--labels utkface --detector none --output $(RECIPE_DATA) --format parquet
+	$(BIN)/python -m trainer.train --data $(RECIPE_DATA) --output $(RECIPE)/train $(RECIPE_TRAIN)
+	$(BIN)/spark-submit spark_jobs/score.py --model $(RECIPE)/train/model.pt --input $(RECIPE_DATA) --split test \
+		--tta flip --output $(RECIPE)/scored
+	$(BIN)/spark-submit spark_jobs/evaluate.py --predictions $(RECIPE)/scored --labels $(RECIPE_DATA) --split test \
+		--output $(RECIPE)/report
+	$(BIN)/python -m spark_jobs.model_card --run $(RECIPE)/train --report $(RECIPE)/report \
+		--command "make recipe RECIPE_TRAIN='$(strip $(RECIPE_TRAIN))'" --output $(RECIPE)/MODEL_CARD.md
 
 bench-prepare: install ## the prepare benchmark (Spark vs a plain Pool, on UTKFace composites)
 	$(BIN)/python -m bench.prepare_bench --utkface $(UTKFACE)

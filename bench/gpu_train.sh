@@ -10,7 +10,7 @@
 #
 # It prints and writes under $OUT (or bench/out/gpu-results):
 #   1. img/s fed by the project's loader vs the same loop over device-resident batches (bench.train_bench),
-#      128 px, batch 128, bf16, channels_last;
+#      128 px, batch 128, bf16, channels_last; 1b. the trainer vs a plain loop (bench.trainer_vs_loop);
 #   2. python -m trainer.train with CyclicLR + ReduceLROnPlateau and with a constant LR, same split, same
 #      wall-clock budget each: val/test MAE, epochs, seconds, img/s (summary.json, metrics.jsonl).
 set -euo pipefail
@@ -37,6 +37,10 @@ EOF
 echo "== 1. loader-fed vs device-resident training throughput"
 "$PY" -m bench.train_bench --data "$DATA/data" --reader pyarrow --workers "$WORKERS" --batches "$BATCHES" --warmup "$WARMUP" \
   --batch-size 128 --image-size 128 --device "$DEVICE" | tee "$RESULTS/throughput.json"
+
+echo "== 1b. the trainer (loader + batched augmentation on the GPU) vs a plain device-resident loop, 64 and 128 px"
+"$PY" -m bench.trainer_vs_loop --data "$DATA/data" --reader pyarrow --workers "$WORKERS" --device "$DEVICE" \
+  --rows 4096 --sizes 64 128 --repeats 2 | tee "$RESULTS/trainer_vs_loop.json"
 
 echo "== 2. CyclicLR + ReduceLROnPlateau vs constant LR, ${MINUTES} min each"
 for run in "cyclic_plateau --lr 3e-3" "constant --lr 1e-3"; do

@@ -2,7 +2,7 @@
 
 Both variants run trainer.train.train_one_epoch (ResNet-18, AdamW, same head and batch size) for the
 same number of batches in one process; the in-memory variant first collects those batches from the
-loader (decoded, augmented) and replays them, so only the feeding differs.
+loader (decoded) and replays them, so only the feeding differs; both augment each batch on the device.
 
     python -m bench.train_bench --data /tmp/utk/parquet --batches 20 --batch-size 64 --image-size 128
 """
@@ -32,9 +32,12 @@ def run(batches, head: str, warmup: int, device: torch.device) -> float:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = iter(batches)
+    # both variants augment on the device (trainer/augment.py), as training does
+    generator = torch.Generator().manual_seed(0)
     train_one_epoch(model, itertools.islice(batches, warmup), optimizer, Constant(), head, "l1", device,
-                    lambda it, **kw: it)
-    stats = train_one_epoch(model, batches, optimizer, Constant(), head, "l1", device, lambda it, **kw: it)
+                    lambda it, **kw: it, 1.0, generator)
+    stats = train_one_epoch(model, batches, optimizer, Constant(), head, "l1", device, lambda it, **kw: it, 1.0,
+                            generator)
     return stats["img_per_s"]
 
 

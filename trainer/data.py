@@ -5,7 +5,7 @@ the model's float input on whatever device they were moved to.
 
 The table's live files come from schemas.layout.table_files (the Delta log for a version, or a
 Parquet directory only with _SUCCESS). Petastorm reads, shuffles and shards row groups of JPEG bytes;
-a pool of decode workers beside it decodes (and, for training, augments) them (`decode_ahead`: a
+a pool of decode workers beside it decodes them at the training size (`decode_ahead`: a
 TransformSpec made Petastorm round-trip every decoded row through pandas and Arrow, a third of the
 feed rate). Ranks of a distributed run read disjoint shards of the row groups (`shard_row_groups`,
 Petastorm's own rule). Every epoch's row count is checked against the split's (or shard's) size:
@@ -166,35 +166,7 @@ def split_source(data_uri: str, split: str, version: Optional[int] = None) -> Sp
     return SplitSource(split, files, sum(map(sum, group_rows)), version, tuple(group_rows))
 
 
-# ----------------------------------------------------------------------------- decoding and augmentation
-
-def augment(pixels: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
-    """Random shift/scale crop, horizontal flip and colour jitter; strength 0 returns the input."""
-    if strength <= 0:
-        return pixels
-    from PIL import Image
-
-    size = pixels.shape[0]
-    im = Image.fromarray(pixels)
-    scale = 1.0 + rng.uniform(-0.15, 0.15) * strength
-    shift = rng.uniform(-0.08, 0.08, 2) * strength * size
-    side = size / scale
-    x0 = (size - side) / 2 + shift[0]
-    y0 = (size - side) / 2 + shift[1]
-    im = im.transform((size, size), Image.Transform.EXTENT, (x0, y0, x0 + side, y0 + side),
-                      resample=Image.Resampling.BILINEAR)
-    out = np.asarray(im, dtype=np.float32)
-    if rng.random() < 0.5:
-        out = out[:, ::-1]
-    brightness = 1.0 + rng.uniform(-0.3, 0.3) * strength
-    contrast = 1.0 + rng.uniform(-0.3, 0.3) * strength
-    saturation = 1.0 + rng.uniform(-0.3, 0.3) * strength
-    mean = out.mean()
-    out = (out - mean) * contrast + mean
-    grey = out.mean(axis=2, keepdims=True)
-    out = (out - grey) * saturation + grey
-    return np.clip(out * brightness, 0, 255).astype(np.uint8)
-
+# ----------------------------------------------------------------------------- decoding (augmentation: trainer.augment)
 
 def batches(row_groups, batch_size: int, shuffle_buffer: int, generator=None):
     """Row-group tensors -> {"image", "age"} batches; with shuffle_buffer > 0, rows are mixed across
@@ -233,14 +205,14 @@ class DecodedGroup:
         self.pixels = pixels  # uint8 N x H x W x 3
 
 
-def decode_ahead(raw_groups, size: int, strength: float, seed: int, workers: int,
-                 keep: Optional[list] = None) -> Iterator:
+def decode_ahead(raw_groups, size: int, workers: int, keep: Optional[list] = None) -> Iterator:
     """(JPEG bytes or DecodedGroup, ages) row groups -> (uint8 N x 3 x H x W images, float32 N ages) tensors.
 
-    A pool of `workers` threads decodes (and augments, strength > 0) whole row groups, up to
-    2 x workers groups ahead of the consumer (bounded memory), yielded in arrival order. PIL releases
-    the GIL while it decodes and warps, so the threads run beside the training loop. With `keep`, every
-    group's decoded, not yet augmented pixels are appended to it (the --cache's first pass).
+    A pool of `workers` threads decodes whole row groups straight at the training size (JPEG draft mode),
+    up to 2 x workers groups ahead of the consumer (bounded memory), yielded in arrival order. PIL releases
+    the GIL while it decodes, so the threads run beside the training loop. Augmentation is not done here:
+    the training loop applies it to whole batches on its device (trainer.augment). With `keep`, every
+    group's decoded pixels are appended to it (the --cache's first pass).
     """
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -248,14 +220,13 @@ def decode_ahead(raw_groups, size: int, strength: float, seed: int, workers: int
     import torch
 
     def work(index, images, ages):
-        rng = np.random.default_rng([seed, index])
         if isinstance(images, DecodedGroup):
             decoded = images.pixels
         else:
             decoded = np.stack([decode_image(b, size) for b in images])
             if keep is not None:  # with its arrival index: the cache's order does not depend on thread timing
                 keep.append((index, DecodedGroup(decoded), np.asarray(ages, dtype=np.float32)))
-        pixels = np.stack([augment(p, rng, strength) for p in decoded]) if strength > 0 else decoded
+        pixels = decoded
         # N x 3 x H x W as a view: channels-last memory, which convolutions take as it is
         return torch.from_numpy(pixels).permute(0, 3, 1, 2), torch.from_numpy(np.asarray(ages, dtype=np.float32))
 
@@ -297,7 +268,6 @@ READERS = ("petastorm", "pyarrow")
 class LoaderSettings:
     batch_size: int = 64
     image_size: int = 128
-    augment_strength: float = 1.0  # training only
     shuffle_buffer: int = 1024  # rows mixed across row groups (training only)
     workers: int = 2
     seed: int = 0
@@ -354,7 +324,6 @@ class SplitLoader:
         expected = sum(n for _, _, n in mine)
         self.epoch += 1
         generator = torch.Generator().manual_seed(seed)
-        strength = s.augment_strength if self.train else 0.0
         reader = None
         keep = [] if s.cache and self._cache is None else None  # the first pass of a --cache loader
         if self._cache is not None:  # a whole pass is in memory: its groups, in this epoch's order
@@ -374,8 +343,7 @@ class SplitLoader:
                 cur_shard=s.cur_shard, shard_count=s.shard_count, schema_fields=["image", "age"],
                 filesystem=petastorm_filesystem(self.source.files[0]))
             raw = ((group.image, group.age) for group in reader)
-        aug_seed = seed if s.cur_shard is None else seed * 1009 + s.cur_shard  # ranks augment differently
-        groups = decode_ahead(raw, s.image_size, strength, aug_seed, s.workers, keep)
+        groups = decode_ahead(raw, s.image_size, s.workers, keep)
         seen = 0
         try:
             for batch in batches(groups, s.batch_size, s.shuffle_buffer if self.train else 0, generator):

@@ -27,6 +27,7 @@ from schemas import layout, uri
 from schemas.cli import (Parser, UserError, log, apply_params, dumps, entry_points, non_negative_int, number, path_arg,
                          positive_int, redact)
 from schemas.outputs import Outputs
+from trainer import augment as A
 from trainer import bundle as B
 from trainer import data as D
 from trainer import model as M
@@ -75,7 +76,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="epochs without improvement before a cut")
     p.add_argument("--schedule", default="cyclic_plateau", choices=SCHEDULES)
     p.add_argument("--weight-decay", type=number(0.0, 1.0), default=1e-4)
-    p.add_argument("--augment", type=number(0.0, 5.0), default=1.0, help="augmentation strength (0 = none)")
+    p.add_argument("--augment", type=number(0.0, 5.0), default=1.0,
+                   help="augmentation strength (0 = none): shift/scale crop, flip and colour jitter per sample, applied "
+                        "to whole batches on the training device")
     p.add_argument("--early-stop", type=positive_int, default=8,
                    help="stop after this many epochs without a better val MAE")
     p.add_argument("--max-minutes", type=number(0.0), default=None,
@@ -83,7 +86,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "epoch of a run always runs)")
     p.add_argument("--init-weights", default=None, type=path_arg,
                    help="state-dict file (local or a URI) to start from (e.g. ImageNet)")
-    p.add_argument("--workers", type=positive_int, default=2, help="reader threads")
+    p.add_argument("--workers", type=positive_int, default=2, help="reader/decode threads")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch intra-op threads on CPU (default: the CPUs this process may use)")
     p.add_argument("--reader", default="petastorm", choices=D.READERS,
                    help="petastorm, or pyarrow (local tables, no Petastorm needed: e.g. a GPU box without it)")
     p.add_argument("--shuffle-buffer", type=non_negative_int, default=1024)
@@ -143,6 +148,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_count(world: int = 1) -> int:
+    """CPUs this process may use (its affinity mask, not the host's count), shared by the local ranks."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world if world > 1 else 1))
+    return max(1, cpus // max(1, local))
+
+
 def table_image_size(source: D.SplitSource) -> int:
     import pyarrow.parquet as pq
 
@@ -151,21 +166,24 @@ def table_image_size(source: D.SplitSource) -> int:
     return int(table.column("image_size")[0].as_py()) if table.num_rows else 128
 
 
-def train_one_epoch(model, loader, optimizer, schedule, head, loss_kind, device, progress) -> Dict[str, float]:
+def train_one_epoch(model, loader, optimizer, schedule, head, loss_kind, device, progress, strength: float = 0.0,
+                    generator: Optional[torch.Generator] = None) -> Dict[str, float]:
+    """One pass over `loader`; each batch augmented on `device` (trainer.augment, `strength`, `generator`)."""
     model.train()
     total, rows, start = 0.0, 0, time.time()
     with (model.join() if hasattr(model, "join") else contextlib.nullcontext()):  # DDP: shards may differ in length
-        total, rows = _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, progress)
+        total, rows = _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, progress,
+                                     strength, generator)
     seconds = time.time() - start
     return {"train_loss": total / max(rows, 1), "train_rows": rows, "train_seconds": seconds,
             "img_per_s": rows / seconds if seconds else float("nan")}
 
 
-def _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, progress):
+def _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, progress, strength, generator):
     total, rows = 0.0, 0
     use_amp = device.type == "cuda"
     for index, batch in enumerate(progress(loader, desc="train", leave=False)):
-        x = B.normalize(batch["image"].to(device, non_blocking=True))
+        x = B.normalize(A.augment_batch(batch["image"].to(device, non_blocking=True), strength, generator))
         y = batch["age"].to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -219,7 +237,7 @@ class Progress:
 def build_loaders(args, sources: dict, image_size: int, rank: int, world: int) -> dict:
     """{'train', 'val', 'test'} loaders; with several ranks each reads its own shard of the train row
     groups (val/test whole on every rank)."""
-    settings = D.LoaderSettings(batch_size=args.batch_size, image_size=image_size, augment_strength=args.augment,
+    settings = D.LoaderSettings(batch_size=args.batch_size, image_size=image_size,
                                 shuffle_buffer=args.shuffle_buffer, workers=args.workers, seed=args.seed,
                                 reader=args.reader, cache=args.cache)
     try:
@@ -291,6 +309,8 @@ def run(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     reports val MAE there and may raise to stop the run, e.g. optuna.TrialPruned)."""
     seed_everything(args.seed)
     rank, world, device = init_distributed(pick_device(args.device))
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or cpu_count(world))
     main_rank = rank == 0
     outputs = check_output(args)
     try:
@@ -359,8 +379,10 @@ def _train(args, on_epoch, rank, world, device, main_rank, sources, crop, work, 
                 break
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
             epoch_start = time.time()
+            # augmentation drawn from (seed, epoch, rank): a resumed run augments as an uninterrupted one
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 1009 + rank)
             row.update(train_one_epoch(net, loaders["train"], optimizer, schedule, args.head, args.loss, device,
-                                       progress))
+                                       progress, args.augment, generator))
             row.update(evaluate(model, loaders["val"], args.head, device, progress, "val"))
             if world > 1:  # every rank takes rank 0's numbers, so plateau cuts and early stops agree
                 row = broadcast_row(row, device)

@@ -1,0 +1,132 @@
+"""python -m spark_jobs.model_card: a model card (Markdown) from a training run and its evaluation report.
+
+    python -m spark_jobs.model_card --run runs/recipe --report runs/recipe/report --command "make recipe" \\
+        --output runs/recipe/MODEL_CARD.md
+
+Reads the run's summary.json and metrics.jsonl (trainer.train), the bundle's recorded settings, and the
+report's metrics.json (spark_jobs/evaluate.py: overall and per-slice MAE with intervals, the uncertainty's
+calibration); writes what a user of the model needs: the data and its version, the exact command, the
+test metrics, MAE by age group / gender / race, how honest the uncertainty is, and what the numbers do
+not cover. Aggregates only: no image, path or per-face row of the data is copied into it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import List, Optional
+
+from schemas import uri
+from schemas.cli import Parser, UserError, entry_points, log, path_arg
+
+
+def get_args_parser() -> Parser:
+    p = Parser("model_card", prog="python -m spark_jobs.model_card", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, type=path_arg, help="the trainer's run folder (summary.json, metrics.jsonl)")
+    p.add_argument("--report", required=True, type=path_arg, help="evaluate.py's output folder for the test split")
+    p.add_argument("--command", required=True, help="the exact command that produced the model")
+    p.add_argument("--output", required=True, type=path_arg, help="Markdown file to write")
+    p.add_argument("--title", default="faceage model card")
+    p.add_argument("--note", action="append", default=[], help="a line for the card's notes (repeatable)")
+    return p
+
+
+def _json(path: str) -> dict:
+    try:
+        return json.loads(uri.read_text(path))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found (run the trainer and evaluate.py first)") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not JSON ({e})") from None
+
+
+def _f(value, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _mae(row: dict) -> str:
+    """MAE with its 95 % interval when there is one."""
+    if row.get("mae_low") is None or row.get("mae_high") is None:
+        return _f(row["mae"])
+    return f"{_f(row['mae'])} ({_f(row['mae_low'])}–{_f(row['mae_high'])})"
+
+
+def _version(version) -> str:
+    return "a Parquet table: no version" if version is None else f"Delta version {version}"
+
+
+def render(summary: dict, curve: List[dict], bundle: dict, metrics: dict, command: str, title: str,
+           notes: List[str]) -> str:
+    overall = metrics["overall"]
+    params = bundle.get("params") or {}
+    lines = [f"# {title}", "",
+             f"Written {time.strftime('%Y-%m-%d')} by `python -m spark_jobs.model_card` from the run's own files.", "",
+             "## What it is", "",
+             f"- ResNet-18 from scratch, `{params.get('head')}` head, input {bundle.get('input_size')} px, crops framed "
+             f"as in the prepare run (`{(bundle.get('crop') or {}).get('detector')}` detector, "
+             f"size {(bundle.get('crop') or {}).get('size')}).",
+             f"- Trained on `{summary.get('data')}` ({_version(summary.get('data_version'))}; rows "
+             f"{summary.get('rows')}), {summary.get('epochs_run')} epochs, schedule `{params.get('schedule')}`, "
+             f"lr {params.get('lr')}, batch {params.get('batch_size')}, augmentation {params.get('augment')}; best "
+             f"epoch by val MAE; test-time augmentation `{summary.get('tta')}`.",
+             f"- Command: `{command}`",
+             f"- Training time: {_f(sum(r.get('epoch_seconds', 0) for r in curve) / 60, 1)} min of epochs on "
+             f"{summary.get('device')} (world size {summary.get('world_size')}).", "",
+             "## Test metrics", "",
+             f"Test split of the same table ({metrics['rows']['matched']} faces; scored by `score.py`, evaluated by "
+             f"`evaluate.py`):", "",
+             "| MAE (95 % CI) | RMSE | CS@5 | bias (mean signed error) |", "|---|---|---|---|",
+             f"| {_mae(overall)} | "
+             f"{_f(overall['rmse'])} | {_f(overall['cs5'], 3)} | {_f(overall['bias'])} |", "",
+             f"The trainer's own test numbers: MAE {_f(summary.get('test_mae'))}, CS@5 "
+             f"{_f(summary.get('test_cs5'), 3)} (best val MAE {_f(summary.get('best_val_mae'))}).", ""]
+    for name, heading in (("age_group", "By age group"), ("gender", "By gender"), ("race", "By race")):
+        rows = [s for s in metrics["slices"] if s["slice"] == name]
+        if not rows:
+            continue
+        lines += [f"### {heading}", "", "| group | faces | MAE (95 % CI) | CS@5 | bias |", "|---|---|---|---|---|"]
+        for s in rows:
+            flag = " (small)" if s.get("small") else ""
+            lines.append(f"| {s['value']}{flag} | {s['count']} | {_mae(s)} | {_f(s['cs5'], 3)} | {_f(s['bias'])} |")
+        lines.append("")
+    unc = metrics.get("uncertainty") or {}
+    lines += ["## Uncertainty", ""]
+    if unc:
+        lines += [f"The predicted std covers the error within 1 std for {_f(100 * unc['within_1sd'], 1)} % of faces "
+                  f"and within 2 std for {_f(100 * unc['within_2sd'], 1)} % (a calibrated Gaussian: 68 % and 95 %); "
+                  f"correlation of |error| with the std: {_f(unc.get('corr'))}.", ""]
+    else:
+        lines += ["This head predicts no uncertainty (regression head).", ""]
+    lines += ["## Limits", "",
+              "- Test faces come from the same dataset and distribution as the training faces; other cameras, "
+              "ages and populations will do worse (see BENCHMARKS.md for what has been measured across datasets).",
+              "- Age labels in UTKFace are partly estimated; the smallest groups (flagged small) have wide intervals.",
+              "- UTKFace is for non-commercial research only: so is a model trained on it."]
+    lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _job(argv: Optional[list]) -> int:
+    args = get_args_parser().parse_args(argv)
+    summary = _json(uri.join(args.run, "summary.json"))
+    curve = [json.loads(line) for line in uri.read_text(uri.join(args.run, "metrics.jsonl")).splitlines()
+             if line.strip()]
+    from trainer.bundle import load_bundle
+
+    _, bundle = load_bundle(summary.get("bundle") or uri.join(args.run, "model.pt"))
+    metrics = _json(uri.join(args.report, "metrics.json"))
+    text = render(summary, curve, bundle, metrics, args.command, args.title, args.note)
+    path = uri.local_path(args.output)
+    if path is None:
+        uri.RemoteFS().write_text(args.output, text)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    log.info(f"model_card: wrote {args.output} (test MAE {metrics['overall']['mae']:.2f})")
+    return 0
+
+
+main, console_main = entry_points("model_card", _job)
+
+if __name__ == "__main__":
+    sys.exit(main())
