@@ -41,11 +41,9 @@ class LocalFS:
 
     @staticmethod
     def _p(uri: str) -> str:
-        if uri.startswith("file://"):
-            return uri[len("file://"):]
-        if uri.startswith("file:"):
-            return uri[len("file:"):]
-        return uri
+        from schemas.uri import strip_file_scheme
+
+        return strip_file_scheme(uri)
 
     def exists(self, uri: str) -> bool:
         return os.path.lexists(self._p(uri))

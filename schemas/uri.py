@@ -69,16 +69,22 @@ def fsspec_url(uri: str) -> str:
     return uri
 
 
-def local_path(uri: str) -> Optional[str]:
-    """The absolute filesystem path of a local path or file: URI; None for a remote URI."""
+def strip_file_scheme(uri: str) -> str:
+    """A local path or file: URI as a filesystem path (relative paths stay relative)."""
     uri = str(uri)
     if uri.startswith("file://"):
         return uri[len("file://"):]
     if uri.startswith("file:"):
         return uri[len("file:"):]
+    return uri
+
+
+def local_path(uri: str) -> Optional[str]:
+    """The absolute filesystem path of a local path or file: URI; None for a remote URI."""
     if is_remote(uri):
         return None
-    return os.path.abspath(uri)
+    path = strip_file_scheme(uri)
+    return path if str(uri).startswith("file:") else os.path.abspath(path)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -344,6 +350,11 @@ def read_bytes(uri: str) -> bytes:
 
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write (replace) a small text file, local (atomically) or remote (one PUT)."""
+    fs_for(uri).write_text(uri, text)
 
 
 def exists(uri: str) -> bool:

@@ -116,12 +116,7 @@ def _job(argv: Optional[list]) -> int:
     _, bundle = load_bundle(summary.get("bundle") or uri.join(args.run, "model.pt"))
     metrics = _json(uri.join(args.report, "metrics.json"))
     text = render(summary, curve, bundle, metrics, args.command, args.title, args.note)
-    path = uri.local_path(args.output)
-    if path is None:
-        uri.RemoteFS().write_text(args.output, text)
-    else:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+    uri.write_text(args.output, text)
     log.info(f"model_card: wrote {args.output} (test MAE {metrics['overall']['mae']:.2f})")
     return 0
 
