@@ -113,6 +113,8 @@ def load_labels(spark, uri: str, split: Optional[str], version: Optional[int]):
         if split or version is not None:
             raise UserError("--split and --data-version apply to faces-table labels, not a manifest file")
         df = label_manifest.read(spark, uri).mapInPandas(parse_manifest_labels, schema=LABELS_SCHEMA)
+        # '/x', 'file:///x' and 's3a://' spell the same files as the predictions' 'file:/x' and 's3://'
+        df = df.withColumn("source_path", label_manifest.path_key(sf.col("source_path")))
         return df, "source_path", {"uri": uri, "kind": "manifest"}
     faces = layout.faces_table(uri)
     fmt = "delta" if layout.is_delta(faces) else "parquet"
@@ -167,6 +169,10 @@ def valid_predictions(preds, key: str):
     ok = preds.where(sf.col("status") == "ok")
     if key == "source_path":
         ok = ok.where(sf.col("face_index") == 0)
+    if key == "source_path":  # the spelling label manifests are brought to (label_manifest.path_key)
+        from spark_jobs.label_manifest import path_key
+
+        ok = ok.withColumn("source_path", path_key(sf.col("source_path")))
     ok = ok.select(key, "predicted_age", "uncertainty", "model_id", "data_version")
     finite = sf.col("predicted_age").isNotNull() & ~sf.isnan("predicted_age") & \
         (sf.abs(sf.col("predicted_age")) < sf.lit(float("inf")))

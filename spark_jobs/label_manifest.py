@@ -13,6 +13,16 @@ REQUIRED = ("path", "age")
 OPTIONAL = ("gender", "race", "subject_id", "dataset")
 
 
+def path_key(column):
+    """A path column in the one spelling both sides of a path join use: `./a` -> `a`, `/x` and `file:///x` ->
+    `file:/x` (Spark's and prepare's spelling of local files), `s3a://b/k` -> `s3://b/k` (the same object)."""
+    from pyspark.sql import functions as sf
+
+    key = sf.regexp_replace(column, r"^\./", "")
+    key = sf.regexp_replace(key, r"^(/|file:/+)", "file:/")
+    return sf.regexp_replace(key, r"^s3a://", "s3://")
+
+
 def read(spark, uri: str):
     """DataFrame path, age, gender, race, subject_id, dataset: all strings (missing columns null)."""
     from pyspark.sql import functions as sf

@@ -308,8 +308,7 @@ def attach_manifest_labels(files, manifest, inputs: Sequence[str]):
     from spark_jobs.storage import to_uri
 
     labelled = [f"label_{n}" for n in ("age", "gender", "race", "subject_id")]
-    manifest = manifest.withColumn("m_key", sf.regexp_replace(sf.regexp_replace("m_path", r"^\./", ""),
-                                                              r"^(/|file:/+)", "file:/"))
+    manifest = manifest.withColumn("m_key", label_manifest.path_key(sf.col("m_path")))
     rel = sf.lit(None).cast("string")
     for root in inputs:
         prefix = to_uri(root).rstrip("/") + "/"
@@ -318,7 +317,7 @@ def attach_manifest_labels(files, manifest, inputs: Sequence[str]):
             .otherwise(rel)
     keyed = files.withColumn("rel_key", rel)
     by_full = manifest.select(sf.col("m_key").alias("key"), *labelled)
-    joined_full = keyed.select("path", sf.col("path").alias("key")).join(by_full, "key")
+    joined_full = keyed.select("path", label_manifest.path_key(sf.col("path")).alias("key")).join(by_full, "key")
     joined_rel = keyed.where(sf.col("rel_key").isNotNull()).select("path", sf.col("rel_key").alias("key")) \
         .join(by_full, "key")
     # every label row that names a file, by either key; distinct label tuples per file

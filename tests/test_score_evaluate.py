@@ -155,7 +155,9 @@ def test_spark_submit_score_to_csv_and_evaluate_against_a_manifest(bundles, tabl
     assert "80 photos = 80 with faces" in proc.stdout
     labels = tmp_path / "labels.csv"
     names = sorted(os.listdir(photos))
-    pd.DataFrame({"path": ["file:" + str(photos / n) for n in names[:70]],
+    # the same files in the three spellings users write: a plain path, file:/ and file:/// (all must match)
+    spellings = ("{}", "file:{}", "file://{}")
+    pd.DataFrame({"path": [spellings[i % 3].format(photos / n) for i, n in enumerate(names[:70])],
                   "age": [int(n.split("_")[0]) for n in names[:70]]}).to_csv(labels, index=False)
     report = tmp_path / "report"
     assert evaluate.main(["--predictions", str(out), "--labels", str(labels), "--output", str(report)]) == 0
