@@ -173,6 +173,22 @@ class Outputs:
         self.staging_root = join(self.root, STAGING_PREFIX + self.run_id)
         self.committed: List[str] = []
 
+    @classmethod
+    def at(cls, output: str, kind: str, run_id: Optional[str] = None, manifest: Optional[tuple] = None,
+           flag: str = "--output") -> "Outputs":
+        """Outputs under `output` (a local path, file: URI or remote URI) on schemas.uri's filesystems;
+        `manifest` = (file name, keys): a JSON file there holding those keys (written by faceage before
+        markers existed) makes the entries faceage's."""
+        from schemas import uri as uri_io
+
+        root = output if uri_io.is_remote(output) else uri_io.local_path(output)
+        fs = uri_io.fs_for(root)
+        legacy = None
+        if manifest is not None:
+            name, keys = manifest
+            legacy = lambda entry: looks_like_manifest(fs, join(root, name), keys)  # noqa: E731
+        return cls(fs, root, kind, run_id, legacy, flag)
+
     # -- checks
     def owned(self, name: str) -> bool:
         """True when ROOT/name is absent, an empty folder, or faceage's own."""

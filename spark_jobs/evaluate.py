@@ -298,8 +298,7 @@ def run(args) -> dict:
     from spark_jobs.session import get_spark
 
     started = time.time()
-    root = args.output if uri_io.is_remote(args.output) else uri_io.local_path(args.output)
-    outputs = Outputs(uri_io.fs_for(root), root, "evaluate", new_run_id())
+    outputs = Outputs.at(args.output, "evaluate", new_run_id())
     outputs.check(REPORT_FILES)  # before any work: never replace files faceage did not write
     spark = get_spark("faceage-evaluate")
     try:
@@ -332,7 +331,7 @@ def run(args) -> dict:
     curves = training_curves(to_uri(args.predictions))
 
     # the report is written in a local folder: the staging folder itself, or one uploaded to a remote one
-    staging = tempfile.mkdtemp(prefix="faceage-report-") if uri_io.is_remote(root) else outputs.staging_root
+    staging = tempfile.mkdtemp(prefix="faceage-report-") if uri_io.is_remote(outputs.root) else outputs.staging_root
     try:
         os.makedirs(staging, exist_ok=True)
         matrix, normalized = confusion(cells)
@@ -365,7 +364,8 @@ def run(args) -> dict:
             for name in written:
                 uri_io.put(os.path.join(staging, name), outputs.staging(name))
         outputs.commit(written)
-        track(args, metrics, [os.path.join(staging if staging != outputs.staging_root else root, n) for n in written])
+        folder = staging if staging != outputs.staging_root else outputs.root
+        track(args, metrics, [os.path.join(folder, n) for n in written])
         for name in set(REPORT_FILES) - set(written):  # a plot this report has not (e.g. no uncertainty now)
             if outputs.exists(name) and outputs.owned(name):
                 outputs.fs.delete(layout.join(outputs.root, name))

@@ -48,3 +48,15 @@ def test_geometry_flip_shift_and_identity():
     assert torch.allclose(shifted[..., :-4], x.float()[..., 4:], atol=1e-3)
     assert torch.all(shifted[..., -4:] == 0)
     assert torch.equal(A.augment_batch(x, 0.0), x.float())  # strength 0: only converted
+
+
+def test_progressive_resizing_resamples_each_row_to_the_epoch_size():
+    x = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    x[2] = 200  # one bright row: it must stay row 2 at the smaller size
+    plain = A.augment_batch(x, 0.0, size=16)
+    assert plain.shape == (4, 3, 16, 16)
+    assert torch.allclose(plain[2], torch.full((3, 16, 16), 200.0)) and plain[[0, 1, 3]].abs().max() == 0
+    one = A.augment_batch(x, 1.0, torch.Generator().manual_seed(1), size=16)
+    two = A.augment_batch(x, 1.0, torch.Generator().manual_seed(1), size=16)
+    assert one.shape == (4, 3, 16, 16) and torch.equal(one, two)
+    assert A.augment_batch(x, 0.0, size=32).shape == (4, 3, 32, 32)

@@ -118,3 +118,38 @@ def test_max_minutes_stops_after_the_epoch_that_spends_it(tables, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1]  # one epoch always runs; no new one once the budget is spent
     assert json.loads((out / "summary.json").read_text())["epochs_run"] == 1
+
+
+def test_ema_weights_are_the_ones_validated_and_bundled(tables, tmp_path):
+    root, _, _ = tables
+    out = tmp_path / "ema"
+    assert train.main(["--data", str(root / "pq"), "--output", str(out), "--epochs", "1", "--ema", "0.5",
+                      "--reader", "pyarrow"] + TINY) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    averaged = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    model, _ = B.load_bundle(str(out / "model.pt"))
+    bundled = model.state_dict()
+    assert averaged.keys() == bundled.keys()
+    assert all(torch.equal(averaged[k], bundled[k]) for k in bundled)  # the average is what ships
+    raw = ckpt["model"]
+    assert any(not torch.equal(raw[k], bundled[k]) for k in bundled if raw[k].is_floating_point())
+
+
+def test_progressive_resizing_trains_small_then_at_the_bundle_size(tables, tmp_path):
+    root, manifest, _ = tables
+    out = tmp_path / "progressive"
+    assert train.main(["--data", str(root / "pq"), "--output", str(out), "--epochs", "3", "--start-size", "16",
+                      "--final-epochs", "1", "--reader", "pyarrow"] + TINY) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_size"] for r in rows] == [16, 16, 32]
+    assert all(r["train_rows"] == manifest["splits"]["train"] for r in rows)
+    assert B.load_bundle(str(out / "model.pt"))[1]["input_size"] == 32
+
+
+def test_final_epochs_alone_is_refused(tables, tmp_path, capsys):
+    root, _, _ = tables
+    assert train.main(["--data", str(root / "pq"), "--output", str(tmp_path / "x"), "--epochs", "2",
+                       "--final-epochs", "1"] + TINY) == 2
+    err = capsys.readouterr().err
+    assert "--final-epochs needs --start-size" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()

@@ -55,9 +55,19 @@ def apply(images: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor
     return (x * p["brightness"].view(view)).clamp_(0, 255)
 
 
-def augment_batch(images: torch.Tensor, strength: float, generator: Optional[torch.Generator] = None
-                  ) -> torch.Tensor:
-    """`images` augmented with freshly drawn parameters (float32 0..255); strength 0 only converts."""
+def resize(images: torch.Tensor, size: Optional[int]) -> torch.Tensor:
+    """float N x 3 x H x W -> N x 3 x size x size (bilinear, antialiased when shrinking); unchanged when
+    size is None or already the images' size. Progressive resizing trains early epochs this way."""
+    if size is None or tuple(images.shape[-2:]) == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def augment_batch(images: torch.Tensor, strength: float, generator: Optional[torch.Generator] = None,
+                  size: Optional[int] = None) -> torch.Tensor:
+    """`images` (resized to `size` first when given) augmented with freshly drawn parameters (float32 0..255);
+    strength 0 only converts (and resizes)."""
+    x = resize(images.float(), size)
     if strength <= 0:
-        return images.float()
-    return apply(images, sample(images.shape[0], strength, generator))
+        return x
+    return apply(x, sample(x.shape[0], strength, generator))

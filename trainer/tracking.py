@@ -134,6 +134,14 @@ class Run:
         if self.on:
             self.client.set_terminated(self.run_id, status)
 
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        """The run's end status from how the block ended: FINISHED, KILLED (pruned or interrupted), FAILED."""
+        pruned = kind is not None and kind.__name__ in ("TrialPruned", "KeyboardInterrupt")
+        self.end("FINISHED" if kind is None else "KILLED" if pruned else "FAILED")
+
 
 def run_of_model(bundle_params: dict) -> Optional[str]:
     """The MLflow run id a bundle was trained under (None when it was not tracked)."""

@@ -46,7 +46,8 @@ class TrainError(UserError):
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "model.pt", "summary.json", "tensorboard")
 # flags a checkpoint must agree with to be resumed (they change the model, its input or its schedule)
-RESUME_KEYS = ("head", "image_size", "optimizer", "schedule", "batch_size", "data", "data_version")
+RESUME_KEYS = ("head", "image_size", "optimizer", "schedule", "batch_size", "data", "data_version", "ema", "start_size",
+               "final_epochs")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -74,11 +75,23 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="cycle bounds x this on a val-MAE plateau")
     p.add_argument("--plateau-patience", type=non_negative_int, default=2,
                    help="epochs without improvement before a cut")
-    p.add_argument("--schedule", default="cyclic_plateau", choices=SCHEDULES)
+    p.add_argument("--schedule", default="onecycle", choices=SCHEDULES,
+                   help="onecycle (default: best of the three at full scale, BENCHMARKS.md), cyclic_plateau "
+                        "(CyclicLR per batch with plateau cuts of its bounds) or constant")
     p.add_argument("--weight-decay", type=number(0.0, 1.0), default=1e-4)
     p.add_argument("--augment", type=number(0.0, 5.0), default=1.0,
                    help="augmentation strength (0 = none): shift/scale crop, flip and colour jitter per sample, applied "
                         "to whole batches on the training device")
+    p.add_argument("--ema", type=number(0.0, 0.99999), default=0.0,
+                   help="keep an exponential moving average of the weights (and BatchNorm statistics) with this "
+                        "decay per batch, e.g. 0.998; validation, the best epoch and the bundle use the average "
+                        "(0 = off)")
+    p.add_argument("--start-size", type=number(16, 1024, integer=True), default=None,
+                   help="progressive resizing: train the first epochs at this size and the last --final-epochs at "
+                        "--image-size (the bundle's size); batches are resampled on the training device")
+    p.add_argument("--final-epochs", type=positive_int, default=None,
+                   help="with --start-size: how many final epochs train at --image-size (default a quarter of "
+                        "--epochs, at least 1)")
     p.add_argument("--early-stop", type=positive_int, default=8,
                    help="stop after this many epochs without a better val MAE")
     p.add_argument("--max-minutes", type=number(0.0), default=None,
@@ -125,8 +138,7 @@ def apply_params_file(args, parser, argv) -> None:
 def check_output(args) -> Outputs:
     """The run folder (local or a URI) may hold only what a faceage run wrote (refused otherwise, before
     any work); so may --bundle."""
-    root = args.output if uri.is_remote(args.output) else uri.local_path(args.output)
-    outputs = Outputs(uri.fs_for(root), root, "train")
+    outputs = Outputs.at(args.output, "train")
     outputs.check(RUN_FILES)
     if args.bundle and uri.exists(args.bundle) and not B.is_bundle(args.bundle):
         raise TrainError(f"--bundle {args.bundle}: the file there is not a faceage model bundle; refusing to "
@@ -167,23 +179,26 @@ def table_image_size(source: D.SplitSource) -> int:
 
 
 def train_one_epoch(model, loader, optimizer, schedule, head, loss_kind, device, progress, strength: float = 0.0,
-                    generator: Optional[torch.Generator] = None) -> Dict[str, float]:
-    """One pass over `loader`; each batch augmented on `device` (trainer.augment, `strength`, `generator`)."""
+                    generator: Optional[torch.Generator] = None, size: Optional[int] = None,
+                    ema=None) -> Dict[str, float]:
+    """One pass over `loader`; each batch resized to `size` (when given) and augmented on `device`
+    (trainer.augment, `strength`, `generator`); `ema` (a torch AveragedModel) follows every step."""
     model.train()
     total, rows, start = 0.0, 0, time.time()
     with (model.join() if hasattr(model, "join") else contextlib.nullcontext()):  # DDP: shards may differ in length
         total, rows = _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, progress,
-                                     strength, generator)
+                                     strength, generator, size, ema)
     seconds = time.time() - start
     return {"train_loss": total / max(rows, 1), "train_rows": rows, "train_seconds": seconds,
             "img_per_s": rows / seconds if seconds else float("nan")}
 
 
-def _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, progress, strength, generator):
+def _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, progress, strength, generator,
+                   size=None, ema=None):
     total, rows = 0.0, 0
     use_amp = device.type == "cuda"
     for index, batch in enumerate(progress(loader, desc="train", leave=False)):
-        x = B.normalize(A.augment_batch(batch["image"].to(device, non_blocking=True), strength, generator))
+        x = B.normalize(A.augment_batch(batch["image"].to(device, non_blocking=True), strength, generator, size))
         y = batch["age"].to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -197,6 +212,8 @@ def _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, 
         loss.backward()
         optimizer.step()
         schedule.step_batch()
+        if ema is not None:
+            ema.update_parameters(model.module if hasattr(model, "module") else model)
         total += loss.item() * len(y)
         rows += len(y)
     return total, rows
@@ -250,6 +267,24 @@ def build_loaders(args, sources: dict, image_size: int, rank: int, world: int) -
     return loaders
 
 
+def epoch_size(args, epoch: int) -> Optional[int]:
+    """The size epoch `epoch` (0-based) trains at with progressive resizing (--start-size before the last
+    --final-epochs); None: the loader's size (--image-size)."""
+    if not args.start_size:
+        return None
+    final = args.final_epochs or max(1, round(args.epochs / 4))
+    return args.start_size if epoch < args.epochs - final else None
+
+
+def build_ema(args, model):
+    """--ema: a torch AveragedModel of `model` (weights and BatchNorm buffers), else None."""
+    if not args.ema:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
+
+
 def build_training(args, device, world: int, batches_per_epoch: int):
     """(model, the module to train (DDP-wrapped with several ranks), optimizer, schedule)."""
     model = M.build_model(args.head, args.init_weights).to(device)
@@ -266,8 +301,9 @@ def build_training(args, device, world: int, batches_per_epoch: int):
     return model, net, optimizer, schedule
 
 
-def resume(args, ckpt_path: str, device, image_size: int, model, optimizer, schedule) -> Progress:
-    """--resume: the checkpoint's state loaded into model/optimizer/schedule (checked first); else a fresh start."""
+def resume(args, ckpt_path: str, device, image_size: int, model, optimizer, schedule, ema=None) -> Progress:
+    """--resume: the checkpoint's state loaded into model/optimizer/schedule/ema (checked first); else a fresh
+    start."""
     if not args.resume:
         return Progress()
     if not os.path.exists(ckpt_path):
@@ -278,6 +314,8 @@ def resume(args, ckpt_path: str, device, image_size: int, model, optimizer, sche
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise TrainError(f"--resume: {ckpt_path} does not fit this run's model/optimizer/schedule "
                          f"({str(e).splitlines()[0][:160]}); rerun with the flags it was written with, or "
@@ -307,6 +345,8 @@ def check_finite(row: dict) -> None:
 def run(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     """Train as `args` say; `on_epoch(row)` sees every epoch's metrics after its checkpoint (the tuner
     reports val MAE there and may raise to stop the run, e.g. optuna.TrialPruned)."""
+    if args.final_epochs and not args.start_size:
+        raise TrainError("--final-epochs needs --start-size (the size of the epochs before them)")
     seed_everything(args.seed)
     rank, world, device = init_distributed(pick_device(args.device))
     if device.type == "cpu":
@@ -326,22 +366,17 @@ def run(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
                            active=main_rank)
     args.mlflow_run_id = tracker.run_id  # recorded in the bundle: evaluate logs to this run
     tracker.log_params({k: v for k, v in vars(args).items() if k not in ("resume", "no_progress", "mlflow_run_id")})
-    status = "FAILED"
-    try:
-        summary = _train(args, on_epoch, rank, world, device, main_rank, sources, crop, work, tracker)
-        # the chosen epoch's test metrics (val_* per epoch were logged with their steps)
-        tracker.log_metrics({k: v for k, v in summary.items() if k.startswith(("test_", "best_"))},
-                            step=summary["epochs_run"])
-        tracker.log_bundle(local_bundle(args, work), getattr(args, "register_model", None))
-        tracker.log_artifact(work.local("summary.json"))
-        status = "FINISHED"
-        return summary
-    except BaseException as e:
-        status = "KILLED" if type(e).__name__ in ("TrialPruned", "KeyboardInterrupt") else "FAILED"
-        raise
-    finally:
-        tracker.end(status)
-        work.close()
+    with tracker:  # ends the MLflow run FINISHED, KILLED (pruned, interrupted) or FAILED
+        try:
+            summary = _train(args, on_epoch, rank, world, device, main_rank, sources, crop, work, tracker)
+            # the chosen epoch's test metrics (val_* per epoch were logged with their steps)
+            tracker.log_metrics({k: v for k, v in summary.items() if k.startswith(("test_", "best_"))},
+                                step=summary["epochs_run"])
+            tracker.log_bundle(local_bundle(args, work), getattr(args, "register_model", None))
+            tracker.log_artifact(work.local("summary.json"))
+            return summary
+        finally:
+            work.close()
 
 
 def local_bundle(args, work) -> str:
@@ -353,10 +388,12 @@ def _train(args, on_epoch, rank, world, device, main_rank, sources, crop, work, 
     image_size = args.image_size or table_image_size(sources["train"])
     loaders = build_loaders(args, sources, image_size, rank, world)
     model, net, optimizer, schedule = build_training(args, device, world, len(loaders["train"]))
+    ema = build_ema(args, model)
+    judged = ema.module if ema is not None else model  # the weights validated, kept as best and bundled
     ckpt_path, metrics_path = work.local("checkpoint.pt"), work.local("metrics.jsonl")
     if args.resume:
         work.pull("checkpoint.pt")
-    state = resume(args, ckpt_path, device, image_size, model, optimizer, schedule)
+    state = resume(args, ckpt_path, device, image_size, model, optimizer, schedule, ema)
     if main_rank:
         with open(metrics_path, "w") as f:  # rewritten from the checkpoint's history: no duplicate epochs
             for row in state.history:
@@ -377,13 +414,14 @@ def _train(args, on_epoch, rank, world, device, main_rank, sources, crop, work, 
             if budget_spent(args, started, epoch, state.start_epoch, world, device):
                 log.info(f"train: --max-minutes {args.max_minutes} spent after {epoch} epochs")
                 break
-            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+            size = epoch_size(args, epoch)
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_size": size or image_size}
             epoch_start = time.time()
             # augmentation drawn from (seed, epoch, rank): a resumed run augments as an uninterrupted one
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 1009 + rank)
             row.update(train_one_epoch(net, loaders["train"], optimizer, schedule, args.head, args.loss, device,
-                                       progress, args.augment, generator))
-            row.update(evaluate(model, loaders["val"], args.head, device, progress, "val"))
+                                       progress, args.augment, generator, size, ema))
+            row.update(evaluate(judged, loaders["val"], args.head, device, progress, "val"))
             if world > 1:  # every rank takes rank 0's numbers, so plateau cuts and early stops agree
                 row = broadcast_row(row, device)
                 row["world_size"] = world
@@ -395,12 +433,12 @@ def _train(args, on_epoch, rank, world, device, main_rank, sources, crop, work, 
             improved = row["val_mae"] < state.best
             if improved:
                 state.best = row["val_mae"]
-                state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                state.best_state = {k: v.detach().cpu().clone() for k, v in judged.state_dict().items()}
             since_best = 0 if improved else since_best + 1
             state.history.append(row)
             if main_rank:  # only rank 0 writes
                 record_epoch(args, ckpt_path, metrics_path, model, optimizer, schedule, epoch, state, row, writer,
-                             improved)
+                             improved, ema)
                 work.push("checkpoint.pt", "metrics.jsonl")
                 tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
             if on_epoch is not None:
@@ -416,13 +454,14 @@ def _train(args, on_epoch, rank, world, device, main_rank, sources, crop, work, 
 
 
 def record_epoch(args, ckpt_path, metrics_path, model, optimizer, schedule, epoch, state: Progress, row, writer,
-                 improved: bool) -> None:
+                 improved: bool, ema=None) -> None:
     """Checkpoint first: a metrics line then always has its checkpoint (a kill between the two loses only
     the line, which --resume rewrites from the checkpoint's history). Then TensorBoard and the console."""
     save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                 "schedule": schedule.state_dict(), "epoch": epoch, "best_val_mae": state.best,
                                 "best_model": state.best_state, "history": state.history, "args": vars(args),
-                                "torch_rng": torch.get_rng_state()})
+                                "torch_rng": torch.get_rng_state(),
+                                "ema": ema.state_dict() if ema is not None else None})
     with open(metrics_path, "a") as f:
         f.write(json.dumps(row) + "\n")
     if writer is not None:

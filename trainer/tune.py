@@ -14,6 +14,7 @@ Browse a study live: `optuna-dashboard STORAGE_URL` (pip install optuna-dashboar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import multiprocessing
 import os
@@ -280,12 +281,9 @@ REPORT_FILES = ("best_params.json", "report.json", "optimization_history.png", "
 def claim_output(args) -> None:
     """The report files tune writes may replace only what faceage wrote (refused otherwise, before any trial);
     the output is marked as faceage's (a remote one proves writable here, not after the first trial)."""
-    from schemas.outputs import Outputs, looks_like_manifest
+    from schemas.outputs import Outputs
 
-    root = args.output if uri.is_remote(args.output) else uri.local_path(args.output)
-    fs = uri.fs_for(root)
-    outputs = Outputs(fs, root, "tune", legacy=lambda name: looks_like_manifest(
-        fs, uri.join(root, "report.json"), ("study", "best", "trials")))
+    outputs = Outputs.at(args.output, "tune", manifest=("report.json", ("study", "best", "trials")))
     outputs.check(REPORT_FILES)
     outputs.record(REPORT_FILES)
 
@@ -301,24 +299,28 @@ def run(args, launch: Optional[Callable] = None) -> dict:
     args.mlflow_parent_run = tracker.run_id
     tracker.log_params({k: getattr(args, k) for k in ("study", "sampler", "pruner", "n_trials", "epochs", "seed",
                                                       "data", "train_args", "workers")})
-    status = "FAILED"
-    try:
-        if not args.storage:
-            work.pull("optuna.db")  # a study to continue (remote --output)
-        report = _run(args, launch)
-        work.push("optuna.db", "best_params.json", "report.json", *report["plots"],
-                  *[f"worker-{k}.log" for k in range(args.workers)])
-        best = report["best"]
-        tracker.log_metrics({"best_val_mae": best["val_mae"], "best_test_mae": best.get("test_mae"),
-                             **{f"trials_{k}": v for k, v in report["trials"].items()}})
-        tracker.set_tags({"best_trial": best["number"], **{f"best.{k}": v for k, v in best["train_params"].items()}})
-        for name in ("best_params.json", "report.json", *report["plots"]):
-            tracker.log_artifact(os.path.join(work.path, name))
-        status = "FINISHED"
-        return report
-    finally:
-        tracker.end(status)
-        work.close()
+    logs = [f"worker-{k}.log" for k in range(args.workers)]
+    with tracker:  # ends the MLflow run FINISHED, KILLED (interrupted) or FAILED
+        try:
+            if not args.storage:
+                work.pull("optuna.db")  # a study to continue (remote --output)
+            report = _run(args, launch)
+            work.push("optuna.db", "best_params.json", "report.json", *report["plots"], *logs)
+            best = report["best"]
+            tracker.log_metrics({"best_val_mae": best["val_mae"], "best_test_mae": best.get("test_mae"),
+                                 **{f"trials_{k}": v for k, v in report["trials"].items()}})
+            tracker.set_tags({"best_trial": best["number"],
+                              **{f"best.{k}": v for k, v in best["train_params"].items()}})
+            for name in ("best_params.json", "report.json", *report["plots"]):
+                tracker.log_artifact(os.path.join(work.path, name))
+            return report
+        except BaseException:
+            # a failed study's worker logs are what explains it: keep them beside a remote --output too
+            with contextlib.suppress(Exception):
+                work.push("optuna.db", *logs)
+            raise
+        finally:
+            work.close()
 
 
 def _run(args, launch: Optional[Callable]) -> dict:
