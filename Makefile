@@ -88,7 +88,14 @@ recipe: install ## UTKFace -> a 60-minute training on 2 CPU cores -> scored + ev
 		--tta flip --output $(RECIPE)/scored
 	$(BIN)/spark-submit spark_jobs/evaluate.py --predictions $(RECIPE)/scored --labels $(RECIPE_DATA) --split test \
 		--output $(RECIPE)/report
+	# faces unlike the training set: the test split's photos pasted into generated scenes, found by the detector
+	$(BIN)/python -m bench.shift_data --data $(RECIPE_DATA) --work $(RECIPE)/shift --kinds pasted --photos-only
+	$(BIN)/spark-submit spark_jobs/score.py --model $(RECIPE)/train/model.pt --input $(RECIPE)/shift/pasted \
+		--tta flip --output $(RECIPE)/shift/scored
+	$(BIN)/spark-submit spark_jobs/evaluate.py --predictions $(RECIPE)/shift/scored \
+		--labels $(RECIPE)/shift/pasted_labels.csv --output $(RECIPE)/shift/report
 	$(BIN)/python -m spark_jobs.model_card --run $(RECIPE)/train --report $(RECIPE)/report \
+		--cross "test photos pasted into generated scenes (detector on)=$(RECIPE)/shift/report" \
 		--command "make recipe RECIPE_TRAIN='$(strip $(RECIPE_TRAIN))'" --output $(RECIPE)/MODEL_CARD.md
 
 bench-prepare: install ## the prepare benchmark (Spark vs a plain Pool, on UTKFace composites)

@@ -77,10 +77,14 @@ def env_with_venv() -> dict:
     return dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
 
 
-def run_python(args: List[str]) -> float:
-    """`python ARGS` from the repository root; its seconds, or exit with its stderr's tail."""
+def run_python(args: List[str], log: Optional[Path] = None) -> float:
+    """`python ARGS` from the repository root; its seconds, or exit with its stderr's tail. With `log`, its
+    stdout and stderr are kept in that file too."""
     start = time.time()
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env_with_venv(), capture_output=True, text=True)
+    if log is not None:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        Path(log).write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)}\n{proc.stderr[-3000:]}")
     return time.time() - start

@@ -11,8 +11,9 @@
 # It prints and writes under $OUT (or bench/out/gpu-results):
 #   1. img/s fed by the project's loader vs the same loop over device-resident batches (bench.train_bench),
 #      128 px, batch 128, bf16, channels_last; 1b. the trainer vs a plain loop (bench.trainer_vs_loop);
-#   2. python -m trainer.train with CyclicLR + ReduceLROnPlateau and with a constant LR, same split, same
-#      wall-clock budget each: val/test MAE, epochs, seconds, img/s (summary.json, metrics.jsonl).
+#   2. python -m trainer.train with CyclicLR + ReduceLROnPlateau, OneCycle and a constant LR, same split, same
+#      wall-clock budget each: val/test MAE, epochs, seconds, img/s (summary.json, metrics.jsonl); then the
+#      OneCycle run again with weight averaging (--ema) and progressive resizing (96 px, the last quarter 128 px).
 set -euo pipefail
 DATA=${GPU_DATA:-bench/out/gpu}
 RESULTS=${OUT:-bench/out/gpu-results}
@@ -42,27 +43,31 @@ echo "== 1b. the trainer (loader + batched augmentation on the GPU) vs a plain d
 "$PY" -m bench.trainer_vs_loop --data "$DATA/data" --reader pyarrow --workers "$WORKERS" --device "$DEVICE" \
   --rows 4096 --sizes 64 128 --repeats 2 | tee "$RESULTS/trainer_vs_loop.json"
 
-echo "== 2. CyclicLR + ReduceLROnPlateau vs constant LR, ${MINUTES} min each"
-for run in "cyclic_plateau --lr 3e-3" "constant --lr 1e-3"; do
+echo "== 2. CyclicLR + ReduceLROnPlateau vs OneCycle vs constant LR, ${MINUTES} min each"
+EPOCHS=${GPU_TRAIN_EPOCHS:-12}   # OneCycle needs an epoch count: the budget stops a run that is slower
+for run in "cyclic_plateau cyclic_plateau --lr 3e-3" "onecycle onecycle --lr 3e-3" "constant constant --lr 1e-3" \
+           "onecycle_ema_progressive onecycle --lr 3e-3 --ema 0.998 --start-size 96"; do
   set -- $run
+  name=$1; shift
   "$PY" -m trainer.train --data "$DATA/data" --reader pyarrow --workers "$WORKERS" --device "$DEVICE" \
-    --image-size 128 --batch-size 128 --epochs 200 --early-stop 1000 --max-minutes "$MINUTES" \
-    --schedule "$1" "$2" "$3" --output "$RESULTS/$1" --no-progress | tail -3
+    --image-size 128 --batch-size 128 --epochs "$EPOCHS" --early-stop 1000 --max-minutes "$MINUTES" \
+    --head regression --schedule "$@" --output "$RESULTS/$name" --no-progress | tail -3
 done
 
 "$PY" - "$RESULTS" <<'EOF'
 import json, sys, os
 results = sys.argv[1]
-for name in ("cyclic_plateau", "constant"):
+for name in ("cyclic_plateau", "onecycle", "constant", "onecycle_ema_progressive"):
     s = json.load(open(os.path.join(results, name, "summary.json")))
     hist = [json.loads(l) for l in open(os.path.join(results, name, "metrics.jsonl"))]
     print(f"{name}: epochs {s['epochs_run']}, best val MAE {s['best_val_mae']:.2f}, test MAE {s['test_mae']:.2f}, "
           f"CS@5 {s['test_cs5']:.3f}, {hist[-1]['elapsed_seconds']:.0f} s, "
           f"{sum(h['img_per_s'] for h in hist) / len(hist):.0f} img/s; rows {s['rows']}")
 const = [json.loads(l) for l in open(os.path.join(results, "constant", "metrics.jsonl"))]
-cyc = [json.loads(l) for l in open(os.path.join(results, "cyclic_plateau", "metrics.jsonl"))]
 target = min(h["val_mae"] for h in const)
 reach = lambda hist: next(((h["epoch"], h["elapsed_seconds"]) for h in hist if h["val_mae"] <= target), None)
+others = {n: [json.loads(l) for l in open(os.path.join(results, n, "metrics.jsonl"))]
+          for n in ("cyclic_plateau", "onecycle")}
 print(f"constant LR best val MAE {target:.2f}: reached by constant at {reach(const)}, "
-      f"by cyclic_plateau at {reach(cyc)} (epoch, seconds)")
+      + ", ".join(f"by {n} at {reach(h)}" for n, h in others.items()) + " (epoch, seconds)")
 EOF

@@ -28,6 +28,9 @@ def get_args_parser() -> Parser:
     p.add_argument("--output", required=True, type=path_arg, help="Markdown file to write")
     p.add_argument("--title", default="faceage model card")
     p.add_argument("--note", action="append", default=[], help="a line for the card's notes (repeatable)")
+    p.add_argument("--cross", action="append", default=[], metavar="NAME=REPORT",
+                   help="evaluate.py's output folder for faces from elsewhere (another dataset, other cameras), with "
+                        "a name for the card (repeatable): the card compares its MAE with the test split's")
     return p
 
 
@@ -55,8 +58,21 @@ def _version(version) -> str:
     return "a Parquet table: no version" if version is None else f"Delta version {version}"
 
 
+def cross_section(cross: List[tuple], test_mae: float) -> List[str]:
+    """The card's cross-dataset table: (name, evaluate metrics) pairs against the test split's MAE."""
+    if not cross:
+        return []
+    lines = ["## Faces unlike the training set", "",
+             "| set | faces | MAE (95 % CI) | CS@5 | bias | MAE / test MAE |", "|---|---|---|---|---|---|"]
+    for name, m in cross:
+        o = m["overall"]
+        lines.append(f"| {name} | {m['rows']['matched']} | {_mae(o)} | {_f(o['cs5'], 3)} | {_f(o['bias'])} | "
+                     f"{_f(o['mae'] / test_mae if test_mae else None)}× |")
+    return lines + [""]
+
+
 def render(summary: dict, curve: List[dict], bundle: dict, metrics: dict, command: str, title: str,
-           notes: List[str]) -> str:
+           notes: List[str], cross: Optional[List[tuple]] = None) -> str:
     overall = metrics["overall"]
     params = bundle.get("params") or {}
     lines = [f"# {title}", "",
@@ -67,8 +83,10 @@ def render(summary: dict, curve: List[dict], bundle: dict, metrics: dict, comman
              f"size {(bundle.get('crop') or {}).get('size')}).",
              f"- Trained on `{summary.get('data')}` ({_version(summary.get('data_version'))}; rows "
              f"{summary.get('rows')}), {summary.get('epochs_run')} epochs, schedule `{params.get('schedule')}`, "
-             f"lr {params.get('lr')}, batch {params.get('batch_size')}, augmentation {params.get('augment')}; best "
-             f"epoch by val MAE; test-time augmentation `{summary.get('tta')}`.",
+             f"lr {params.get('lr')}, batch {params.get('batch_size')}, augmentation {params.get('augment')}"
+             + (f", weight EMA {params['ema']}" if params.get("ema") else "")
+             + (f", progressive resizing from {params['start_size']} px" if params.get("start_size") else "")
+             + f"; best epoch by val MAE; test-time augmentation `{summary.get('tta')}`.",
              f"- Command: `{command}`",
              f"- Training time: {_f(sum(r.get('epoch_seconds', 0) for r in curve) / 60, 1)} min of epochs on "
              f"{summary.get('device')} (world size {summary.get('world_size')}).", "",
@@ -89,6 +107,7 @@ def render(summary: dict, curve: List[dict], bundle: dict, metrics: dict, comman
             flag = " (small)" if s.get("small") else ""
             lines.append(f"| {s['value']}{flag} | {s['count']} | {_mae(s)} | {_f(s['cs5'], 3)} | {_f(s['bias'])} |")
         lines.append("")
+    lines += cross_section(cross or [], overall["mae"])
     unc = metrics.get("uncertainty") or {}
     lines += ["## Uncertainty", ""]
     if unc:
@@ -108,6 +127,12 @@ def render(summary: dict, curve: List[dict], bundle: dict, metrics: dict, comman
 
 def _job(argv: Optional[list]) -> int:
     args = get_args_parser().parse_args(argv)
+    named = []
+    for item in args.cross:  # checked before anything is read
+        name, sep, folder = item.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise UserError(f"--cross {item!r}: give NAME=REPORT_FOLDER (an evaluate.py output folder)")
+        named.append((name.strip(), uri.check(folder.strip(), "--cross")))
     summary = _json(uri.join(args.run, "summary.json"))
     curve = [json.loads(line) for line in uri.read_text(uri.join(args.run, "metrics.jsonl")).splitlines()
              if line.strip()]
@@ -115,7 +140,8 @@ def _job(argv: Optional[list]) -> int:
 
     _, bundle = load_bundle(summary.get("bundle") or uri.join(args.run, "model.pt"))
     metrics = _json(uri.join(args.report, "metrics.json"))
-    text = render(summary, curve, bundle, metrics, args.command, args.title, args.note)
+    cross = [(name, _json(uri.join(folder, "metrics.json"))) for name, folder in named]
+    text = render(summary, curve, bundle, metrics, args.command, args.title, args.note, cross)
     uri.write_text(args.output, text)
     log.info(f"model_card: wrote {args.output} (test MAE {metrics['overall']['mae']:.2f})")
     return 0

@@ -1,11 +1,13 @@
 """make recipe, tiny: the reference recipe's steps (train -> score the test split with flip TTA -> evaluate ->
-model card) on the fixture table with one small epoch; the real recipe (UTKFace, 60 minutes) does not run here."""
+the test photos pasted into scenes, detected, scored and evaluated -> model card) on the fixture table with one
+small epoch; the real recipe (UTKFace, 60 minutes) does not run here."""
 import json
 import subprocess
 
 import pytest
 
 from conftest import REPO, venv_env
+from spark_jobs import model_card
 
 
 @pytest.mark.slow
@@ -26,3 +28,20 @@ def test_a_tiny_recipe_ends_in_a_model_card_with_the_reports_numbers(tables, tmp
     assert f"make recipe RECIPE_TRAIN='{train}'" in card  # the exact command
     scored = json.loads((out / "scored" / "score_manifest.json").read_text())
     assert scored["counts"]["faces"] == metrics["rows"]["matched"] == summary["rows"]["test"]
+    # faces unlike the training set: the test photos pasted into scenes, detected, scored, evaluated, on the card
+    pasted = json.loads((out / "shift" / "scored" / "score_manifest.json").read_text())["counts"]
+    cross = json.loads((out / "shift" / "report" / "metrics.json").read_text())
+    assert pasted["photos"] == summary["rows"]["test"]  # one pasted photo per test face
+    assert cross["rows"]["matched"] == pasted["photos_with_faces"] > 0  # each photo's face 0 joined its label by path
+    assert "## Faces unlike the training set" in card
+    ratio = cross["overall"]["mae"] / metrics["overall"]["mae"]
+    assert f"| {cross['rows']['matched']} | {cross['overall']['mae']:.2f} (" in card and f"{ratio:.2f}×" in card
+
+
+@pytest.mark.parametrize("bad", ["no-equals-sign", "=folder", "name=", "name=s3:/bucket/report"])
+def test_a_malformed_cross_report_is_one_line_before_anything_is_read(bad, tmp_path, capsys):
+    assert model_card.main(["--run", str(tmp_path / "absent"), "--report", str(tmp_path / "absent"), "--command",
+                            "x", "--output", str(tmp_path / "card.md"), "--cross", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--cross" in err and "Traceback" not in err
+    assert not (tmp_path / "card.md").exists()
