@@ -161,11 +161,13 @@ def main():
     p.add_argument("--tune-image-size", type=int, default=32)
     p.add_argument("--tune-train-rows", type=int, default=4000)
     p.add_argument("--tune-val-rows", type=int, default=1000)
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help="run only these queue entries (e.g. onecycle_reg_ema tune:tpe): a second driver beside a first")
     p.add_argument("--report", action="store_true", help="only the tables, from the runs that finished")
     args = p.parse_args()
     if not args.report:
         for name, seed in QUEUE:
-            if seed not in args.seeds:
+            if seed not in args.seeds or (args.only and name not in args.only):
                 continue
             if name.startswith("tune:"):
                 tune(args, seed, name.split(":", 1)[1])
