@@ -50,6 +50,29 @@ def copy_splits(data: str, out: Path, rows: Dict[str, Optional[int]], seed: int 
     return written
 
 
+def split_pixels(data: str, splits, size: int):
+    """(uint8 N x size x size x 3 crops, float64 ages) of every row of `splits` of a prepared table, decoded the way
+    a bundle's Predictor expects (trainer.bundle.decode_image); splits the table lacks are skipped."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from schemas import layout
+    from trainer import data as D
+    from trainer.bundle import decode_image
+
+    parts = []
+    for split in splits:
+        try:
+            source = D.split_source(data, split)
+        except (FileNotFoundError, ValueError):
+            continue
+        parts += [pq.read_table(layout.local_path(f), columns=["image", "age"]) for f in source.files]
+    rows = pa.concat_tables(parts)
+    pixels = np.stack([decode_image(j, size) for j in rows.column("image").to_pylist()])
+    return pixels, rows.column("age").to_numpy().astype(np.float64)
+
+
 def comparison_parser(description: str, work: str, train_rows: int, epochs: int) -> argparse.ArgumentParser:
     """The flags every training comparison takes: the prepared table, a scratch folder, the subset sizes,
     the image size, epochs and seeds."""

@@ -95,14 +95,14 @@ def shifted(args, folder: Path) -> dict:
 
 def run_record(args, folder: Path) -> dict:
     summary = json.loads((folder / "summary.json").read_text())
+    shift = shifted(args, folder)
     history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     best_epoch = min(history, key=lambda h: h["val_mae"])["epoch"]
     return {"test_mae": summary["test_mae"], "test_cs5": summary["test_cs5"], "best_val_mae": summary["best_val_mae"],
             "best_epoch": best_epoch, "last_val_mae": history[-1]["val_mae"], "epochs": len(history),
             "seconds": round(sum(h["epoch_seconds"] for h in history), 1),
             "curve": [(h["epoch"], round(h["val_mae"], 3), round(h["elapsed_seconds"], 1)) for h in history],
-            **{f"{k}_mae": v["mae"] for k, v in shifted(args, folder).items()},
-            **{f"{k}_bias": v["bias"] for k, v in shifted(args, folder).items()}}
+            **{f"{k}_mae": v["mae"] for k, v in shift.items()}, **{f"{k}_bias": v["bias"] for k, v in shift.items()}}
 
 
 def mean(values):

@@ -136,24 +136,11 @@ def make(data: str, work: Path, seed: int = 0, kinds=tuple(KINDS), photos_only: 
 
 def evaluate(bundle: str, table: str, tta: str = "none") -> dict:
     """MAE, CS@5 and bias of `bundle` over every row (all splits) of the prepared table `table`."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from bench.common import split_pixels
+    from trainer.bundle import Predictor
 
-    from schemas import layout
-    from trainer import bundle as B
-    from trainer import data as D
-
-    predictor = B.Predictor(bundle, device="cpu")
-    parts = []
-    for split in ("train", "val", "test"):
-        try:
-            source = D.split_source(table, split)
-        except (FileNotFoundError, ValueError):
-            continue
-        parts += [pq.read_table(layout.local_path(f), columns=["image", "age"]) for f in source.files]
-    rows = pa.concat_tables(parts)
-    pixels = np.stack([B.decode_image(j, predictor.size) for j in rows.column("image").to_pylist()])
-    ages = np.asarray(rows.column("age").to_pylist(), np.float32)
+    predictor = Predictor(bundle, device="cpu")
+    pixels, ages = split_pixels(table, ("train", "val", "test"), predictor.size)
     pred, _ = predictor.predict(pixels, batch_size=256, tta=tta)
     err = pred - ages
     return {"rows": int(len(ages)), "mae": round(float(np.abs(err).mean()), 3),

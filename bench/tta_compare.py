@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from bench.common import machine
+from bench.common import machine, split_pixels
 
 
 def main():
@@ -21,17 +21,10 @@ def main():
     p.add_argument("--batch-size", type=int, default=128)
     args = p.parse_args()
 
-    import pyarrow.parquet as pq
-
-    from schemas import layout
-    from trainer import data as D
-    from trainer.bundle import Predictor, decode_image
+    from trainer.bundle import Predictor
 
     predictor = Predictor(args.model, "cpu")
-    source = D.split_source(args.data, args.split)
-    table = pq.ParquetDataset([layout.local_path(f) for f in source.files]).read(columns=["image", "age"])
-    pixels = np.stack([decode_image(b, predictor.size) for b in table.column("image").to_pylist()])
-    ages = table.column("age").to_numpy().astype(np.float64)
+    pixels, ages = split_pixels(args.data, [args.split], predictor.size)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine("CPU"), "model": args.model,
               "data": args.data, "split": args.split, "rows": int(len(ages))}
     for tta in ("none", "flip"):
