@@ -5,6 +5,8 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.faceage-installed
+# pyspark's spark-defaults.conf + log4j2.properties, written again whenever the session settings change
+SPARK_DEFAULTS := $(VENV)/.faceage-spark-defaults
 # what `make install` adds to the pinned runtime: dev (tests: pytest, moto, mlflow) by default; the Docker image
 # takes EXTRAS=mlflow. TORCH_INDEX: a wheel index for torch/torchvision first (e.g. PyTorch's CPU-only one).
 EXTRAS ?= dev
@@ -21,7 +23,7 @@ help: ## list the targets (a bare `make` does this)
 	@echo "faceage: make TARGET"
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' | expand -t 18
 
-install: $(STAMP) ## build .venv from the pins (once; again when setup.cfg or requirements.lock change)
+install: $(STAMP) $(SPARK_DEFAULTS) ## build .venv from the pins (once; again when setup.cfg or requirements.lock change)
 
 # pip keeps its cache (~/.cache/pip), so a second venv reuses the torch wheel instead of downloading it.
 $(STAMP): setup.cfg requirements.lock pyproject.toml
@@ -32,8 +34,12 @@ $(STAMP): setup.cfg requirements.lock pyproject.toml
 	$(BIN)/pip install -q -c requirements.lock -e '.[$(EXTRAS)]'
 	# petastorm declares setuptools<70 (torch needs >=77): its runtime deps come from setup.cfg, it comes without.
 	$(BIN)/pip install -q --no-deps -c requirements.lock petastorm==0.13.1
-	$(BIN)/python -m spark_jobs.session --write-defaults
 	touch $(STAMP)
+
+# Delta's and hadoop-aws's jars fetched once (Ivy), then named on the class path in spark-defaults.conf
+$(SPARK_DEFAULTS): $(STAMP) spark_jobs/session.py spark_jobs/log4j2.properties
+	$(BIN)/python -m spark_jobs.session --write-defaults
+	touch $(SPARK_DEFAULTS)
 
 demo: install ## prepare the built-in synthetic sample (the main job on a built-in default)
 	$(BIN)/spark-submit spark_jobs/prepare.py --demo

@@ -264,8 +264,8 @@ def _param_value(action, key: str, value, source: str):
 # ----------------------------------------------------------------------------- the error boundary
 
 def run_main(stage: str, body: Callable[[], int], extra_user_errors: tuple = ()) -> int:
-    """Run a CLI body: UserError (and `extra_user_errors`) -> one redacted line on stderr, exit 2.
-    Anything else is a bug and keeps its traceback."""
+    """Run a CLI body: UserError (and `extra_user_errors`) -> one redacted line on stderr, exit 2 (or the
+    error's own `exit_code`). Anything else is a bug and keeps its traceback."""
     try:
         return int(body() or 0)
     except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its one line already printed)
@@ -273,7 +273,7 @@ def run_main(stage: str, body: Callable[[], int], extra_user_errors: tuple = ())
     except (UserError, *extra_user_errors) as e:
         text = " ".join(str(e).split()) or type(e).__name__
         sys.stderr.write(f"{stage}: error: {redact(text)}\n")
-        return USAGE_EXIT
+        return getattr(e, "exit_code", USAGE_EXIT)  # e.g. 3: Spark itself did not start
     except KeyboardInterrupt:
         sys.stderr.write(f"{stage}: interrupted\n")
         return 130
@@ -285,6 +285,22 @@ def run_main(stage: str, body: Callable[[], int], extra_user_errors: tuple = ())
             raise
         sys.stderr.write(f"{stage}: error: {redact(text)}\n")
         return USAGE_EXIT
+
+
+def pause_point(name: str) -> None:
+    """A test hook at a named moment of a job (a task's start, a commit point): with FACEAGE_PAUSE_AT=name,
+    write `<name>-<pid>` (holding the working folder) into FACEAGE_PAUSE_DIR, then wait until a file
+    `release` appears there, at most FACEAGE_PAUSE_SECONDS (default 60). A no-op otherwise."""
+    if os.environ.get("FACEAGE_PAUSE_AT") != name or not os.environ.get("FACEAGE_PAUSE_DIR"):
+        return
+    import time
+
+    folder = os.environ["FACEAGE_PAUSE_DIR"]
+    with open(os.path.join(folder, f"{name}-{os.getpid()}"), "w") as f:
+        f.write(os.getcwd())
+    deadline = time.time() + float(os.environ.get("FACEAGE_PAUSE_SECONDS", "60"))
+    while time.time() < deadline and not os.path.exists(os.path.join(folder, "release")):
+        time.sleep(0.1)
 
 
 def entry_points(stage: str, job: Callable[[Optional[List[str]]], int]):

@@ -41,21 +41,39 @@ def train_on_spark(num_processes: int, local_mode: str, train_argv: List[str]) -
     import torch
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    from spark_jobs.session import get_spark
+    from spark_jobs.session import configured_master, get_spark
     from trainer import train
 
     parser = train.get_args_parser()
     args = parser.parse_args(train_argv)  # flags checked here, once, before any rank starts
     train.apply_params_file(args, parser, train_argv)
     train.check_output(args)
-    spark = get_spark("faceage-train")
-    local = local_mode == "true" or (local_mode == "auto" and spark.sparkContext.master.startswith("local"))
-    os.environ["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                                         if p])
+    local = local_mode == "true" or (local_mode == "auto" and configured_master().startswith("local"))
+    spark = get_spark("faceage-train", None if local else ship_code_to_subprocesses())
+    if local:  # the ranks are processes on this machine, started from this checkout
+        os.environ["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(
+            os.pathsep) if p])
     use_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     log.info(f"train: TorchDistributor with {num_processes} processes (local_mode={local}, gpu={use_gpu})")
     return TorchDistributor(num_processes=num_processes, local_mode=local, use_gpu=use_gpu).run(
         train.distributed_entry, list(train_argv))
+
+
+def ship_code_to_subprocesses() -> dict:
+    """Settings that put the --py-files archives on the executors' PYTHONPATH. Python workers import them
+    from their own work folder already, but TorchDistributor starts each rank as a torchrun child process,
+    which sees only the environment: without this it would import the project from wherever the executor's
+    Python finds it (on this machine, the driver's checkout), or not at all."""
+    from spark_jobs.session import submitted_conf
+
+    given = submitted_conf()
+    shipped = [p for p in (given.get("spark.submit.pyFiles", "") if given is not None else "").split(",") if p]
+    names = [os.path.basename(p.split("#")[-1]) for p in shipped]
+    if not names:  # e.g. the Docker image, whose nodes have the project installed
+        log.info("train: no --py-files given: the ranks import the project installed on each node (an image); "
+                 "elsewhere pass --py-files dist/faceage_code.zip (make dist)")
+        return {}
+    return {"spark.executorEnv.PYTHONPATH": os.pathsep.join(names)}  # relative: each executor's work folder
 
 
 def _tune_task(args, worker: int) -> dict:
@@ -94,7 +112,7 @@ def _job(argv: Optional[List[str]]) -> int:
     if args.job == "train":
         summary = train_on_spark(args.num_processes, args.local_mode, rest)
         log.info(f"train: distributed run finished: test MAE {summary['test_mae']:.2f} "
-              f"({summary['world_size']} ranks); bundle {summary['bundle']}")
+                 f"({summary['world_size']} ranks); bundle {summary['bundle']}; rank 0 ran {summary['code_file']}")
         return 0
     from trainer import tune
 

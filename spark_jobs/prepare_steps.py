@@ -97,6 +97,9 @@ def process_partition(batches: Iterator, settings: PrepareSettings) -> Iterator:
     """mapInPandas body: FILE_ROWS batches (+ label_* columns with a manifest) -> PROCESSED batches."""
     import pandas as pd
 
+    from schemas.cli import pause_point
+
+    pause_point("prepare-task")
     detector = get_detector(settings.crop.detector)
     names = [f.name for f in PROCESSED]
     for batch in batches:

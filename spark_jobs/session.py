@@ -1,17 +1,28 @@
-"""The SparkSession every job uses: Delta enabled, one Python thread per task.
+"""The SparkSession every job uses: Delta enabled, one Python thread per task, a bounded start.
 
-Delta's jars come from Maven Central through spark.jars.packages, cached in an Ivy directory we
-control. Under `spark-submit` the JVM is already running when Python starts, so the same settings
-are also written to pyspark's spark-defaults.conf by `python -m spark_jobs.session --write-defaults`
-(the install step does it); `delta_available()` tells a job whether they took effect.
+Delta's and hadoop-aws's jars come from Maven Central once (the install step, through Ivy, into a cache
+we control) and are then put on the driver's and executors' JVM class path by path. They are NOT given as
+`spark.jars`: Spark copies every `spark.jars` entry from the driver's file server into a per-job folder at
+each start, even in local mode (560 MB a job with the AWS SDK bundle; on a busy machine the copy outlived
+the network timeout and the job died at start). Under `spark-submit` the JVM is already running when
+Python starts, so the same settings are also written to pyspark's spark-defaults.conf by
+`python -m spark_jobs.session --write-defaults`; `delta_available()` tells a job whether they took effect.
+
+`get_spark` bounds the start (FACEAGE_SPARK_START_TIMEOUT seconds), retries once, visibly, a start that
+failed only because driver and executor did not reach each other in time, and turns every other start
+failure into one line with exit code 3 (`SparkStartError`).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import threading
 from pathlib import Path
 from typing import Dict, Optional
+
+from schemas.cli import UserError
 
 DELTA_VERSION = "4.0.1"  # must match pyspark 4.0.x
 DELTA_PACKAGE = f"io.delta:delta-spark_2.13:{DELTA_VERSION}"
@@ -42,10 +53,13 @@ def fetched_jars(ivy_dir: str = IVY_DIR) -> Optional[list]:
 
 
 def jar_conf(ivy_dir: str = IVY_DIR) -> Dict[str, str]:
-    """The fetched jars by path (no Ivy resolution, nothing printed, no network), or the Maven packages."""
+    """The fetched jars on the driver's and executors' class path (nothing copied per job, no Ivy, no
+    network), or the Maven packages before they were fetched. A cluster whose nodes lack these paths gets
+    the jars its own way (EMR's Delta, the image's Ivy folder, or --packages): see README "Run on a cluster"."""
     jars = fetched_jars(ivy_dir)
     if jars:
-        return {"spark.jars": ",".join(jars)}
+        class_path = os.pathsep.join(jars)
+        return {"spark.driver.extraClassPath": class_path, "spark.executor.extraClassPath": class_path}
     return {"spark.jars.packages": ",".join(PACKAGES), "spark.jars.ivy": ivy_dir}
 
 
@@ -120,27 +134,149 @@ def apply_conf_defaults(spark, conf: Dict[str, str]) -> None:
             spark.conf.set(key, value)
 
 
+# Spark itself could not start (not the user's input): its own exit code, so a scheduler can tell them apart
+START_EXIT = 3
+START_TIMEOUT_S = float(os.environ.get("FACEAGE_SPARK_START_TIMEOUT", "300"))
+# The local executor's first heartbeat comes 1-2 intervals after it starts; when it reaches the driver before
+# the driver's block manager registered (a starved CPU), Spark asks it to re-register with a null id and
+# logs a NullPointerException. In local mode the heartbeat carries only metrics, so it can wait longer.
+LOCAL_HEARTBEAT = "30s"
+
+
+class SparkStartError(UserError):
+    """Spark's JVM or context did not start; the message names the cause and what to try."""
+    exit_code = START_EXIT
+
+
+# (pattern in the error's text, the cause, what to try, retry once?)
+_START_FAILURES = (
+    (r"BindException|Address already in use|could not bind|Cannot assign requested address",
+     "a network port Spark needs is taken or not allowed on this host",
+     "free it, or leave spark.driver.port / spark.blockManager.port unset (Spark then picks free ports); "
+     "set SPARK_LOCAL_IP=127.0.0.1 when the host name does not resolve", False),
+    (r"OutOfMemoryError|Could not reserve enough space|Cannot allocate memory|Invalid maximum heap size",
+     "the JVM could not get its memory", "lower FACEAGE_DRIVER_MEMORY (now "
+     f"{os.environ.get('FACEAGE_DRIVER_MEMORY', '4g')}) or spark.driver.memory to fit this machine", False),
+    (r"IllegalArgumentException|SparkIllegalArgumentException|must be (?:greater|less|no less)",
+     "Spark refused a setting", "fix or drop the --conf value named here", False),
+    (r"ClosedChannelException|TimeoutException|Futures timed out|RpcTimeout|heartbeat|Connection refused|"
+     r"Connection reset|idWithoutTopologyInfo|BlockManagerId",
+     "Spark's driver and executor did not reach each other in time (a busy or slow machine)",
+     "run it again when the machine is less busy, or raise spark.network.timeout", True),
+    (r"Java gateway process exited|JAVA_GATEWAY_EXITED|Could not find or load main class|java: not found",
+     "the Java process exited before Spark started",
+     "check Java 17 (`java -version`) and `make install`; FACEAGE_LOG_LEVEL=debug shows the JVM's output", False),
+)
+
+
+def _error_text(e: BaseException) -> str:
+    """The error and its causes, one line each joined by ' | ' (a Java exception's stack frames left out)."""
+    java = getattr(e, "java_exception", None)
+    parts = []
+    try:
+        while java is not None and len(parts) < 6:
+            parts.append(str(java.toString()))
+            java = java.getCause()
+    except Exception:  # noqa: BLE001 - a dead gateway: the Python text below is all there is
+        pass
+    if not parts:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip() and not line.strip().startswith("at ")]
+        parts = lines[:3] or [type(e).__name__]
+    return " | ".join(parts)
+
+
+def classify_start_failure(e: BaseException):
+    """(one-line message, retry?) for an exception raised while starting Spark."""
+    text = _error_text(e)
+    for pattern, cause, advice, retry in _START_FAILURES:
+        if re.search(pattern, text):
+            return f"Spark could not start: {cause} ({_shorten(text)}); {advice}", retry
+    return f"Spark could not start: {_shorten(text)}", False
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _start_deadline(stage: str, seconds: float) -> threading.Timer:
+    """A timer that ends the process with one line if the start outlives `seconds` (py4j's gateway
+    launch and the SparkContext constructor have no bound of their own)."""
+    def give_up():
+        sys.stderr.write(f"{stage}: error: Spark did not start within {seconds:.0f} s (waited for the JVM, "
+                         f"the SparkContext and its executor); the machine may be overloaded: run it again "
+                         f"later, or raise FACEAGE_SPARK_START_TIMEOUT\n")
+        sys.stderr.flush()
+        os._exit(START_EXIT)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _start(builder, stage: str):
+    """builder.getOrCreate() within START_TIMEOUT_S, retried once (visibly) when the failure is a slow
+    start; SparkStartError otherwise."""
+    from schemas.cli import log
+
+    for attempt in (1, 2):
+        timer = _start_deadline(stage, START_TIMEOUT_S)
+        try:
+            return builder.getOrCreate()
+        except Exception as e:  # noqa: BLE001 - py4j, PySpark and JVM errors alike: classified below
+            message, retry = classify_start_failure(e)
+            if not (retry and attempt == 1):
+                raise SparkStartError(message) from None
+            log.warning(f"{stage}: {message.split(';')[0]}; retrying once")
+        finally:
+            timer.cancel()
+
+
+def submitted_conf():
+    """What spark-submit set (--master, --conf, spark-defaults.conf), read from its running JVM; None when
+    this process was not started by spark-submit. (A SparkConf made before PySpark connected to that JVM is
+    empty: it would make every setting here override the user's.)"""
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        return None
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()  # connects to spark-submit's JVM; starts no context
+    return SparkConf()
+
+
+def configured_master() -> str:
+    """The master a session started now would use: spark-submit's --master, else $FACEAGE_SPARK_MASTER or
+    local[*]."""
+    given = submitted_conf()
+    if given is not None:
+        return given.get("spark.master", "local[*]")
+    return os.environ.get("FACEAGE_SPARK_MASTER", "local[*]")
+
+
 def get_spark(app_name: str, extra: Optional[Dict[str, str]] = None):
     """getOrCreate a session with base_conf (+ `extra`).
 
     Started by spark-submit, settings given there (--master, --conf, spark-defaults.conf) win;
-    started from plain Python, the master is local[*] (or $FACEAGE_SPARK_MASTER).
+    started from plain Python, the master is local[*] (or $FACEAGE_SPARK_MASTER). A start that fails is
+    SparkStartError (one line, exit code 3), after one retry when the machine was only slow.
     """
-    from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    under_spark_submit = "PYSPARK_GATEWAY_PORT" in os.environ
-    given = SparkConf() if under_spark_submit else None  # what spark-submit already set
+    given = submitted_conf()  # what spark-submit already set, or None
     builder = SparkSession.builder.appName(app_name)
-    if not under_spark_submit:
-        builder = builder.master(os.environ.get("FACEAGE_SPARK_MASTER", "local[*]"))
+    master = configured_master()
+    if given is None:
+        builder = builder.master(master)
     # Spark's stage progress bar where a person watches (a terminal), not in logs and CI
-    progress = {"spark.ui.showConsoleProgress": "true" if sys.stderr.isatty() else "false"}
-    for key, value in {**base_conf(), **progress, **(extra or {})}.items():
+    settings = {**base_conf(), "spark.ui.showConsoleProgress": "true" if sys.stderr.isatty() else "false"}
+    if master.startswith("local"):
+        settings["spark.executor.heartbeatInterval"] = LOCAL_HEARTBEAT
+    for key, value in {**settings, **(extra or {})}.items():
         if given is None or not given.contains(key):
             builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    spark = _start(builder, app_name.removeprefix("faceage-"))
     configure_s3(spark)
     spark.sparkContext.setLogLevel(os.environ.get("FACEAGE_SPARK_LOG_LEVEL", "WARN"))
     return spark

@@ -584,7 +584,8 @@ def distributed_entry(argv: list) -> dict:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     apply_params_file(args, parser, argv)
-    return run(args)
+    # where this rank imported the trainer from: on a cluster, the shipped code zip (tests check it)
+    return {**run(args), "code_file": __file__}
 
 
 def _job(argv: Optional[list]) -> int:

@@ -1,0 +1,154 @@
+"""A real Spark standalone cluster: a master and two worker JVMs on 127.0.0.1, started and stopped here.
+
+The chain runs against --master spark://... with the code shipped as a cluster needs it (the `make dist` zip
+through --py-files): prepare (Parquet and Delta) -> train with TorchDistributor local_mode=False (2 ranks on
+the workers) -> score -> evaluate, and gives the same rows and numbers as local mode. A worker killed in the
+middle of a prepare: Spark runs its tasks again on the other one, and the table is committed once.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, spark_submit, venv_env
+from schemas import layout
+from spark_jobs import emr, evaluate, prepare, score
+from spark_jobs.local_cluster import Cluster
+from spark_jobs.synthetic import write_demo_folder
+
+pytestmark = pytest.mark.slow
+TRAIN = ["--epochs", "2", "--image-size", "32", "--batch-size", "8", "--workers", "1", "--no-progress",
+         "--reader", "pyarrow", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with Cluster(tmp_path_factory.mktemp("cluster"), workers=2, cores=1, memory="2g") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def code_zip(tmp_path_factory):
+    return emr.build(str(tmp_path_factory.mktemp("dist")))[emr.CODE_ZIP]
+
+
+def submit(cluster, code_zip, script, args, timeout=600, conf=(), wait=True):
+    """spark-submit against the cluster, the code shipped as a zip; the driver runs here, executors there."""
+    cmd = [spark_submit(), "--master", cluster.url, "--py-files", code_zip, "--conf", "spark.executor.memory=1g"]
+    for c in conf:
+        cmd += ["--conf", c]
+    cmd += [os.path.join(REPO, "spark_jobs", script), *args]
+    if not wait:
+        return subprocess.Popen(cmd, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, env=venv_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script}: {proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def faces_of(root):
+    rows = []
+    for f in sorted((root / layout.FACES_DIR).rglob("*.parquet")):
+        t = pq.read_table(f, columns=["face_id", "content_sha256", "age"]).to_pylist()
+        split = next(p.split("=", 1)[1] for p in f.parts if p.startswith("split="))
+        rows += [(r["face_id"], r["content_sha256"], r["age"], split) for r in t]
+    return sorted(rows)
+
+
+def predictions_of(root):
+    files = sorted((root / "predictions").rglob("*.parquet"))
+    rows = [r for f in files for r in pq.read_table(f, columns=["source_path", "predicted_age"]).to_pylist()]
+    return {r["source_path"]: r["predicted_age"] for r in rows if r["predicted_age"] is not None}
+
+
+def test_the_chain_on_a_standalone_cluster_matches_local_mode(cluster, code_zip, tmp_path):
+    photos = tmp_path / "photos"
+    write_demo_folder(str(photos), 48)
+    common = ["--input", str(photos), "--size", "32", "--splits", "0.6,0.2,0.2"]
+    # prepare: on the cluster (Parquet and Delta) and in local mode, from the same photos
+    submit(cluster, code_zip, "prepare.py", [*common, "--output", str(tmp_path / "pq")])
+    submit(cluster, code_zip, "prepare.py", [*common, "--output", str(tmp_path / "delta"), "--format", "delta"])
+    assert prepare.main([*common, "--output", str(tmp_path / "local_pq")]) == 0
+    on_cluster = json.loads((tmp_path / "pq" / "manifest.json").read_text())
+    local = json.loads((tmp_path / "local_pq" / "manifest.json").read_text())
+    assert on_cluster["spark"]["master"] == cluster.url and local["spark"]["master"].startswith("local")
+    assert on_cluster["counts"] == local["counts"] and on_cluster["counts"]["inputs"] == 51  # 48 + 3 broken
+    assert faces_of(tmp_path / "pq") == faces_of(tmp_path / "local_pq")  # the same faces, crops, splits
+    delta = json.loads((tmp_path / "delta" / "manifest.json").read_text())
+    assert delta["counts"] == on_cluster["counts"] and delta["table_versions"]["faces"] == 0
+
+    # train: TorchDistributor on the workers (local_mode=False), 2 ranks; and the same in local mode
+    proc = submit(cluster, code_zip, "distributed.py", ["train", "--num-processes", "2", "--local-mode", "false",
+                                                        "--data", str(tmp_path / "pq"), "--output",
+                                                        str(tmp_path / "train"), *TRAIN])
+    # the ranks ran the shipped code, in the workers' folders, not this checkout
+    ran = proc.stdout.rsplit("rank 0 ran ", 1)[-1].strip()
+    assert emr.CODE_ZIP in ran and not ran.startswith(str(REPO)), ran
+    proc = subprocess.run([spark_submit(), os.path.join(REPO, "spark_jobs", "distributed.py"), "train",
+                           "--num-processes", "2", "--data", str(tmp_path / "pq"), "--output",
+                           str(tmp_path / "train_local"), *TRAIN], env=venv_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dist = json.loads((tmp_path / "train" / "summary.json").read_text())
+    same = json.loads((tmp_path / "train_local" / "summary.json").read_text())
+    assert dist["world_size"] == same["world_size"] == 2 and dist["rows"] == same["rows"]
+    per_epoch = [[json.loads(line)[k] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                 for run in ("train", "train_local") for k in ("train_rows",)]
+    assert per_epoch[0] == per_epoch[1]  # each rank read the same shards
+    assert dist["test_mae"] == pytest.approx(same["test_mae"], abs=0.5)
+
+    # score and evaluate on the cluster (the bundle shipped to the executors) vs local mode
+    bundle = str(tmp_path / "train" / "model.pt")
+    submit(cluster, code_zip, "score.py", ["--model", bundle, "--input", str(photos), "--output",
+                                           str(tmp_path / "scored")])
+    assert score.main(["--model", bundle, "--input", str(photos), "--output", str(tmp_path / "scored_local")]) == 0
+    got, want = predictions_of(tmp_path / "scored"), predictions_of(tmp_path / "scored_local")
+    assert got.keys() == want.keys() and len(got) == on_cluster["counts"]["faces"]
+    assert all(abs(got[k] - want[k]) < 1e-3 for k in got)
+    submit(cluster, code_zip, "evaluate.py", ["--predictions", str(tmp_path / "scored"), "--labels",
+                                              str(tmp_path / "pq"), "--split", "test", "--output",
+                                              str(tmp_path / "report")])
+    assert evaluate.main(["--predictions", str(tmp_path / "scored_local"), "--labels", str(tmp_path / "pq"),
+                          "--split", "test", "--output", str(tmp_path / "report_local")]) == 0
+    m1 = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "report_local" / "metrics.json").read_text())
+    assert m1["rows"] == m2["rows"] and m1["rows"]["matched"] == on_cluster["splits"]["test"]
+    assert m1["overall"]["mae"] == pytest.approx(m2["overall"]["mae"], abs=1e-3)
+
+
+def test_a_worker_killed_during_prepare_the_job_completes_and_commits_once(cluster, code_zip, tmp_path):
+    photos, pauses, out = tmp_path / "photos", tmp_path / "pauses", tmp_path / "out"
+    write_demo_folder(str(photos), 40)
+    pauses.mkdir()
+    # every task stops at its start until released (at most 120 s), so both workers are mid-task when one dies
+    hook = [f"spark.executorEnv.FACEAGE_PAUSE_AT=prepare-task", f"spark.executorEnv.FACEAGE_PAUSE_DIR={pauses}",
+            "spark.executorEnv.FACEAGE_PAUSE_SECONDS=120", "spark.sql.files.maxPartitionBytes=65536"]
+    job = submit(cluster, code_zip, "prepare.py", ["--input", str(photos), "--output", str(out), "--size", "32"],
+                 conf=hook, wait=False)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len({p.read_text() for p in pauses.glob("prepare-task-*")}) < 2:
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            time.sleep(0.5)
+        folders = {p.read_text() for p in pauses.glob("prepare-task-*")}
+        assert len(folders) >= 2, "the two executors never both ran a task"
+        victim = 0 if any(f"{os.sep}worker-0{os.sep}" in f for f in folders) else 1
+        cluster.kill_worker(victim)
+        (pauses / "release").write_text("")
+        stdout, stderr = job.communicate(timeout=600)
+    finally:
+        (pauses / "release").write_text("")
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["inputs"] == 43 and manifest["counts"]["faces"] + manifest["counts"]["rejects"] == 43
+    faces = faces_of(out)
+    assert len(faces) == manifest["counts"]["faces"] and len({f[0] for f in faces}) == len(faces)  # no row twice
+    assert [p.name for p in (out / layout.FACES_DIR).glob("_SUCCESS")] == ["_SUCCESS"]
+    assert len(list((out / layout.RUNS_DIR).glob("*.json"))) == 1
+    assert not [p for p in out.iterdir() if p.name.startswith("_faceage_staging")]
+    assert "Traceback" not in stderr and "\tat " not in stderr
