@@ -40,6 +40,7 @@ def properties(folder: Path) -> dict:
     """{variant: properties file}: the installed defaults, and the same with the jars as spark.jars."""
     from spark_jobs import session
 
+    folder.mkdir(parents=True, exist_ok=True)
     lines = (session.spark_home() / "conf" / "spark-defaults.conf").read_text().splitlines()
     jars = session.fetched_jars()
     if jars is None:

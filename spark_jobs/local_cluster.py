@@ -45,11 +45,12 @@ def spark_class() -> str:
 
 
 class Cluster:
-    """A standalone master and `workers` workers (`cores` and `memory` each) under `folder`."""
+    """A standalone master and `workers` workers (`cores` and `memory` each) under `folder`. With `tied`
+    (tests, benchmarks) the daemons die with this process even when it is killed; `start` leaves them running."""
 
-    def __init__(self, folder, workers: int = 2, cores: int = 1, memory: str = "2g"):
+    def __init__(self, folder, workers: int = 2, cores: int = 1, memory: str = "2g", tied: bool = True):
         self.folder = Path(folder)
-        self.workers, self.cores, self.memory = workers, cores, memory
+        self.workers, self.cores, self.memory, self.tied = workers, cores, memory, tied
         self.port, self.ui_port = free_port(), free_port()
         self.procs: List[subprocess.Popen] = []  # [master, worker-0, worker-1, ...]
 
@@ -68,7 +69,8 @@ class Cluster:
         log_file = open(self.folder / "logs" / f"{name}.log", "ab")
         # its own process group: stopping (or killing) a worker takes its executors with it
         return subprocess.Popen([spark_class(), *args], env=self._env(name), stdout=log_file,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_parent if self.tied else None)
 
     def start(self, timeout: float = 120.0) -> "Cluster":
         (self.folder / "logs").mkdir(parents=True, exist_ok=True)
@@ -140,6 +142,17 @@ class Cluster:
         self.stop()
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the parent dies (Linux prctl PR_SET_PDEATHSIG); a worker's
+    executors follow their worker (Spark's WorkerWatcher)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: stop() still ends them
+
+
 def _stop_groups(pids: List[int], grace: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         alive = []
@@ -188,7 +201,7 @@ def _job(argv: Optional[List[str]]) -> int:
         return 0
     if state.exists():
         raise UserError(f"{state} exists: a cluster may be running there; stop it first")
-    cluster = Cluster(folder, args.workers, args.cores, args.memory).start()
+    cluster = Cluster(folder, args.workers, args.cores, args.memory, tied=False).start()
     for p in cluster.procs:  # the daemons outlive this command; `stop` ends them
         p.returncode = 0
     log.info(f"local_cluster: master {cluster.url} ({args.workers} workers x {args.cores} core(s)); "
