@@ -45,6 +45,7 @@ def train_on_spark(num_processes: int, local_mode: str, train_argv: List[str]) -
     from trainer import train
 
     parser = train.get_args_parser()
+    train_argv = absolute_paths(parser, train_argv)  # ranks run in executors' work folders, not this one
     args = parser.parse_args(train_argv)  # flags checked here, once, before any rank starts
     train.apply_params_file(args, parser, train_argv)
     train.check_output(args)
@@ -55,8 +56,44 @@ def train_on_spark(num_processes: int, local_mode: str, train_argv: List[str]) -
             os.pathsep) if p])
     use_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     log.info(f"train: TorchDistributor with {num_processes} processes (local_mode={local}, gpu={use_gpu})")
-    return TorchDistributor(num_processes=num_processes, local_mode=local, use_gpu=use_gpu).run(
-        train.distributed_entry, list(train_argv))
+    try:
+        return TorchDistributor(num_processes=num_processes, local_mode=local, use_gpu=use_gpu).run(
+            train.distributed_entry, list(train_argv))
+    except Exception as e:  # noqa: BLE001 - a rank's own error stays in its log; here it is one line
+        if "TorchDistributor failed" not in str(e) and "barrier" not in str(e):
+            raise
+        where = "this machine's output above" if local else (
+            "each executor's stderr (the Spark UI's Executors tab; on a standalone worker, "
+            "<work dir>/app-*/<executor>/stderr)")
+        raise UserError(f"a training rank failed ({str(e).splitlines()[0][:200]}); its error is in {where}") \
+            from None
+
+
+def absolute_paths(parser: argparse.ArgumentParser, argv: List[str]) -> List[str]:
+    """`argv` with every local value of a path flag (type path_arg) made absolute: a relative path means the
+    driver's folder, and the ranks run elsewhere. Remote URIs and other flags are left as given."""
+    from schemas import uri
+    from schemas.cli import path_arg
+
+    flags = {o for a in parser._actions if a.type is path_arg for o in a.option_strings}
+
+    def absolute(value: str) -> str:
+        return value if uri.is_remote(value) or value.startswith("file:") else os.path.abspath(value)
+
+    out, take = [], False
+    for word in argv:
+        if take:
+            out.append(absolute(word))
+            take = False
+        elif word in flags:
+            out.append(word)
+            take = True
+        elif "=" in word and word.split("=", 1)[0] in flags:
+            flag, value = word.split("=", 1)
+            out.append(f"{flag}={absolute(value)}")
+        else:
+            out.append(word)
+    return out
 
 
 def ship_code_to_subprocesses() -> dict:

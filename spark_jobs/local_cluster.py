@@ -204,9 +204,10 @@ def _job(argv: Optional[List[str]]) -> int:
     cluster = Cluster(folder, args.workers, args.cores, args.memory, tied=False).start()
     for p in cluster.procs:  # the daemons outlive this command; `stop` ends them
         p.returncode = 0
-    log.info(f"local_cluster: master {cluster.url} ({args.workers} workers x {args.cores} core(s)); "
-             f"web UI http://{HOST}:{cluster.ui_port}; stop with: python -m spark_jobs.local_cluster stop "
-             f"--dir {folder}")
+    # stdout holds the master URL alone (MASTER=$(... start ...)); the line for a person goes to stderr
+    sys.stderr.write(f"local_cluster: master {cluster.url} ({args.workers} workers x {args.cores} core(s)); web UI "
+                     f"http://{HOST}:{cluster.ui_port}; stop with: python -m spark_jobs.local_cluster stop "
+                     f"--dir {folder}\n")
     print(cluster.url)
     return 0
 

@@ -36,7 +36,7 @@ def code_zip(tmp_path_factory):
     return emr.build(str(tmp_path_factory.mktemp("dist")))[emr.CODE_ZIP]
 
 
-def submit(cluster, code_zip, script, args, timeout=600, conf=(), wait=True):
+def submit(cluster, code_zip, script, args, timeout=600, conf=(), wait=True, cwd=None):
     """spark-submit against the cluster, the code shipped as a zip; the driver runs here, executors there."""
     cmd = [spark_submit(), "--master", cluster.url, "--py-files", code_zip, "--conf", "spark.executor.memory=1g"]
     for c in conf:
@@ -44,7 +44,7 @@ def submit(cluster, code_zip, script, args, timeout=600, conf=(), wait=True):
     cmd += [os.path.join(REPO, "spark_jobs", script), *args]
     if not wait:
         return subprocess.Popen(cmd, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc = subprocess.run(cmd, env=venv_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=venv_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
     assert proc.returncode == 0, f"{script}: {proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -80,10 +80,10 @@ def test_the_chain_on_a_standalone_cluster_matches_local_mode(cluster, code_zip,
     delta = json.loads((tmp_path / "delta" / "manifest.json").read_text())
     assert delta["counts"] == on_cluster["counts"] and delta["table_versions"]["faces"] == 0
 
-    # train: TorchDistributor on the workers (local_mode=False), 2 ranks; and the same in local mode
+    # train: TorchDistributor on the workers (local_mode=False), 2 ranks, paths relative to the driver's folder
+    # (the ranks run in the executors' folders); and the same in local mode
     proc = submit(cluster, code_zip, "distributed.py", ["train", "--num-processes", "2", "--local-mode", "false",
-                                                        "--data", str(tmp_path / "pq"), "--output",
-                                                        str(tmp_path / "train"), *TRAIN])
+                                                        "--data", "pq", "--output", "train", *TRAIN], cwd=tmp_path)
     # the ranks ran the shipped code, in the workers' folders, not this checkout
     ran = proc.stdout.rsplit("rank 0 ran ", 1)[-1].strip()
     assert emr.CODE_ZIP in ran and not ran.startswith(str(REPO)), ran
@@ -152,3 +152,26 @@ def test_a_worker_killed_during_prepare_the_job_completes_and_commits_once(clust
     assert len(list((out / layout.RUNS_DIR).glob("*.json"))) == 1
     assert not [p for p in out.iterdir() if p.name.startswith("_faceage_staging")]
     assert "Traceback" not in stderr and "\tat " not in stderr
+
+
+def test_the_start_command_prints_only_the_master_url_and_stop_ends_the_daemons(tmp_path):
+    folder = tmp_path / "c"
+    cli = [sys.executable, "-m", "spark_jobs.local_cluster"]
+    proc = subprocess.run([*cli, "start", "--dir", str(folder), "--workers", "1"], cwd=REPO, env=venv_env(),
+                          capture_output=True, text=True, timeout=300)
+    try:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip().startswith("spark://127.0.0.1:") and len(proc.stdout.split()) == 1  # MASTER=$(...)
+        pids = json.loads((folder / "cluster.json").read_text())["pids"]
+        assert len(pids) == 2 and all(os.path.exists(f"/proc/{p}") for p in pids)  # outlived the command
+        again = subprocess.run([*cli, "start", "--dir", str(folder)], cwd=REPO, env=venv_env(), capture_output=True,
+                               text=True, timeout=60)
+        assert again.returncode == 2 and "stop it first" in again.stderr
+    finally:
+        stop = subprocess.run([*cli, "stop", "--dir", str(folder)], cwd=REPO, env=venv_env(), capture_output=True,
+                              text=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    deadline = time.time() + 30
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+        time.sleep(0.5)
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
