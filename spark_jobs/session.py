@@ -203,7 +203,7 @@ def _start_deadline(stage: str, seconds: float) -> threading.Timer:
     """A timer that ends the process with one line if the start outlives `seconds` (py4j's gateway
     launch and the SparkContext constructor have no bound of their own)."""
     def give_up():
-        sys.stderr.write(f"{stage}: error: Spark did not start within {seconds:.0f} s (waited for the JVM, "
+        sys.stderr.write(f"{stage}: error: Spark did not start within {seconds:g} s (waited for the JVM, "
                          f"the SparkContext and its executor); the machine may be overloaded: run it again "
                          f"later, or raise FACEAGE_SPARK_START_TIMEOUT\n")
         sys.stderr.flush()

@@ -118,7 +118,7 @@ def test_a_start_that_outlives_its_bound_ends_with_one_line(four_photos, tmp_pat
                                   "--detector", "none"], env={"FACEAGE_SPARK_START_TIMEOUT": "0.2"})
     assert proc.returncode == START_EXIT
     lines = error_lines(proc)
-    assert len(lines) == 1 and lines[0].startswith("prepare: error: Spark did not start within 0 s"), lines
+    assert len(lines) == 1 and lines[0].startswith("prepare: error: Spark did not start within 0.2 s"), lines
     assert_no_trace(proc)
 
 
