@@ -8,7 +8,7 @@ Every run trains on ALL train rows of --data (e.g. the whole of UTKFace prepared
 seeded subset at low resolution (the cheap fidelity, pruned by val MAE), the best trial's values re-trained at
 the full budget.
 
-    python -m bench.full_scale --data /work/utk128 --work /work/fullscale --shift /work/shift --epochs 6
+    python -m bench.full_scale --data <prepared UTKFace> --work <scratch>/fullscale --shift <scratch>/shift --epochs 6
     python -m bench.full_scale ... --report          # tables from what has run (markdown + summary.json)
 """
 from __future__ import annotations

@@ -10,9 +10,9 @@ and the evaluation of a model bundle on any prepared table (all its rows).
 File names keep UTKFace's pattern, so `--labels utkface` reads the true ages. The folders and tables go
 under --work (outside the repository: they are derived from UTKFace and must not be committed).
 
-    python -m bench.shift_data --data /work/utk128 --work /work/shift
+    python -m bench.shift_data --data <prepared UTKFace> --work <scratch>/shift
     python -m bench.shift_data --data out/utkface --work runs/recipe/shift --kinds pasted --photos-only  # make recipe
-    python -m bench.shift_data --evaluate runs/x/model.pt --tables /work/shift/pasted_table /work/shift/degraded_table
+    python -m bench.shift_data --evaluate runs/x/model.pt --tables <scratch>/shift/pasted_table <scratch>/shift/degraded_table
 """
 from __future__ import annotations
 
