@@ -245,10 +245,10 @@ def submitted_conf():
     return SparkConf()
 
 
-def configured_master() -> str:
-    """The master a session started now would use: spark-submit's --master, else $FACEAGE_SPARK_MASTER or
-    local[*]."""
-    given = submitted_conf()
+def configured_master(given=None) -> str:
+    """The master a session started now would use: spark-submit's --master (from `given`, else read here),
+    else $FACEAGE_SPARK_MASTER or local[*]."""
+    given = given if given is not None else submitted_conf()
     if given is not None:
         return given.get("spark.master", "local[*]")
     return os.environ.get("FACEAGE_SPARK_MASTER", "local[*]")
@@ -266,7 +266,7 @@ def get_spark(app_name: str, extra: Optional[Dict[str, str]] = None):
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     given = submitted_conf()  # what spark-submit already set, or None
     builder = SparkSession.builder.appName(app_name)
-    master = configured_master()
+    master = configured_master(given)
     if given is None:
         builder = builder.master(master)
     # Spark's stage progress bar where a person watches (a terminal), not in logs and CI
