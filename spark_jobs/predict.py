@@ -53,11 +53,11 @@ def _records(photos) -> List[tuple]:
         elif uri.is_remote(str(photo)):  # a URI (s3://...): the object, or every object under the prefix
             out += _remote_records(str(photo))
         elif os.path.isdir(photo):  # prepare's own listing: the same files, names and hidden rule as score
-            for path, length, hidden, os_path in list_files(None, [str(photo)]):
-                skip = classify_file(path, length, hidden, MAX_FILE_BYTES)
+            for listed in list_files(None, [str(photo)]):
+                skip = listed.skip or classify_file(listed.path, listed.length, listed.hidden, MAX_FILE_BYTES)
                 if skip and skip[0] in ("hidden_file", "unsupported_extension"):
                     continue  # a folder's other files are not photos
-                out.append((path, None, *skip) if skip else (path, _read(os_path), None, None))
+                out.append((listed.path, None, *skip) if skip else (listed.path, _read(listed.os_path), None, None))
         elif os.path.isfile(photo):
             out.append((str(photo), _read(str(photo)), None, None))
         else:

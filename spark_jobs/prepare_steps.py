@@ -10,12 +10,12 @@ import math
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from schemas import fields as schema_fields
 from schemas import ids, layout
 from schemas.tables import FACES, REJECTS
-from spark_jobs import label_manifest
+from spark_jobs import label_manifest, walk
 from spark_jobs import labels as L
 from schemas.crop import CropSettings
 from spark_jobs.faces import IMAGE_EXTENSIONS, Reject, crop_faces, get_detector
@@ -138,32 +138,43 @@ def is_hidden(relative_path: str) -> bool:
     return any(part[:1] in (".", "_") for part in relative_path.split("/") if part)
 
 
-def list_files(spark, inputs: Sequence[str]) -> List[Tuple[str, Optional[int], bool, Optional[bytes]]]:
-    """Every file under the inputs as (path, length, hidden, os_path).
+class Listed(NamedTuple):
+    """One listed input: `skip` is (reason, detail) when the listing itself already knows it is not read."""
+    path: str
+    length: Optional[int]
+    hidden: bool
+    os_path: Optional[bytes]
+    skip: Optional[Tuple[str, str]] = None
+
+
+def _loop_skip(loop_of: Optional[str]) -> Optional[Tuple[str, str]]:
+    if loop_of is None:
+        return None
+    return "link_loop", (f"a link to a folder already listed ({os.fsencode(loop_of).decode('utf-8', 'backslashreplace')}):"
+                         f" not entered again")
+
+
+def list_files(spark, inputs: Sequence[str]) -> List[Listed]:
+    """Every file under the inputs as Listed(path, length, hidden, os_path, skip).
 
     Spark's own listing drops zero-byte files, dangling links and names starting with '.' or '_',
     and Hadoop's Path cannot even hold some legal names (a colon, for one), so it cannot be the
     inventory: local folders are walked here (a dangling link gets length None; `path` is the name
     as the user wrote it, bytes that are not UTF-8 shown as \\xNN; `os_path` the exact bytes to open).
-    Hadoop URIs are listed with FileSystem.listFiles (os_path None).
+    Hadoop URIs are listed with FileSystem.listFiles (os_path None). Local folders are walked by
+    spark_jobs.walk: each real folder once, a link to one already listed is an entry skipped as link_loop.
     """
     found = []
     for uri in inputs:
         local = layout.local_path(uri)
         if local is not None:
-            for dirpath, dirnames, filenames in os.walk(local, followlinks=True):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    full = os.path.join(dirpath, name)
-                    try:
-                        length = os.stat(full).st_size
-                    except OSError:
-                        length = None
-                    rel = os.path.relpath(full, local).replace(os.sep, "/")
-                    raw = os.fsencode(os.path.abspath(full))
-                    found.append(("file:" + raw.decode("utf-8", "backslashreplace"), length, is_hidden(rel), raw))
+            for entry in walk.walk(local):
+                rel = os.path.relpath(entry.path, local).replace(os.sep, "/")
+                raw = os.fsencode(os.path.abspath(entry.path))
+                found.append(Listed("file:" + raw.decode("utf-8", "backslashreplace"), entry.length,
+                                    is_hidden(rel), raw, _loop_skip(entry.loop_of)))
             continue
-        found += [(p, n, h, None) for p, n, h in list_hadoop(spark, uri)]
+        found += [Listed(p, n, h, None) for p, n, h in list_hadoop(spark, uri)]
     return found
 
 
@@ -265,8 +276,9 @@ def file_rows(spark, inputs: Sequence[str], inventory: List[tuple], max_file_byt
         listed = pd.DataFrame({"path": [r[0] for r in local], "os_path": [r[3] for r in local],
                                "size_bytes": pd.array([r[1] for r in local], dtype="Int64"),
                                "hidden": [bool(r[2]) for r in local]})
-        for name in ("content", "reason", "detail"):
-            listed[name] = None
+        listed["content"] = None
+        listed["reason"] = [r.skip[0] if r.skip else None for r in local]
+        listed["detail"] = [r.skip[1] if r.skip else None for r in local]
         # through Arrow into the JVM (no Python worker just to unpickle the listing), then spread over tasks
         frames.append(spark.createDataFrame(listed, FILE_ROWS).repartition(slices))
     if remote_inputs:
