@@ -4,6 +4,9 @@ from __future__ import annotations
 from schemas.fields import Field
 
 SPLITS = ("train", "val", "test")
+# Every age a label holds and a model may predict, in years (the distribution head's bins are 0..MAX_AGE;
+# evaluate leaves a predicted age outside this range out of the metrics and counts it).
+MIN_AGE, MAX_AGE = 0, 120
 
 FACES = (
     Field("face_id", "string", doc="stable id: content hash and face index"),
@@ -11,7 +14,7 @@ FACES = (
     Field("content_sha256", "string", doc="sha256 of the input file's bytes"),
     Field("image", "binary", doc="encoded crop (JPEG), size x size pixels"),
     Field("image_size", "int32", doc="crop side in pixels"),
-    Field("age", "int32", doc="age in years, 0..120"),
+    Field("age", "int32", doc=f"age in years, {MIN_AGE}..{MAX_AGE}"),
     Field("gender", "int32", nullable=True, doc="0 male, 1 female (UTKFace coding)"),
     Field("race", "int32", nullable=True, doc="0 White, 1 Black, 2 Asian, 3 Indian, 4 Others"),
     Field("subject_id", "string", nullable=True, doc="person id when the dataset knows it"),
@@ -41,6 +44,7 @@ REASONS = {
     "bad_label": "no usable age in the file name or manifest",
     "duplicate": "byte-identical to another input or to a row already in the table",
     "unreadable": "listed but could not be read",
+    "link_loop": "a link to a folder already listed (a loop, or a second path to it): not entered again",
 }
 
 REJECTS = (

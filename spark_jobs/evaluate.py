@@ -162,9 +162,12 @@ def dedupe_keys(df, key: str, value_cols: List[str], what: str):
 # ----------------------------------------------------------------------------- transforms (DataFrame -> DataFrame)
 
 def valid_predictions(preds, key: str):
-    """(usable predictions: status ok, face 0 for a source_path join, a finite age; how many ok rows had a
-    non-finite age)."""
+    """(usable predictions: status ok, face 0 for a source_path join, a finite age inside the ages a model may
+    predict (schemas.tables MIN_AGE..MAX_AGE); {"non_finite_prediction": n, "out_of_range_prediction": n}
+    counting the ok rows left out)."""
     from pyspark.sql import functions as sf
+
+    from schemas.tables import MAX_AGE, MIN_AGE
 
     ok = preds.where(sf.col("status") == "ok")
     if key == "source_path":
@@ -174,10 +177,13 @@ def valid_predictions(preds, key: str):
 
         ok = ok.withColumn("source_path", path_key(sf.col("source_path")))
     ok = ok.select(key, "predicted_age", "uncertainty", "model_id", "data_version")
-    finite = sf.col("predicted_age").isNotNull() & ~sf.isnan("predicted_age") & \
-        (sf.abs(sf.col("predicted_age")) < sf.lit(float("inf")))
-    counts = {r["bad"]: r["count"] for r in ok.groupBy((~finite).alias("bad")).count().collect()}
-    return ok.where(finite), int(counts.get(True, 0))
+    age = sf.col("predicted_age")
+    finite = age.isNotNull() & ~sf.isnan(age) & (sf.abs(age) < sf.lit(float("inf")))
+    inside = (age >= sf.lit(float(MIN_AGE))) & (age <= sf.lit(float(MAX_AGE)))
+    kind = sf.when(~finite, "non_finite_prediction").when(~inside, "out_of_range_prediction")
+    counts = {r["kind"]: r["count"] for r in ok.groupBy(kind.alias("kind")).count().collect()}
+    left_out = {name: int(counts.get(name, 0)) for name in ("non_finite_prediction", "out_of_range_prediction")}
+    return ok.where(finite & inside), left_out
 
 
 def valid_labels(labels):
@@ -309,12 +315,12 @@ def run(args) -> dict:
                         f"{str(e).splitlines()[0][:200]})") from None
     labels, key, label_info = load_labels(spark, to_uri(args.labels), args.split, args.labels_version)
 
-    ok, non_finite = valid_predictions(preds, key)
+    ok, left_out = valid_predictions(preds, key)
     labels, invalid = valid_labels(labels)
     labels, duplicate_labels = dedupe_keys(labels, key, ["age", "gender", "race", "dataset"], f"--labels {args.labels}")
     ok, duplicate_predictions = dedupe_keys(ok, key, ["predicted_age", "model_id"],
                                             f"--predictions {args.predictions}")
-    excluded = {"non_finite_prediction": non_finite, "invalid_label": invalid,
+    excluded = {**left_out, "invalid_label": invalid,
                 "duplicate_label_key": duplicate_labels, "duplicate_prediction_key": duplicate_predictions}
     joined, bookkeeping = join_labels(ok, labels, key)
     no_prediction = {r["status"]: r["count"] for r in preds.where(sf.col("status") != "ok")

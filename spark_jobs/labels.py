@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-MIN_AGE, MAX_AGE = 0, 120
+from schemas.tables import MAX_AGE, MIN_AGE
 
 
 class LabelError(ValueError):

@@ -46,7 +46,7 @@ def one_error_line(stderr: str, stage: str) -> str:
     """The job's own words on stderr are exactly one `<stage>: error: ...` line (a JVM starting inside the
     test may add its start-up lines around it), and no traceback."""
     ours = [line for line in stderr.splitlines() if line.startswith(("prepare:", "score:", "evaluate:", "train:",
-                                                                     "tune:", "emr:"))]
+                                                                     "tune:", "emr:", "predict:"))]
     assert len(ours) == 1 and ours[0].startswith(f"{stage}: error: "), stderr
     assert "Traceback" not in stderr and "Py4J" not in stderr
     return ours[0]
@@ -224,7 +224,7 @@ def test_evaluate_counts_duplicates_and_non_finite_values_and_refuses_conflicts(
 
     n = 10
     paths = [f"file:/photos/{i}.jpg" for i in range(n)]
-    rows = [{f.name: None for f in PREDICTIONS} for _ in range(n + 2)]
+    rows = [{f.name: None for f in PREDICTIONS} for _ in range(n + 4)]
     for i, row in enumerate(rows[:n]):
         row.update(source_path=paths[i], face_index=0, predicted_age=31.5 + i, uncertainty=2.0, status="ok",
                    model_id="m", score_run_id="r")
@@ -232,20 +232,24 @@ def test_evaluate_counts_duplicates_and_non_finite_values_and_refuses_conflicts(
                    model_id="m", score_run_id="r")
     rows[n + 1].update(source_path="file:/photos/inf.jpg", face_index=0, predicted_age=float("inf"), status="ok",
                        model_id="m", score_run_id="r")
+    for i, absurd in enumerate((1e30, -5.0)):  # finite, but no age a model may predict (0..120)
+        rows[n + 2 + i].update(source_path=f"file:/photos/absurd{i}.jpg", face_index=0, predicted_age=absurd,
+                               status="ok", model_id="m", score_run_id="r")
     preds = tmp_path / "scored" / "predictions"
     spark.createDataFrame(rows, schema_fields.spark_schema(PREDICTIONS)).write.parquet(str(preds))
     labels = tmp_path / "labels.csv"
     lines = ["path,age"] + [f"{p},{30 + i}" for i, p in enumerate(paths)]
     lines += [f"{paths[0]},30", f"{paths[1]},31", f"{paths[2]},32",  # 3 identical repeats
-              "file:/photos/nan.jpg,44", "file:/photos/x.jpg,NaN", "file:/photos/y.jpg,abc", "file:/photos/z.jpg,"]
+              "file:/photos/nan.jpg,44", "file:/photos/absurd0.jpg,40", "file:/photos/absurd1.jpg,3",
+              "file:/photos/x.jpg,NaN", "file:/photos/y.jpg,abc", "file:/photos/z.jpg,"]
     labels.write_text("\n".join(lines) + "\n")
     report = tmp_path / "report"
     assert evaluate.main(["--predictions", str(tmp_path / "scored"), "--labels", str(labels),
                           "--output", str(report)]) == 0
     metrics = strict_json(report / "metrics.json")
-    assert metrics["rows"] == {"matched": n, "predictions_without_label": 0, "labels_without_prediction": 1}
-    assert metrics["excluded"] == {"non_finite_prediction": 2, "invalid_label": 3, "duplicate_label_key": 3,
-                                   "duplicate_prediction_key": 0}
+    assert metrics["rows"] == {"matched": n, "predictions_without_label": 0, "labels_without_prediction": 3}
+    assert metrics["excluded"] == {"non_finite_prediction": 2, "out_of_range_prediction": 2, "invalid_label": 3,
+                                   "duplicate_label_key": 3, "duplicate_prediction_key": 0}
     assert metrics["overall"]["mae"] == pytest.approx(1.5) and metrics["overall"]["count"] == n
     assert np.array(metrics["confusion"]["counts"]).sum() == n
 
@@ -409,6 +413,17 @@ def test_a_diverging_run_stops_at_once_and_says_so(tables, tmp_path, capsys):
     assert not (out / "model.pt").exists()
 
 
+def test_a_run_whose_finite_loss_explodes_stops_and_keeps_the_last_good_checkpoint(tables, tmp_path, capsys):
+    # the default optimizer and schedule at --lr 1000: the loss stays finite (~1e7) while the val MAE in eval
+    # mode looks ordinary (~25): the training ages left 0..120
+    root, _, _ = tables
+    out = tmp_path / "run"
+    assert train.main(["--data", str(root / "pq"), "--output", str(out), "--lr", "1000"] + TINY) == 2
+    line = one_error_line(capsys.readouterr().err, "train")
+    assert "training diverged" in line and "after epoch 1" in line and "Lower --lr" in line, line
+    assert not (out / "metrics.jsonl").read_text().strip() and not (out / "model.pt").exists()
+
+
 def test_tune_checks_data_before_creating_a_study_and_redacts_passwords(tables, tmp_path, capsys, s3_server,
                                                                        monkeypatch):
     root, _, _ = tables
@@ -425,6 +440,26 @@ def test_tune_checks_data_before_creating_a_study_and_redacts_passwords(tables, 
                      "--storage", "postgresql+psycopg://faceage:S3cretPassw0rd@127.0.0.1:1/optuna"]) == 2
     line = one_error_line(capsys.readouterr().err, "tune")
     assert "S3cretPassw0rd" not in line and "faceage:***@127.0.0.1" in line
+
+
+def test_a_bundle_with_numbers_no_model_can_mean_is_refused_at_load(bundles, tmp_path, capsys):
+    from spark_jobs import predict
+
+    plain, _ = bundles
+    photo = tmp_path / "30_0_0_20260101000001.jpg"
+    photo.write_bytes(encode(synthetic_face(30, seed=3, size=64)))
+    assert predict.main([str(photo), "--model", str(plain), "--aligned"]) == 0  # the bundle itself is fine
+    capsys.readouterr()
+    for change, words in ((lambda b: b["state_dict"]["fc.weight"].fill_(float("nan")), "NaN or infinite"),
+                          (lambda b: b["state_dict"]["conv1.weight"].view(-1)[0].fill_(float("inf")), "NaN or infinite"),
+                          (lambda b: b["normalize"].update(std=[0.2, 0.0, 0.2]), "std above 0")):
+        bundle = torch.load(plain, weights_only=True)
+        change(bundle)
+        broken = tmp_path / "broken.pt"
+        torch.save(bundle, broken)
+        assert predict.main([str(photo), "--model", str(broken), "--aligned"]) == 2
+        captured = capsys.readouterr()
+        assert words in one_error_line(captured.err, "predict") and "age nan" not in captured.out
 
 
 def test_score_refuses_a_bundle_whose_weights_do_not_fit_its_head(bundles, tmp_path, capsys):

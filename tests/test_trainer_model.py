@@ -96,6 +96,21 @@ def test_bad_bundles_are_refused_with_a_reason(tmp_path, capsys):
         B.load_bundle(str(tmp_path / "missing.pt"))
 
 
+@pytest.mark.parametrize("tta", M.TTA)
+def test_regression_ages_are_clipped_into_the_age_range_and_nan_stays_nan(tta):
+    model = M.build_model("regression").eval()
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        x = torch.randn(3, 3, 32, 32)
+        for bias, expected in ((-5.0, float(M.MIN_AGE)), (1e30, float(M.MAX_AGE)), (33.0, 33.0)):
+            model.fc.bias.fill_(bias)
+            age, _ = M.predict_ages(model, x, "regression", tta)
+            assert torch.allclose(age, torch.full((3,), expected)), (bias, age)
+        model.fc.bias.fill_(float("nan"))
+        age, _ = M.predict_ages(model, x, "regression", tta)
+        assert torch.isnan(age).all()
+
+
 @pytest.mark.parametrize("head", M.HEADS)
 def test_flip_tta_only_averages_the_two_passes(head):
     torch.manual_seed(0)

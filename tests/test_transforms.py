@@ -88,7 +88,7 @@ def test_evaluation_transforms_match_numpy(spark):
     rng = np.random.default_rng(0)
     n = 200
     ages = rng.integers(1, 90, n)
-    predicted = ages + rng.normal(0, 6, n)
+    predicted = np.clip(ages + rng.normal(0, 6, n), 0, 120)  # a model's ages are clipped into 0..120
     preds = [(f"f{i}", 0, float(p), 1.0, "m", None, "ok") for i, p in enumerate(predicted)]
     preds += [("fnan", 0, float("nan"), None, "m", None, "ok"), ("f0", 1, 99.0, None, "m", None, "ok"),
               ("x", None, None, None, "m", None, "no_face")]
@@ -98,8 +98,8 @@ def test_evaluation_transforms_match_numpy(spark):
     labels += [("f0", int(ages[0]), 0, 0, "utk", None), ("bad", None, None, None, "utk", "age 'abc'")]
     label_df = spark.createDataFrame(labels, "face_id string, age int, gender int, race int, dataset string, "
                                              "label_error string")
-    ok, non_finite = evaluate.valid_predictions(pred_df, "face_id")
-    assert non_finite == 1
+    ok, left_out = evaluate.valid_predictions(pred_df, "face_id")
+    assert left_out == {"non_finite_prediction": 1, "out_of_range_prediction": 0}
     ok, dup_preds = evaluate.dedupe_keys(ok.where("face_id != 'f0' or predicted_age < 99"), "face_id",
                                          ["predicted_age"], "p")
     good, invalid = evaluate.valid_labels(label_df)

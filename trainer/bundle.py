@@ -148,6 +148,10 @@ def load_bundle(path: str) -> Tuple[nn.Module, dict]:
     normalize = bundle.get("normalize") or {}
     if not all(isinstance(normalize.get(k), list) and len(normalize[k]) == 3 for k in ("mean", "std")):
         raise BundleError(f"model bundle {path}: normalize needs 3 mean and 3 std values")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in normalize["mean"] + normalize["std"]) \
+            or not all(v > 0 for v in normalize["std"]):
+        raise BundleError(f"model bundle {path}: normalize holds {normalize}; mean and std must be finite numbers, "
+                          f"std above 0")
     crop = bundle.get("crop")
     if not crop:
         raise BundleError(f"model bundle {path}: no crop settings; it cannot say how to crop faces for it "
@@ -164,6 +168,11 @@ def load_bundle(path: str) -> Tuple[nn.Module, dict]:
         raise BundleError(f"model bundle {path}: its weights do not fit a ResNet-18 with the {bundle['head']} head "
                           f"({first[0][:160] if first else type(e).__name__}{' ...' if len(first) > 1 else ''})") \
             from None
+    broken = [name for name, t in bundle["state_dict"].items()
+              if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise BundleError(f"model bundle {path}: {len(broken)} weight tensors hold NaN or infinite values (first: "
+                          f"{broken[0]}); it cannot predict an age. Use the bundle of a run that did not diverge")
     model.eval()
     return model, bundle
 

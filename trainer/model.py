@@ -14,8 +14,8 @@ import torch
 from torch.nn import functional
 from torch import nn
 
+from schemas.tables import MAX_AGE, MIN_AGE
 
-MAX_AGE = 120
 HEADS = ("regression", "distribution")
 
 
@@ -85,18 +85,27 @@ TTA = ("none", "flip")
 
 def predict_ages(model, x: torch.Tensor, head: str, tta: str = "none") -> Tuple[torch.Tensor, torch.Tensor]:
     """(age, std) of a normalised N x 3 x H x W batch. tta "flip" also runs the mirrored batch and averages:
-    the two predicted distributions (distribution head: then decoded) or the two ages (regression)."""
+    the two predicted distributions (distribution head: then decoded) or the two ages (regression).
+
+    A regression age is clipped into MIN_AGE..MAX_AGE (the distribution head's mean is inside by
+    construction): no age is negative, every true age is at least as close to the clipped one, and NaN stays
+    NaN. Training's val/test MAE and every scoring path go through here, so they agree."""
     if tta not in TTA:
         raise ValueError(f"tta {tta!r}: use one of {TTA}")
     out = model(x)
     if tta == "none":
-        return decode(out, head)
-    mirrored = model(torch.flip(x, dims=[3]))
-    if head == "regression":
+        age, std = decode(out, head)
+    elif head == "regression":
+        mirrored = model(torch.flip(x, dims=[3]))
         age = (out.float().squeeze(1) + mirrored.float().squeeze(1)) / 2
-        return age, torch.full_like(age, float("nan"))
-    probs = (torch.softmax(out.float(), dim=1) + torch.softmax(mirrored.float(), dim=1)) / 2
-    return decode(torch.log(probs.clamp_min(1e-12)), head)
+        std = torch.full_like(age, float("nan"))
+    else:
+        mirrored = model(torch.flip(x, dims=[3]))
+        probs = (torch.softmax(out.float(), dim=1) + torch.softmax(mirrored.float(), dim=1)) / 2
+        return decode(torch.log(probs.clamp_min(1e-12)), head)
+    if head == "regression":
+        age = age.clamp(MIN_AGE, MAX_AGE)
+    return age, std
 
 
 def loss_fn(outputs: torch.Tensor, ages: torch.Tensor, head: str, kind: str = "l1") -> torch.Tensor:

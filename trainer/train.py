@@ -336,10 +336,22 @@ def budget_spent(args, started: float, epoch: int, start_epoch: int, world: int,
 
 
 def check_finite(row: dict) -> None:
+    """TrainError when an epoch's numbers say the run diverged: a non-finite loss or val MAE, or a train loss
+    or val MAE larger than any model predicting ages inside MIN_AGE..MAX_AGE could have (both losses are an
+    L1 in years, the distribution head's plus a KL that is as large only for a collapsed distribution):
+    e.g. --lr 1000 trains to a finite loss of ~1e7 while the val MAE, in eval mode, looks ordinary (25).
+    Called before the epoch is recorded, so the last good checkpoint stays the one a --resume goes on from."""
+    from schemas.tables import MAX_AGE, MIN_AGE
+
+    lowering = (f"(learning rate {row['lr']:.2e}); this epoch was not kept. Lower --lr (e.g. to a tenth) and rerun")
     if not math.isfinite(row["val_mae"]) or not math.isfinite(row["train_loss"]):
         raise TrainError(f"training diverged: after epoch {row['epoch']} the train loss is {row['train_loss']:.3g} "
-                         f"and the val MAE {row['val_mae']:.3g} (learning rate {row['lr']:.2e}); this epoch "
-                         f"was not kept. Lower --lr (e.g. to a tenth) and rerun")
+                         f"and the val MAE {row['val_mae']:.3g} {lowering}")
+    worst = MAX_AGE - MIN_AGE
+    if row["val_mae"] > worst or row["train_loss"] > worst:
+        raise TrainError(f"training diverged: after epoch {row['epoch']} the train loss is {row['train_loss']:.3g} "
+                         f"and the val MAE {row['val_mae']:.3g} years, more than any prediction inside "
+                         f"{MIN_AGE}..{MAX_AGE} could be off {lowering}")
 
 
 def run(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
