@@ -12,6 +12,11 @@ FACES_DIR = "faces"
 REJECTS_DIR = "rejects"
 RUNS_DIR = "_runs"
 LATEST_MANIFEST = "manifest.json"
+# what a writer keeps beside its entries (schemas.outputs): each run's staging folder, the journal of a commit
+# in progress (its presence means: part of a run may be current, the rest not yet) and the writer's lock
+STAGING_PREFIX = "_faceage_staging_"
+JOURNAL = "_faceage_commit.json"
+LOCK = "_faceage.lock"
 
 
 class IncompleteTableError(RuntimeError):
@@ -55,13 +60,40 @@ def delta_table(uri: str, version: Optional[int] = None):
     return DeltaTable(uris.delta_uri(uri), version=version, storage_options=uris.delta_options(uri) or None)
 
 
+def parent(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
+
+
+def check_no_pending_commit(root: str, exists=None) -> None:
+    """IncompleteTableError when a commit into `root` was interrupted: some of its entries may be one run's
+    and the rest another's, so nothing there is read until a writer finished it (schemas.outputs)."""
+    uri = join(root, JOURNAL)
+    if exists is None:
+        path = local_path(uri)
+        if path is not None:
+            found = os.path.exists(path)
+        else:
+            from schemas import uri as uris
+
+            found = uris.RemoteFS().exists(uri)
+    else:
+        found = exists(uri)
+    if found:
+        raise IncompleteTableError(
+            f"{root}: a faceage run was killed while it committed its outputs there ({JOURNAL}); some may be "
+            f"from that run, some from the one before. Rerun the job that writes {root} (with the same --output): "
+            f"it finishes that commit first")
+
+
 def table_files(uri: str, version: Optional[int] = None) -> List[str]:
     """The live data files of a faces/rejects table, as URIs a Parquet reader can open.
 
     Delta: the files of `version` (default: latest) from the transaction log, never a directory
     scan (that would also read removed files). Parquet: every part file, but only when Spark's
-    `_SUCCESS` marker says the write finished; otherwise IncompleteTableError.
+    `_SUCCESS` marker says the write finished; otherwise IncompleteTableError (so too while a commit into
+    the table's folder is unfinished).
     """
+    check_no_pending_commit(parent(uri))
     if is_delta(uri):
         try:
             table = delta_table(uri, version)
@@ -130,6 +162,10 @@ def read_prepare_manifest(data_uri: str) -> dict:
     from schemas.cli import UserError
 
     uri = join(output_root(data_uri), LATEST_MANIFEST)
+    try:
+        check_no_pending_commit(output_root(data_uri))
+    except IncompleteTableError as e:
+        raise UserError(str(e)) from None
     try:
         data = json.loads(read_text(uri))
     except FileNotFoundError:

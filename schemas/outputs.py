@@ -1,16 +1,26 @@
-"""Output safety: a writer replaces only what faceage itself wrote, and commits only after every check.
+"""Output safety: a writer replaces only what faceage itself wrote, commits all of a run at once, and is
+the only writer of its output while it runs.
 
 Every stage that writes (prepare's tables and manifests, score's predictions, evaluate's report,
-train's run folder) goes through `Outputs`:
+train's bundle and summary, tune's report) goes through `Outputs`:
 
-1. `check(names)` before any work: each entry `ROOT/name` must be absent, an empty folder, or
+1. `begin()` first: takes ROOT's lock (`_faceage.lock`: run id, pid, host, a heartbeat; a second
+   writer is refused with `OutputBusyError` naming the holder; the lock of a holder that is gone (its
+   pid no longer runs on this host, or its heartbeat stopped) is taken over, in one line), then
+   `recover()`s what a killed run left (below).
+2. `check(names)` before any work: each entry `ROOT/name` must be absent, an empty folder, or
    recognised as faceage's own (a folder holding the `_FACEAGE.json` marker, or an entry listed in
    ROOT's marker). Anything else is refused with one line saying what is there.
-2. The job writes into `staging(name)` (a hidden folder under ROOT, ignored by every reader).
-3. After every check of the job passed, `commit(names)` moves each staged entry into place (the
-   previous one is moved aside first and deleted last), then records the entries in ROOT's marker.
-   `finish()` removes the staging folder only: a failed run leaves the previous outputs exactly as
-   they were.
+3. The job writes into `staging(name)` (a hidden folder under ROOT, ignored by every reader).
+4. After every check of the job passed, `commit(steps)` is ONE transaction for every entry of the
+   run: the plan is written to `_faceage_commit.json` (one atomic write: the commit point), then
+   applied step by step (each step idempotent: an entry replaced by its staged copy, staged part
+   files merged into a table, a Delta write made idempotent by its transaction id, a stale entry
+   deleted), then the marker is updated and the journal removed. A process killed before the
+   journal exists leaves the previous outputs as they were; killed after, the next writer of ROOT
+   rolls the commit forward (and says so); until then readers refuse the folder (layout.pending_commit)
+   instead of seeing half of one run and half of another.
+5. `finish()` removes this run's staging folder and releases the lock.
 
 The rules are written once here against a tiny filesystem interface (`LocalFS` below; Spark jobs
 use storage.HadoopFS for s3a://, hdfs:// and local alike). Paths are compared after resolving links
@@ -18,16 +28,28 @@ use storage.HadoopFS for s3a://, hdfs:// and local alike). Paths are compared af
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
-from typing import Callable, Iterable, List, Optional, Sequence
+import socket
+import threading
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
-from schemas.cli import UserError, dumps, new_run_id
+from schemas.cli import UserError, dumps, log, new_run_id, pause_point
+from schemas.layout import JOURNAL, LOCK, STAGING_PREFIX
 
 MARKER = "_FACEAGE.json"
-STAGING_PREFIX = "_faceage_staging_"
 WRITER = "faceage"
+LOCK_STALE_SECONDS = 600.0  # FACEAGE_LOCK_STALE_S: a lock whose heartbeat is older than this is a dead holder's
+HEARTBEAT_SECONDS = 30.0
+
+
+class OutputBusyError(UserError):
+    """Another run holds the output's lock (exit 4: try again when it finished)."""
+
+    exit_code = 4
 
 
 def join(uri: str, *parts: str) -> str:
@@ -119,19 +141,38 @@ def dedupe_inputs(inputs: Sequence[str], canonical: Callable[[str], str], flag: 
     return kept
 
 
-def check_overlap(inputs, output: str, canonical) -> None:
-    """Refuse an output inside an input, or an input inside the output, compared after resolving links
-    (local paths) or qualifying (Hadoop URIs): a rerun would read its own output, or writing the
-    output could destroy the input."""
+def canonical(uri: str) -> str:
+    """A path or URI in the form to compare it in: local ones absolute with every link resolved; remote ones
+    with s3a:// and s3n:// spelled s3:// (one bucket, three spellings) and the path normalised."""
+    import posixpath
+
+    from schemas.uri import local_path, scheme
+
+    path = local_path(uri)
+    if path is not None:
+        return os.path.realpath(path)
+    kind = {"s3a": "s3", "s3n": "s3"}.get(scheme(uri) or "", scheme(uri) or "")
+    return f"{kind}://{posixpath.normpath(uri.split('://', 1)[1])}"
+
+
+def check_overlap(inputs, output: str, canonical=canonical, output_flag: str = "--output") -> None:
+    """Refuse an output inside an input, or an input inside the output (equal counts as both), compared
+    after resolving links (local paths) or qualifying (Hadoop URIs): a rerun would read its own output,
+    or writing the output could destroy the input. `inputs`: URIs (taken as --input) or (flag, URI) pairs,
+    every input of the stage (photo folders, tables, label files, the model)."""
     out = canonical(output)
-    for given in inputs:
+    for item in inputs:
+        flag, given = item if isinstance(item, tuple) else ("--input", item)
+        if given is None:
+            continue
         real = canonical(given)
         if is_within(out, real):
-            raise UserError(f"--output {output} is inside --input {given}: the job would read its own "
-                            f"output next time; choose an output folder outside the input")
+            raise UserError(f"{output_flag} {output} is inside {flag} {given} (links resolved): the output would "
+                            f"change what the job reads (its own output read next time); choose an {output_flag} "
+                            f"outside {flag}")
         if is_within(real, out):
-            raise UserError(f"--input {given} is inside --output {output} (links resolved: {real}): writing "
-                            f"the output could destroy the input; choose an output folder outside the input")
+            raise UserError(f"{flag} {given} is inside {output_flag} {output} (links resolved: {real}): writing "
+                            f"the output could destroy it; choose an {output_flag} outside {flag}")
 
 
 # ----------------------------------------------------------------------------- markers
@@ -162,16 +203,200 @@ def _describe(fs, uri: str) -> str:
     return f"a folder of {len(names)} entr{'y' if len(names) == 1 else 'ies'} ({shown})"
 
 
+def _proc_start(pid: int) -> Optional[str]:
+    """The start time of process `pid` (Linux /proc; None elsewhere or when it does not run): a pid reused
+    by another process after the holder died has another start time."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # runs, as another user
+    started = _proc_start(pid)
+    return started is None or holder.get("pid_start") in (None, started)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class OutputLock:
+    """One writer per output root: `_faceage.lock` holds who writes (run id, stage, pid, host) and a heartbeat
+    refreshed every HEARTBEAT_SECONDS while the run lives. Local roots are locked with an atomic link (two
+    runs cannot both create it); remote ones (object stores have no exclusive create) by writing then
+    reading back. A holder is gone when its pid no longer runs on this host, or its heartbeat is older than
+    FACEAGE_LOCK_STALE_S seconds (default 600): then the lock is taken over, in one line."""
+
+    def __init__(self, fs, root: str, run_id: str, kind: str, flag: str = "--output"):
+        self.fs, self.root, self.run_id, self.kind, self.flag = fs, root, run_id, kind, flag
+        self.uri = join(root, LOCK)
+        self.local = _local_root(root)
+        self.held = False
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _body(self) -> dict:
+        pid = os.getpid()
+        return {"writer": WRITER, "run_id": self.run_id, "kind": self.kind, "pid": pid, "pid_start": _proc_start(pid),
+                "host": socket.gethostname(), "started_at": getattr(self, "_started", None) or _now(),
+                "heartbeat_at": _now(), "heartbeat_unix": time.time()}
+
+    def _read(self) -> Optional[dict]:
+        try:
+            if self.local is not None:
+                with open(os.path.join(self.local, LOCK), encoding="utf-8") as f:
+                    data = json.load(f)
+            else:
+                data = json.loads(self.fs.read_text(self.uri))
+        except FileNotFoundError:
+            return None
+        except Exception:  # noqa: BLE001 - torn or foreign: unreadable as a lock of ours
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _create(self) -> bool:
+        """True when this run now holds the lock (it was absent)."""
+        body = dumps(self._body())
+        if self.local is not None:
+            os.makedirs(self.local, exist_ok=True)
+            tmp = os.path.join(self.local, f"{LOCK}.{self.run_id}.tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(body)
+            try:
+                os.link(tmp, os.path.join(self.local, LOCK))  # atomic: fails when a lock is there
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.remove(tmp)
+        if self.fs.exists(self.uri):
+            return False
+        self.fs.write_text(self.uri, body)
+        return (self._read() or {}).get("run_id") == self.run_id  # the last of two racing writers wins
+
+    def _stale(self, holder: dict) -> Optional[str]:
+        """Why `holder` is gone (None when it may still run)."""
+        if not holder:
+            return "unreadable lock"
+        if holder.get("host") == socket.gethostname() and not _alive(holder):
+            return f"pid {holder.get('pid')} no longer runs"
+        bound = float(os.environ.get("FACEAGE_LOCK_STALE_S", LOCK_STALE_SECONDS))
+        beat = holder.get("heartbeat_unix")
+        if isinstance(beat, (int, float)) and time.time() - beat > bound:
+            return f"no heartbeat for {time.time() - beat:.0f} s (more than {bound:.0f} s)"
+        return None
+
+    def acquire(self) -> None:
+        self._started = _now()
+        for _ in range(3):
+            if self._create():
+                break
+            holder = self._read()
+            if holder is None:
+                continue  # released meanwhile: try again
+            why = self._stale(holder)
+            if why is None:
+                raise OutputBusyError(
+                    f"{self.flag} {self.root} is being written by run {holder.get('run_id')} "
+                    f"({holder.get('kind')}, pid {holder.get('pid')} on {holder.get('host')}, since "
+                    f"{holder.get('started_at')}); wait for it to finish or choose another {self.flag}")
+            log.warning(f"{self.flag} {self.root}: took over the lock of run {holder.get('run_id')} "
+                        f"({holder.get('kind')}, pid {holder.get('pid')} on {holder.get('host')}): {why}")
+            self._delete()
+        else:
+            raise OutputBusyError(f"{self.flag} {self.root}: could not take its lock ({self.uri}); another run "
+                                  f"keeps taking it. Try again")
+        self.held = True
+        self._thread = threading.Thread(target=self._beat, name="faceage-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _delete(self) -> None:
+        if self.local is not None:
+            try:
+                os.remove(os.path.join(self.local, LOCK))
+            except FileNotFoundError:
+                pass
+        else:
+            self.fs.delete(self.uri)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                if (self._read() or {}).get("run_id") != self.run_id:
+                    return  # taken over (we looked dead): never write over the new holder
+                body = dumps(self._body())
+                if self.local is not None:
+                    tmp = os.path.join(self.local, f"{LOCK}.{self.run_id}.beat")
+                    with open(tmp, "w", encoding="utf-8") as f:
+                        f.write(body)
+                    os.replace(tmp, os.path.join(self.local, LOCK))
+                else:
+                    self.fs.write_text(self.uri, body)
+            except Exception:  # noqa: BLE001 - a missed heartbeat is retried; the run goes on
+                pass
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        try:
+            if (self._read() or {}).get("run_id") == self.run_id:
+                self._delete()
+        except Exception:  # noqa: BLE001 - cleanup must not hide the error that caused it
+            pass
+        self.held = False
+
+
+def _local_root(root: str) -> Optional[str]:
+    from schemas.uri import local_path
+
+    return local_path(root)
+
+
+# ----------------------------------------------------------------------------- commits
+
+def replace(name: str) -> dict:
+    """A commit step: ROOT/name becomes its staged copy (the previous one is moved aside, deleted last)."""
+    return {"how": "replace", "name": name}
+
+
+def merge(name: str) -> dict:
+    """A commit step: the staged table's part files join the Parquet table ROOT/name (an append)."""
+    return {"how": "merge", "name": name}
+
+
+def remove(name: str) -> dict:
+    """A commit step: ROOT/name, an entry of an earlier run this one does not have, is deleted."""
+    return {"how": "remove", "name": name}
+
+
 class Outputs:
     """The entries a run writes under one output root (see the module docstring)."""
 
     def __init__(self, fs, root: str, kind: str, run_id: Optional[str] = None,
-                 legacy: Optional[Callable[[str], bool]] = None, flag: str = "--output"):
+                 legacy: Optional[Callable[[str], bool]] = None, flag: str = "--output",
+                 appliers: Optional[Dict[str, Callable[[dict, str, str], None]]] = None):
         self.fs, self.root, self.kind, self.flag = fs, root.rstrip("/"), kind, flag
         self.run_id = run_id or new_run_id()
         self.legacy = legacy  # name -> True when an entry written before markers existed is recognised
         self.staging_root = join(self.root, STAGING_PREFIX + self.run_id)
         self.committed: List[str] = []
+        # how -> fn(step, staged uri, target uri) for steps this module cannot apply itself (a Delta write)
+        self.appliers = dict(appliers or {})
+        self.lock = OutputLock(fs, self.root, self.run_id, kind, flag)
 
     @classmethod
     def at(cls, output: str, kind: str, run_id: Optional[str] = None, manifest: Optional[tuple] = None,
@@ -188,6 +413,48 @@ class Outputs:
             name, keys = manifest
             legacy = lambda entry: looks_like_manifest(fs, join(root, name), keys)  # noqa: E731
         return cls(fs, root, kind, run_id, legacy, flag)
+
+    # -- the lock and what killed runs left
+    def begin(self) -> "Outputs":
+        """Take ROOT's lock, then finish or roll back what a killed run left there. Before any other work."""
+        if self.fs.exists(self.root) and not self.fs.isdir(self.root):
+            raise UserError(f"{self.flag} {self.root} is a file, not a folder: give a folder for the outputs")
+        self._made_root = not self.fs.exists(self.root)  # then a run that commits nothing leaves no folder
+        self.lock.acquire()
+        try:
+            self.recover()
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def recover(self) -> None:
+        """A journal left by a killed commit: roll it forward (its steps are idempotent). Staging folders of
+        runs killed before their commit point: removed (nothing of them was committed). One line each."""
+        fs = self.fs
+        if not fs.isdir(self.root):
+            return
+        journal = read_journal(fs, self.root)
+        finished = None
+        if journal is not None:
+            staging = join(self.root, journal["staging"])
+            if not fs.exists(staging):  # killed after the last step, before the journal went: nothing left to do
+                fs.delete(join(self.root, JOURNAL))
+            else:
+                self._apply(journal["steps"], staging, recovering=journal)
+                self.record(*_entries(journal["steps"]))
+                fs.delete(join(self.root, JOURNAL))
+                fs.delete(staging)
+                log.warning(f"{self.flag} {self.root}: finished the commit of run {journal.get('run_id')} "
+                            f"({journal.get('kind')}), killed after its commit point; its outputs are the current ones")
+            finished = journal["staging"]
+        elif fs.exists(join(self.root, JOURNAL)):  # torn: the process died writing it, before any step ran
+            fs.delete(join(self.root, JOURNAL))
+        for name in fs.listdir(self.root):
+            if name.startswith(STAGING_PREFIX) and name != finished and join(self.root, name) != self.staging_root:
+                fs.delete(join(self.root, name))
+                log.warning(f"{self.flag} {self.root}: removed {name}, left by run {name[len(STAGING_PREFIX):]} "
+                            f"that stopped before its commit point (nothing of it was committed)")
 
     # -- checks
     def owned(self, name: str) -> bool:
@@ -219,26 +486,75 @@ class Outputs:
     def staging(self, name: str) -> str:
         return join(self.staging_root, name)
 
-    def commit(self, names: Sequence[str], folder_markers: Sequence[str] = ()) -> None:
-        """Move each staged entry into place; `folder_markers` get their own marker (tables)."""
+    def stage_text(self, name: str, text: str) -> str:
+        """A small file of this run (a manifest) staged under `name`; returns its staged URI."""
+        uri = self.staging(name)
+        self.fs.write_text(uri, text)
+        return uri
+
+    def commit(self, steps: Sequence, folder_markers: Sequence[str] = ()) -> None:
+        """Make every staged entry of the run current in ONE transaction (see the module docstring).
+        `steps`: entry names (replaced by their staged copies) or step dicts (replace/merge/remove, or a
+        kind of this Outputs' appliers); `folder_markers` get their own marker (tables)."""
         fs = self.fs
+        steps = [replace(s) if isinstance(s, str) else dict(s) for s in steps]
+        names = [s["name"] for s in steps]
         self.check(names)  # nothing changed under us since the first check
         for name in folder_markers:
             fs.write_text(join(self.staging(name), MARKER), marker_text(self.kind, self.run_id))
-        aside = join(self.staging_root, "_previous")
-        for name in names:
-            target = join(self.root, name)
-            if fs.exists(target):
-                fs.rename(target, join(aside, name))
-            fs.rename(self.staging(name), target)
-            self.committed.append(name)
-            fs.delete(join(aside, name))
-        self.record(names)
+        journal = {"writer": WRITER, "run_id": self.run_id, "kind": self.kind, "created_at": _now(),
+                   "staging": STAGING_PREFIX + self.run_id, "steps": steps}
+        pause_point("commit-before")  # a kill here: the previous outputs, untouched
+        _write_atomically(fs, join(self.root, JOURNAL), dumps(journal))  # the commit point
+        self._apply(steps, self.staging_root)
+        self.record(*_entries(steps))
+        fs.delete(join(self.root, JOURNAL))
+        self.committed += names
 
-    def record(self, names: Iterable[str]) -> None:
-        """Add `names` to ROOT's marker (entries faceage may replace next time)."""
+    def _apply(self, steps: Sequence[dict], staging: str, recovering: Optional[dict] = None) -> None:
+        fs = self.fs
+        aside = join(staging, "_previous")
+        for i, step in enumerate(steps):
+            how, name = step["how"], step["name"]
+            staged, target = join(staging, name), join(self.root, name)
+            if how == "replace":
+                if fs.exists(staged):
+                    if fs.exists(target) and not fs.exists(join(aside, name)):
+                        fs.rename(target, join(aside, name))
+                    elif fs.exists(target):  # moved aside before, and something (ours) is back: the staged copy wins
+                        fs.delete(target)
+                    fs.rename(staged, target)
+                fs.delete(join(aside, name))
+            elif how == "merge":
+                success = join(target, "_SUCCESS")
+                if fs.exists(staged):
+                    if fs.exists(success):
+                        fs.delete(success)  # mid-merge the table is visibly unfinished
+                    for rel in fs.walk_files(staged):
+                        if any(part[:1] in ("_", ".") for part in rel.split("/")):
+                            continue
+                        fs.rename(join(staged, rel), join(target, rel))
+                    fs.delete(staged)
+                if not fs.exists(success):
+                    fs.write_text(success, "")
+                fs.write_text(join(target, MARKER), marker_text(self.kind, self.run_id))
+            elif how == "remove":
+                if fs.exists(target):
+                    fs.delete(target)
+            elif how in self.appliers:
+                self.appliers[how](step, staged, target)
+            else:
+                raise UserError(f"{self.flag} {self.root}: the interrupted commit of run "
+                                f"{(recovering or {}).get('run_id', self.run_id)} has a step this job cannot "
+                                f"finish ({how} {name}); rerun the job that wrote it ({(recovering or {}).get('kind')}) "
+                                f"with the same {self.flag}")
+            if i + 1 < len(steps):
+                pause_point("commit-step")  # a kill here: the next writer rolls the commit forward
+
+    def record(self, names: Iterable[str], dropped: Iterable[str] = ()) -> None:
+        """Add `names` to ROOT's marker (entries faceage may replace next time); `dropped` leave it."""
         previous = read_marker(self.fs, self.root) or {}
-        entries = set(previous.get("entries", ())) | set(names)
+        entries = (set(previous.get("entries", ())) | set(names)) - set(dropped)
         self.fs.write_text(join(self.root, MARKER), marker_text(self.kind, self.run_id, entries))
 
     def mark_folder(self, name: str) -> None:
@@ -246,13 +562,61 @@ class Outputs:
         self.fs.write_text(join(self.root, name, MARKER), marker_text(self.kind, self.run_id))
 
     def finish(self) -> None:
-        """Remove this run's staging folder (and nothing else): after the last commit, or after a failure
-        (then the previous outputs are exactly as they were)."""
+        """Remove this run's staging folder (and nothing else) and release the lock: after the commit, or after
+        a failure before it (then the previous outputs are exactly as they were). A failure after the commit
+        point keeps the staging folder: the journal needs it to roll forward."""
         try:
-            if self.fs.exists(self.staging_root):
+            if not self._journal_is_mine() and self.fs.exists(self.staging_root):
                 self.fs.delete(self.staging_root)
         except Exception:  # noqa: BLE001 - cleanup must not hide the error that caused it
             pass
+        finally:
+            self.lock.release()
+            try:
+                if getattr(self, "_made_root", False) and self.fs.isdir(self.root) and not self.fs.listdir(self.root):
+                    self.fs.delete(self.root)  # made by begin() for the lock, and nothing was committed
+            except Exception:  # noqa: BLE001 - cleanup must not hide the error that caused it
+                pass
+
+    def _journal_is_mine(self) -> bool:
+        try:
+            return (read_journal(self.fs, self.root) or {}).get("run_id") == self.run_id
+        except Exception:  # noqa: BLE001 - unreadable: keep the staging folder, the next run decides
+            return True
+
+
+def _entries(steps: Sequence[dict]):
+    """(top-level entries a commit made faceage's, entries it removed) for ROOT's marker."""
+    kept = {s["name"].split("/")[0] for s in steps if s["how"] != "remove"}
+    return sorted(kept), [s["name"] for s in steps if s["how"] == "remove" and "/" not in s["name"]]
+
+
+def read_journal(fs, root: str) -> Optional[dict]:
+    """The commit journal of `root` (None when absent or torn: then no step of it ever ran)."""
+    uri = join(root, JOURNAL)
+    try:
+        if not fs.exists(uri):
+            return None
+        data = json.loads(fs.read_text(uri))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    ok = isinstance(data, dict) and data.get("writer") == WRITER and isinstance(data.get("steps"), list) \
+        and str(data.get("staging", "")).startswith(STAGING_PREFIX) and "/" not in data["staging"]
+    return data if ok else None
+
+
+def _write_atomically(fs, uri: str, text: str) -> None:
+    """Local: a temporary file renamed over (os.replace). Object stores: one PUT (whole or absent)."""
+    path = _local_root(uri)
+    if path is not None:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.write_text(uri, text)
 
 
 def looks_like_manifest(fs, uri: str, keys: Sequence[str]) -> bool:

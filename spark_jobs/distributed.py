@@ -48,7 +48,7 @@ def train_on_spark(num_processes: int, local_mode: str, train_argv: List[str]) -
     train_argv = absolute_paths(parser, train_argv)  # ranks run in executors' work folders, not this one
     args = parser.parse_args(train_argv)  # flags checked here, once, before any rank starts
     train.apply_params_file(args, parser, train_argv)
-    train.check_output(args)
+    train.check_output(args, main_rank=False)  # checked here; rank 0 takes the folder's lock
     local = local_mode == "true" or (local_mode == "auto" and configured_master().startswith("local"))
     spark = get_spark("faceage-train", None if local else ship_code_to_subprocesses())
     if local:  # the ranks are processes on this machine, started from this checkout

@@ -30,7 +30,7 @@ from schemas import layout  # noqa: E402
 from schemas.cli import (Parser, UserError, log, dumps, entry_points, new_run_id, non_negative_int,  # noqa: E402
                          path_arg, redact)
 from schemas import uri as uri_io  # noqa: E402
-from schemas.outputs import Outputs  # noqa: E402
+from schemas.outputs import Outputs, check_overlap, remove  # noqa: E402
 from schemas.tables import SPLITS  # noqa: E402
 from spark_jobs.storage import to_uri  # noqa: E402
 
@@ -297,14 +297,24 @@ def uncertainty_calibration(errors) -> dict:
 
 
 def run(args) -> dict:
+    started = time.time()
+    # every input against the output, both ways, links resolved: before anything is written
+    check_overlap([("--predictions", args.predictions), ("--labels", args.labels)], args.output)
+    outputs = Outputs.at(args.output, "evaluate", new_run_id())
+    outputs.begin()  # the output's lock; a killed run's leftovers finished or removed
+    try:
+        return _run(args, outputs, started)
+    finally:
+        outputs.finish()
+
+
+def _run(args, outputs, started: float) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import functions as sf
 
     from spark_jobs.score import read_predictions
     from spark_jobs.session import get_spark
 
-    started = time.time()
-    outputs = Outputs.at(args.output, "evaluate", new_run_id())
     outputs.check(REPORT_FILES)  # before any work: never replace files faceage did not write
     spark = get_spark("faceage-evaluate")
     try:
@@ -369,14 +379,13 @@ def run(args) -> dict:
         if staging != outputs.staging_root:
             for name in written:
                 uri_io.put(os.path.join(staging, name), outputs.staging(name))
-        outputs.commit(written)
+        # ONE commit: this report's files, and a plot of an earlier report this one has not (e.g. no
+        # uncertainty now) removed, so the folder never mixes two reports
+        stale = [remove(n) for n in REPORT_FILES if n not in written and outputs.exists(n) and outputs.owned(n)]
+        outputs.commit(list(written) + stale)
         folder = staging if staging != outputs.staging_root else outputs.root
         track(args, metrics, [os.path.join(folder, n) for n in written])
-        for name in set(REPORT_FILES) - set(written):  # a plot this report has not (e.g. no uncertainty now)
-            if outputs.exists(name) and outputs.owned(name):
-                outputs.fs.delete(layout.join(outputs.root, name))
     finally:
-        outputs.finish()
         if staging != outputs.staging_root:
             shutil.rmtree(staging, ignore_errors=True)
     return metrics

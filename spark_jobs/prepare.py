@@ -108,7 +108,7 @@ def validate(args) -> dict:
     given_inputs = list(args.input)
     if all(layout.local_path(to_uri(u)) is not None for u in given_inputs + [args.output]):
         given_inputs = dedupe_inputs(given_inputs, canonical_local)
-        check_overlap(given_inputs, args.output, canonical_local)
+        check_overlap(given_inputs + [("--labels", manifest)], args.output)
     return {"inputs": [to_uri(i) for i in given_inputs], "output": to_uri(args.output), "crop": crop,
             "fractions": fractions, "labels": labels, "manifest": manifest, "dataset": args.dataset or labels}
 
@@ -171,18 +171,19 @@ def run(args, resolved: dict) -> dict:
     fs = storage.HadoopFS(spark)
     outputs = Outputs(fs, output, "prepare", run_id,
                       legacy=lambda name: looks_like_manifest(fs, layout.join(output, layout.LATEST_MANIFEST),
-                                                              ("run_id", "counts", "output", "format")))
-    if args.mode == "error" and (outputs.exists(layout.FACES_DIR) or outputs.exists(layout.REJECTS_DIR)):
-        raise UserError(f"--output {output} already holds tables (--mode error); use --mode overwrite or append, "
-                        f"or another --output")
-    outputs.check(OWN_ENTRIES)  # before any work: never replace what faceage did not write
-    faces_write = storage.TableWrite(spark, outputs, layout.FACES_DIR, fmt, args.mode, partition_by="split")
-    rejects_write = storage.TableWrite(spark, outputs, layout.REJECTS_DIR, fmt, args.mode)
+                                                              ("run_id", "counts", "output", "format")),
+                      appliers=storage.delta_applier(spark))
+    outputs.begin()  # the output's lock; a killed run's leftovers finished or removed
     try:
-        manifest = _prepare(spark, args, resolved, inputs, outputs, (faces_write, rejects_write), started, timings)
+        if args.mode == "error" and (outputs.exists(layout.FACES_DIR) or outputs.exists(layout.REJECTS_DIR)):
+            raise UserError(f"--output {output} already holds tables (--mode error); use --mode overwrite or "
+                            f"append, or another --output")
+        outputs.check(OWN_ENTRIES)  # before any work: never replace what faceage did not write
+        faces_write = storage.TableWrite(spark, outputs, layout.FACES_DIR, fmt, args.mode, partition_by="split")
+        rejects_write = storage.TableWrite(spark, outputs, layout.REJECTS_DIR, fmt, args.mode)
+        return _prepare(spark, args, resolved, inputs, outputs, (faces_write, rejects_write), started, timings)
     finally:
-        outputs.finish()  # the staging folder only; on failure the previous tables are untouched
-    return manifest
+        outputs.finish()  # the staging folder (on failure the previous tables are untouched) and the lock
 
 
 def run_manifest(args, resolved: dict, inputs: List[str], n_inputs: int, summary: dict, timings: dict,
@@ -270,25 +271,22 @@ def _prepare(spark, args, resolved: dict, inputs: List[str], outputs, writes, st
     rejects_write.stage(prepare_steps.rejects_rows(results))
     for write, expected in ((faces_write, summary["faces"]), (rejects_write, summary["rejects"])):
         staged = write.staged_rows()
-        if staged is not None and staged != expected:
+        if staged != expected:
             raise RuntimeError(f"staged {write.name} table holds {staged} rows, expected {expected}; nothing was "
                                f"committed (the previous table is unchanged); please report this")
     timings["write_staged"] = round(time.time() - t, 3)
-    t = time.time()
-    faces_write.commit()
-    rejects_write.commit()
-    timings["commit"] = round(time.time() - t, 3)
-
     versions = {}
-    if fmt == "delta":
-        versions = {"faces": storage.delta_version(spark, faces_uri),
-                    "rejects": storage.delta_version(spark, rejects_uri)}
+    if fmt == "delta":  # what the commit below makes current (the lock keeps other writers out meanwhile)
+        versions = {"faces": faces_write.version_after_commit(), "rejects": rejects_write.version_after_commit()}
     timings["total"] = round(time.time() - started, 3)
     manifest = run_manifest(args, resolved, inputs, n_inputs, summary, timings, versions, run_id, started, spark)
     text = redact(dumps(manifest))  # a credential inside a URI never reaches the manifest
-    storage.write_text(spark, layout.join(output, layout.RUNS_DIR, f"{run_id}.json"), text)
-    storage.write_text(spark, layout.join(output, layout.LATEST_MANIFEST), text)
-    outputs.record(OWN_ENTRIES + (layout.RUNS_DIR,))
+    run_file = f"{layout.RUNS_DIR}/{run_id}.json"
+    outputs.stage_text(run_file, text)
+    outputs.stage_text(layout.LATEST_MANIFEST, text)
+    # ONE commit: both tables, this run's record and the manifest readers take the crop settings from
+    outputs.commit([faces_write.step(), rejects_write.step(), run_file, layout.LATEST_MANIFEST],
+                   folder_markers=faces_write.folder_markers() + rejects_write.folder_markers())
     results.unpersist()
     processed.unpersist()
     return manifest

@@ -33,7 +33,7 @@ from schemas import uri as uri_io  # noqa: E402
 from schemas.cli import (Parser, UserError, log, dumps, entry_points, new_run_id, non_negative_int, path_arg,  # noqa: E402
                          positive_int, redact, redact_all)
 from schemas.crop import DETECTORS  # noqa: E402
-from schemas.outputs import canonical_local, check_overlap, looks_like_manifest  # noqa: E402
+from schemas.outputs import check_overlap, looks_like_manifest  # noqa: E402
 from schemas.tables import SPLITS  # noqa: E402
 from spark_jobs.storage import MAX_FILE_BYTES, to_uri  # noqa: E402
 
@@ -113,8 +113,8 @@ def validate(args) -> dict:
     if kind == "table" and args.detector not in ("auto",):
         raise UserError("--detector/--aligned apply to photos; a faces table's crops are scored as they are")
     output = to_uri(args.output)
-    if kind == "photos" and all(layout.local_path(u) is not None for u in inputs + [output]):
-        check_overlap(args.input, args.output, canonical_local)
+    # every input (photo folders or the table, the model) against the output, both ways, links resolved
+    check_overlap([("--input", u) for u in args.input] + [("--model", model_path)], args.output)
     return {"model": model_path, "bundle": bundle, "inputs": inputs, "kind": kind, "table": table,
             "output": output}
 
@@ -132,15 +132,16 @@ def run(args, resolved: dict) -> dict:
     outputs = Outputs(fs, output, "score", new_run_id(),
                       legacy=lambda name: looks_like_manifest(fs, layout.join(output, SCORE_MANIFEST),
                                                               ("run_id", "model_id", "counts")))
-    if args.mode == "error" and outputs.exists(PREDICTIONS_DIR):
-        raise UserError(f"--output {output} already holds {PREDICTIONS_DIR}/ (use --mode overwrite to replace "
-                        f"predictions faceage wrote, or another --output)")
-    outputs.check([PREDICTIONS_DIR, SCORE_MANIFEST])  # before any work
+    outputs.begin()  # the output's lock; a killed run's leftovers finished or removed
     resolved["ship_dir"] = tempfile.mkdtemp(prefix="faceage-score-")
     try:
+        if args.mode == "error" and outputs.exists(PREDICTIONS_DIR):
+            raise UserError(f"--output {output} already holds {PREDICTIONS_DIR}/ (use --mode overwrite to replace "
+                            f"predictions faceage wrote, or another --output)")
+        outputs.check([PREDICTIONS_DIR, SCORE_MANIFEST])  # before any work
         return _score(spark, args, resolved, outputs, started)
     finally:
-        outputs.finish()  # this run's staging folder only
+        outputs.finish()  # this run's staging folder and the lock
         shutil.rmtree(resolved["ship_dir"], ignore_errors=True)  # the copy shipped with addFile
 
 
@@ -205,7 +206,6 @@ def _score(spark, args, resolved: dict, outputs, started: float) -> dict:
     if n_inputs is not None and photos != n_inputs:
         raise RuntimeError(f"accounting error: {n_inputs} files listed but {photos} photos in the output; nothing "
                            f"was committed; please report this")
-    write.commit()
     out_uri = layout.join(resolved["output"], PREDICTIONS_DIR)
     pred = bundle_io.Predictor.crop_for(bundle, args.detector) if kind == "photos" else None
     manifest = {
@@ -225,8 +225,8 @@ def _score(spark, args, resolved: dict, outputs, started: float) -> dict:
         "seconds": round(time.time() - started, 3),
         "spark": {"master": spark.sparkContext.master, "app_id": spark.sparkContext.applicationId},
     }
-    storage.write_text(spark, layout.join(resolved["output"], SCORE_MANIFEST), redact(dumps(manifest)))
-    outputs.record([PREDICTIONS_DIR, SCORE_MANIFEST])
+    outputs.stage_text(SCORE_MANIFEST, redact(dumps(manifest)))
+    outputs.commit([write.step(), SCORE_MANIFEST], folder_markers=write.folder_markers())  # one commit
     return manifest
 
 
@@ -263,6 +263,7 @@ def read_predictions(spark, uri: str, fmt: Optional[str] = None):
     fs = storage.HadoopFS(spark)  # local, s3a://, hdfs:// alike
     if uri.rstrip("/").split("/")[-1] != PREDICTIONS_DIR and fs.isdir(layout.join(uri, PREDICTIONS_DIR)):
         uri = layout.join(uri, PREDICTIONS_DIR)
+    layout.check_no_pending_commit(layout.parent(uri), fs.exists)  # never half of one score run
     if fmt is None:
         if fs.exists(layout.join(uri, "_delta_log")):
             fmt = "delta"

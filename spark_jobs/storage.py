@@ -1,6 +1,7 @@
 """Table and file I/O through Spark and Hadoop's FileSystem (local, s3a://, hdfs:// alike)."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -117,7 +118,9 @@ def table_exists(spark, uri: str, fmt: str) -> bool:
 
 
 def read_table(spark, uri: str, fmt: str, version: Optional[int] = None):
-    """A finished table as a DataFrame (Delta: latest version or `version`; Parquet: only with _SUCCESS)."""
+    """A finished table as a DataFrame (Delta: latest version or `version`; Parquet: only with _SUCCESS);
+    never while a commit into the table's folder is unfinished (layout.check_no_pending_commit)."""
+    layout.check_no_pending_commit(layout.parent(uri), lambda u: exists(spark, u))
     if fmt == "delta":
         reader = spark.read.format("delta")
         return (reader.option("versionAsOf", version) if version is not None else reader).load(uri)
@@ -160,10 +163,12 @@ def table_format(spark, uri: str) -> Optional[str]:
 class TableWrite:
     """One table of a run, written so that readers see it only after every check passed.
 
-    stage(df) writes into the run's staging folder (nothing a reader looks at); commit() then makes it
-    the table: a rename for a new or replaced table, a file move for a Parquet append, or ONE Delta
-    commit in place when the target already is a Delta table (overwrite = a new version; the previous
-    versions stay readable). Only a target that faceage wrote is ever replaced (schemas.outputs)."""
+    stage(df) writes into the run's staging folder (nothing a reader looks at); `step()` is its part of the
+    run's one commit (schemas.outputs): a rename for a new or replaced table, a merge of the staged part
+    files for a Parquet append, or ONE Delta write in place when the target already is a Delta table
+    (overwrite = a new version; the previous versions stay readable), made from the staged rows and
+    idempotent by its transaction id (txnAppId = the run id), so a commit rolled forward after a kill never
+    writes it twice. Only a target that faceage wrote is ever replaced (schemas.outputs)."""
 
     def __init__(self, spark, outputs, name: str, fmt: str, mode: str, partition_by: Optional[str] = None,
                  in_place_delta: bool = True):
@@ -177,42 +182,70 @@ class TableWrite:
             raise UserError(f"--mode append: {self.target} is a {existing} table, not {fmt}; append in its own "
                             f"format (--format {existing}) or overwrite it")
         if fmt == "delta" and existing == "delta" and in_place_delta:
-            self.how = "in_place"
+            self.how = "delta"
         elif mode == "append" and existing is not None:
-            self.how = "append_files"
+            self.how = "merge"
         else:
-            self.how = "rename"
-        self.df = None
+            self.how = "replace"
+        self.columns: Optional[list] = None
+        self.schema_json: Optional[str] = None
+
+    @property
+    def staged_format(self) -> str:
+        return "parquet" if self.how == "delta" else self.fmt  # a Delta write in place is made from Parquet
 
     def stage(self, df) -> None:
-        self.df = df
-        if self.how != "in_place":
-            write_table(df, self.outputs.staging(self.name), self.fmt, "overwrite", self.partition_by)
+        self.columns, self.schema_json = list(df.columns), df.schema.json()
+        write_table(df, self.outputs.staging(self.name), self.staged_format, "overwrite", self.partition_by)
 
-    def staged_rows(self) -> Optional[int]:
-        """Rows in the staged table (None when it is written at commit: a Delta commit in place)."""
-        if self.how == "in_place":
-            return None
-        reader = self.spark.read.format("delta") if self.fmt == "delta" else (
-            self.spark.read.option("header", "true").format("csv") if self.fmt == "csv" else self.spark.read.format("parquet"))
+    def staged_rows(self) -> int:
+        """Rows in the staged table."""
+        fmt = self.staged_format
+        reader = self.spark.read.format("delta") if fmt == "delta" else (
+            self.spark.read.option("header", "true").format("csv") if fmt == "csv" else self.spark.read.format("parquet"))
+        if fmt != "delta":  # no rows, partitioned: Spark writes no file to infer a schema from
+            reader = reader.schema(_schema(self.schema_json))
         return reader.load(self.outputs.staging(self.name)).count()
 
-    def commit(self) -> None:
-        fs, outputs = self.outputs.fs, self.outputs
-        if self.how == "in_place":
-            write_table(self.df, self.target, self.fmt, self.mode, self.partition_by)
-            outputs.mark_folder(self.name)
-            outputs.record([self.name])
-        elif self.how == "rename":
-            outputs.commit([self.name], folder_markers=[self.name])
-        else:  # append_files: move the staged part files into the table, then mark it finished again
-            staged = outputs.staging(self.name)
-            success = layout.join(self.target, "_SUCCESS")
-            fs.delete(success)  # mid-move the table is visibly unfinished, never silently partial
-            for rel in fs.walk_files(staged):
-                if any(part[:1] in ("_", ".") for part in rel.split("/")):
-                    continue
-                fs.rename(layout.join(staged, rel), layout.join(self.target, rel))
-            fs.write_text(success, "")
-            outputs.mark_folder(self.name)
-            outputs.record([self.name])
+    def version_after_commit(self) -> Optional[int]:
+        """The Delta version readers will see once the run committed (None for Parquet)."""
+        if self.fmt != "delta":
+            return None
+        return delta_version(self.spark, self.target) + 1 if self.how == "delta" else 0
+
+    def step(self) -> dict:
+        from schemas import outputs as out
+
+        if self.how == "delta":
+            return {"how": "delta", "name": self.name, "mode": self.mode, "partition_by": self.partition_by,
+                    "columns": self.columns, "schema": self.schema_json, "txn": self.outputs.run_id, "kind": self.outputs.kind}
+        return out.merge(self.name) if self.how == "merge" else out.replace(self.name)
+
+    def folder_markers(self) -> list:
+        return [self.name] if self.how == "replace" else []
+
+
+def _schema(text: str):
+    from pyspark.sql.types import StructType
+
+    return StructType.fromJson(json.loads(text))
+
+
+def delta_applier(spark):
+    """The commit step `delta` (TableWrite.step) for schemas.outputs: the staged Parquet rows written to the
+    Delta table in one transaction, skipped when that transaction (txnAppId, txnVersion) already committed."""
+    from schemas.outputs import MARKER, marker_text
+
+    def apply(step: dict, staged: str, target: str) -> None:
+        if exists(spark, staged):
+            df = spark.read.schema(_schema(step["schema"])).option("basePath", to_uri(staged)).parquet(to_uri(staged))
+            if step.get("columns"):
+                df = df.select(*step["columns"])
+            writer = df.write.format("delta").mode(step["mode"]).option("txnAppId", step["txn"]) \
+                .option("txnVersion", 0).option("parquet.block.size", ROW_GROUP_BYTES)
+            if step.get("partition_by"):
+                writer = writer.partitionBy(step["partition_by"])
+            writer.save(target)
+        write_text(spark, to_uri(layout.join(target, MARKER)), marker_text(step.get("kind", "prepare"), step["txn"]))
+
+    return {"delta": apply}

@@ -96,8 +96,11 @@ def test_killed_delta_prepare_keeps_the_previous_version(many_photos, tmp_path):
 
     before = data_files()
     proc = start_prepare(many_photos, out, "delta")  # overwrite with 200 photos
-    kill_when(proc, lambda: data_files() > before)  # new data files exist, the commit does not
+    kill_when(proc, lambda: data_files() > before)  # the Delta write of the commit has begun, not ended
     table = DeltaTable(str(faces))
     assert table.version() == 0
-    assert live_rows(faces) == v0_rows  # the half-written files are there, but not live
+    assert sum(pq.ParquetFile(u).metadata.num_rows for u in table.file_uris()) == v0_rows  # half-written: not live
     assert data_files() > len(table.file_uris())
+    # the run's commit had begun (its journal is there): the project's readers wait for a writer to finish it
+    with pytest.raises(layout.IncompleteTableError, match="killed while it committed"):
+        layout.table_files(str(faces))

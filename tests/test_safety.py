@@ -510,3 +510,40 @@ def test_score_refuses_an_output_inside_its_photo_folder(bundles, tmp_path, caps
     assert score.main(["--model", str(detecting), "--input", str(photos), "--output", str(link)]) == 2
     assert "is inside --input" in one_error_line(capsys.readouterr().err, "score")
     assert not (photos / "scored").exists() and len(list(photos.iterdir())) == 2  # nothing written into the input
+
+
+def test_every_stage_refuses_an_output_that_overlaps_an_input_both_ways(tables, bundles, tmp_path, capsys):
+    """One overlap rule for every stage and every input (tables, label files, the model), links resolved:
+    nothing is written into the input, and each refusal is one line."""
+    root, _, _ = tables
+    plain, _ = bundles
+    data = root / "pq"
+    before = sorted(p.name for p in (data / "faces").iterdir())
+    link = tmp_path / "data-link"
+    link.symlink_to(data)
+    scored = tmp_path / "scored"
+    cases = [
+        (evaluate.main, "evaluate", ["--predictions", str(scored), "--labels", str(data), "--output",
+                                     str(data / "faces")], "is inside --labels"),
+        (evaluate.main, "evaluate", ["--predictions", str(scored), "--labels", str(data / "faces"), "--output",
+                                     str(link)], "is inside --output"),
+        (evaluate.main, "evaluate", ["--predictions", str(data), "--labels", str(tmp_path / "l.csv"), "--output",
+                                     str(link / "report")], "is inside --predictions"),
+        (train.main, "train", ["--data", str(data), "--output", str(link / "faces" / "run"), "--epochs", "1"],
+         "is inside --data"),
+        (train.main, "train", ["--data", str(data), "--output", str(tmp_path / "run"), "--bundle",
+                               str(data / "model.pt"), "--epochs", "1"], "--bundle"),
+        (tune.main, "tune", ["--data", str(data), "--output", str(data / "study"), "--n-trials", "1"],
+         "is inside --data"),
+        (score.main, "score", ["--model", str(plain), "--input", str(data / "faces"), "--output",
+                               str(data / "faces" / "scored")], "is inside --input"),
+        (score.main, "score", ["--model", str(plain), "--input", str(data / "faces"), "--output", str(link)],
+         "is inside --output"),
+        (score.main, "score", ["--model", str(plain), "--input", str(data / "faces"), "--output",
+                               str(plain.parent)], "--model"),
+    ]
+    for main, stage, argv, words in cases:
+        assert main(argv) == 2, argv
+        assert words in one_error_line(capsys.readouterr().err, stage), argv
+    assert sorted(p.name for p in (data / "faces").iterdir()) == before  # no lock, no report, no run inside
+    assert not (data / "study").exists() and not (data / "model.pt").exists()

@@ -128,6 +128,12 @@ def load_bundle(path: str) -> Tuple[nn.Module, dict]:
 
     if not uri.isfile(path):
         raise FileNotFoundError(f"model bundle {path}: no such file")
+    from schemas import layout
+
+    try:  # a run folder whose commit (bundle + summary) a kill interrupted: refused until a rerun finished it
+        layout.check_no_pending_commit(layout.parent(path))
+    except layout.IncompleteTableError as e:
+        raise BundleError(f"model bundle {path}: {e}") from None
     try:
         bundle = torch.load(io.BytesIO(_read(path)), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001

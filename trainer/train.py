@@ -26,7 +26,7 @@ import torch
 from schemas import layout, uri
 from schemas.cli import (Parser, UserError, log, apply_params, dumps, entry_points, non_negative_int, number, path_arg,
                          positive_int, redact)
-from schemas.outputs import Outputs
+from schemas.outputs import Outputs, check_overlap
 from trainer import augment as A
 from trainer import bundle as B
 from trainer import data as D
@@ -135,14 +135,23 @@ def apply_params_file(args, parser, argv) -> None:
         raise TrainError(str(e)) from None
 
 
-def check_output(args) -> Outputs:
+def check_output(args, main_rank: bool = True) -> Outputs:
     """The run folder (local or a URI) may hold only what a faceage run wrote (refused otherwise, before
-    any work); so may --bundle."""
+    any work); so may --bundle. Rank 0 takes the folder's lock (one writer; finish() releases it)."""
+    check_overlap([("--data", args.data), ("--params", args.params)], args.output)
+    if args.bundle:
+        check_overlap([("--data", args.data)], args.bundle, output_flag="--bundle")
     outputs = Outputs.at(args.output, "train")
-    outputs.check(RUN_FILES)
-    if args.bundle and uri.exists(args.bundle) and not B.is_bundle(args.bundle):
-        raise TrainError(f"--bundle {args.bundle}: the file there is not a faceage model bundle; refusing to "
-                         f"overwrite it (choose another path or move it away)")
+    if main_rank:
+        outputs.begin()
+    try:
+        outputs.check(RUN_FILES)
+        if args.bundle and uri.exists(args.bundle) and not B.is_bundle(args.bundle):
+            raise TrainError(f"--bundle {args.bundle}: the file there is not a faceage model bundle; refusing to "
+                             f"overwrite it (choose another path or move it away)")
+    except BaseException:
+        outputs.finish()
+        raise
     return outputs
 
 
@@ -364,7 +373,14 @@ def run(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(args.threads or cpu_count(world))
     main_rank = rank == 0
-    outputs = check_output(args)
+    outputs = check_output(args, main_rank)
+    try:
+        return _run(args, on_epoch, rank, world, device, main_rank, outputs)
+    finally:
+        outputs.finish()
+
+
+def _run(args, on_epoch, rank, world, device, main_rank, outputs) -> dict:
     try:
         sources = {s: D.split_source(args.data, s, args.data_version) for s in ("train", "val", "test")}
     except (layout.IncompleteTableError, FileNotFoundError, ValueError) as e:
@@ -372,6 +388,7 @@ def run(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     # read now, not after hours of training: the bundle must say how its crops were made
     crop = layout.table_crop_settings(args.data).to_dict()
     work = uri.WorkFolder(args.output)  # the run folder itself, or a local mirror of a remote one
+    work.outputs = outputs  # where the bundle and summary are committed (finish)
     if main_rank:  # the folder is ours from now on: a killed run never blocks its rerun
         outputs.record(RUN_FILES)
     tracker = tracking.Run(args, f"train-{uri.basename(args.output)}", parent_run_id=args.mlflow_parent_run,
@@ -504,15 +521,28 @@ def finish(args, model, loaders, sources, state: Progress, image_size, crop, dev
         dist.destroy_process_group()
     if not main_rank:
         return summary
-    local = local_bundle(args, work)
+    # model.pt (when it is the run folder's) and summary.json: staged, then made current in ONE commit
+    outputs = work.outputs
+    staged = outputs.staging_root if not work.remote else os.path.join(work.path, "_faceage_staged")
+    os.makedirs(staged, exist_ok=True)
+    in_run = args.bundle is None
+    local = os.path.join(staged, "model.pt") if in_run else local_bundle(args, work)
     B.save_bundle(local, model, args.head, image_size, B.MEAN, B.STD, crop,
                   {"uri": args.data, "version": sources["train"].version, "rows": summary["rows"]},
                   {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress")},
                   {k: summary[k] for k in ("best_val_mae", "val_mae", "test_mae", "test_rmse", "test_cs5")})
-    if uri.is_remote(bundle_path) or local != uri.local_path(bundle_path):
+    if not in_run and (uri.is_remote(bundle_path) or local != uri.local_path(bundle_path)):
         uri.put(local, bundle_path)
-    with open(work.local("summary.json"), "w") as f:
+    with open(os.path.join(staged, "summary.json"), "w") as f:
         f.write(redact(dumps(summary)))
+    names = ["model.pt", "summary.json"] if in_run else ["summary.json"]
+    if work.remote:
+        for name in names:
+            uri.put(os.path.join(staged, name), outputs.staging(name))
+    outputs.commit(names)
+    if work.remote:  # the local mirror holds them too (tracking logs them from there)
+        for name in names:
+            os.replace(os.path.join(staged, name), work.local(name))
     test_line = f"test MAE {test['test_mae']:.2f}, CS@5 {test['test_cs5']:.3f}, RMSE {test['test_rmse']:.2f}"
     log.info(f"train: {test_line}; bundle {bundle_path}")
     return summary

@@ -278,21 +278,35 @@ REPORT_FILES = ("best_params.json", "report.json", "optimization_history.png", "
                 "best_trial_curve.png")
 
 
-def claim_output(args) -> None:
+def claim_output(args):
     """The report files tune writes may replace only what faceage wrote (refused otherwise, before any trial);
     the output is marked as faceage's (a remote one proves writable here, not after the first trial)."""
-    from schemas.outputs import Outputs
+    from schemas.outputs import Outputs, check_overlap
 
+    check_overlap([("--data", args.data)], args.output)
     outputs = Outputs.at(args.output, "tune", manifest=("report.json", ("study", "best", "trials")))
-    outputs.check(REPORT_FILES)
-    outputs.record(REPORT_FILES)
+    outputs.begin()  # one study writer per --output (run() releases it)
+    try:
+        outputs.check(REPORT_FILES)
+        outputs.record(REPORT_FILES)
+    except BaseException:
+        outputs.finish()
+        raise
+    return outputs
 
 
 def run(args, launch: Optional[Callable] = None) -> dict:
     """Run the study's trials (here, in --workers processes, or through `launch(args)`: e.g. Spark tasks,
     spark_jobs/distributed.py) and write the report."""
     check_data(args)
-    claim_output(args)
+    outputs = claim_output(args)
+    try:
+        return _study(args, launch)
+    finally:
+        outputs.finish()
+
+
+def _study(args, launch: Optional[Callable]) -> dict:
     work = uri.WorkFolder(args.output)  # --output itself, or a local mirror of a remote one
     args.work_dir = work.path
     tracker = tracking.Run(args, f"tune-{args.study}", tags={"optuna.study": args.study})
