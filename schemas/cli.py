@@ -89,6 +89,18 @@ def redact_all(values: Iterable) -> List[str]:
     return [redact(v) for v in values]
 
 
+def redacted(value):
+    """`value` (settings: dicts, lists, strings, numbers) with every string redacted, recursively: the one step
+    every recorded setting passes before it is stored (bundle, checkpoint, manifest, tracking)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redacted(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redacted(v) for v in value]
+    return value
+
+
 # ----------------------------------------------------------------------------- strict JSON
 
 def plain(value):
@@ -280,11 +292,70 @@ def run_main(stage: str, body: Callable[[], int], extra_user_errors: tuple = ())
     except Exception as e:  # noqa: BLE001 - a storage error from Spark's JVM (no bucket, no access) is the user's
         from schemas.uri import describe_jvm_error
 
+        full = disk_full(e)
+        if full is not None:  # the machine's, not the user's input: its own exit code
+            sys.stderr.write(f"{stage}: error: {redact(full)}\n")
+            return DISK_FULL_EXIT
         text = describe_jvm_error(e)
         if text is None:
             raise
         sys.stderr.write(f"{stage}: error: {redact(text)}\n")
         return USAGE_EXIT
+
+
+DISK_FULL_EXIT = 5
+_NO_SPACE = re.compile(r"No space left on device|Disk quota exceeded|ENOSPC|EDQUOT")
+
+
+def _chain_text(e: BaseException) -> str:
+    """The messages of `e`, its causes and contexts, and of a Py4J error's Java cause chain, in one string."""
+    texts, seen, cur = [], set(), e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        texts.append(f"{type(cur).__name__}: {cur}")
+        java = getattr(cur, "java_exception", None)
+        if java is not None:
+            try:
+                cause = java
+                while cause is not None:
+                    texts.append(str(cause.toString()))
+                    cause = cause.getCause()
+            except Exception:  # noqa: BLE001 - a dead gateway: nothing more to learn
+                pass
+        cur = cur.__cause__ or cur.__context__
+    return " | ".join(texts)
+
+
+def disk_full(e: BaseException) -> Optional[str]:
+    """One line when `e` (anywhere in its chain, the JVM's included) says a disk is full; None otherwise."""
+    import errno
+
+    cur, seen, where = e, set(), ""
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {cur.filename}" if cur.filename else ""
+            break
+        cur = cur.__cause__ or cur.__context__
+    else:
+        if not _NO_SPACE.search(_chain_text(e)):
+            return None
+    return (f"no space left on the device{where}: free some space (or write elsewhere) and rerun; what was "
+            f"committed before is intact (a commit cut short is finished by the next run)")
+
+
+def check_space(error: BaseException, path: str, least: int = 64 * 2**20) -> None:
+    """Raise ENOSPC for `error` (e.g. torch.save's `basic_ios::clear: iostream error`) when the folder of `path`
+    has less than `least` bytes free: the one line then says what happened. Returns otherwise."""
+    import errno
+    import shutil
+
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or ".").free
+    except OSError:
+        return
+    if free < least:
+        raise OSError(errno.ENOSPC, "No space left on device", path) from error
 
 
 def pause_point(name: str) -> None:

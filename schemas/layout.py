@@ -104,8 +104,10 @@ def table_files(uri: str, version: Optional[int] = None) -> List[str]:
             latest = delta_table(uri).version()
             raise ValueError(f"{uri}: Delta version {version} does not exist (versions 0..{latest}); "
                              f"give one of those, or leave the version out for the latest") from None
-        files = table.file_uris()
-        return [("file://" + f) if f.startswith("/") else f for f in files]  # s3:// for s3a:// tables
+        files = [("file://" + f) if f.startswith("/") else f for f in table.file_uris()]  # s3:// for s3a://
+        if version is not None:  # an old version's files may have been removed by VACUUM since
+            _check_not_vacuumed(uri, version, files)
+        return files
     if version is not None:
         raise ValueError(f"{uri} is a Parquet directory: --data-version applies to Delta tables only")
     path = local_path(uri)
@@ -127,6 +129,29 @@ def table_files(uri: str, version: Optional[int] = None) -> List[str]:
         files += [os.path.join(dirpath, f) for f in sorted(filenames)
                   if f.endswith(".parquet") and not f.startswith(("_", "."))]
     return ["file://" + f for f in files]
+
+
+def _missing(files: List[str]) -> int:
+    from schemas import uri as uris
+
+    return sum(1 for f in files if not uris.exists(f))
+
+
+def _check_not_vacuumed(uri: str, version: int, files: List[str]) -> None:
+    """ValueError naming the oldest version still whole when files of `version` are gone (VACUUM)."""
+    gone = _missing(files)
+    if not gone:
+        return
+    latest = delta_table(uri).version()
+    oldest = latest
+    for v in range(latest - 1, version, -1):  # newest first: the first version with a file gone ends the search
+        older = [("file://" + f) if f.startswith("/") else f for f in delta_table(uri, v).file_uris()]
+        if _missing(older):
+            break
+        oldest = v
+    raise ValueError(f"{uri}: Delta version {version}'s data files were removed by VACUUM ({gone} of {len(files)} "
+                     f"gone); the oldest version still whole is {oldest} (latest {latest}): give --data-version "
+                     f"{oldest} or later, or leave it out for the latest")
 
 
 def _incomplete_message(uri: str) -> str:

@@ -243,6 +243,7 @@ class OutputLock:
         self.uri = join(root, LOCK)
         self.local = _local_root(root)
         self.held = False
+        self.took_over: Optional[dict] = None  # the lock of a holder that was gone, when this run took it
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -313,6 +314,7 @@ class OutputLock:
                     f"{holder.get('started_at')}); wait for it to finish or choose another {self.flag}")
             log.warning(f"{self.flag} {self.root}: took over the lock of run {holder.get('run_id')} "
                         f"({holder.get('kind')}, pid {holder.get('pid')} on {holder.get('host')}): {why}")
+            self.took_over = holder
             self._delete()
         else:
             raise OutputBusyError(f"{self.flag} {self.root}: could not take its lock ({self.uri}); another run "

@@ -196,7 +196,7 @@ def describe_jvm_error(e: BaseException) -> Optional[str]:
     for pattern, reason in _JVM_STORAGE_ERRORS:
         if re.search(pattern, text):
             where = re.search(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'`]+", text)
-            return f"{where.group(0) if where else 'storage'}: {reason}"
+            return f"{where.group(0).rstrip(':.,;') if where else 'storage'}: {reason}"
     return None
 
 

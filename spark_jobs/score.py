@@ -169,6 +169,11 @@ def _score(spark, args, resolved: dict, outputs, started: float) -> dict:
         fmt = "delta" if layout.is_delta(table) else "parquet"
         if fmt == "delta":
             input_version = args.version if args.version is not None else layout.delta_table(table).version()
+            if args.version is not None:
+                try:  # a version that does not exist, or whose files VACUUM removed: one line, before any task
+                    layout.table_files(table, args.version)
+                except ValueError as e:
+                    raise UserError(f"--data-version {args.version}: {e}") from None
         elif args.version is not None:
             raise UserError(f"--data-version applies to Delta tables; {table} is Parquet")
         try:

@@ -83,3 +83,78 @@ def test_train_tune_evaluate_are_tracked_and_the_pyfunc_scores_like_score(tables
     joined = mine.join(theirs["predicted_age"], how="inner")
     assert len(joined) == len(theirs) == len(mine) > 0
     assert np.allclose(joined["age"], joined["predicted_age"], atol=1e-3)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(tables, out, uri: str, **env):
+    import subprocess
+    import sys
+
+    from conftest import REPO, venv_env
+
+    root, _, _ = tables
+    return subprocess.run([sys.executable, "-m", "trainer.train", "--data", str(root / "pq"), "--output", str(out),
+                           "--epochs", "1", "--mlflow", uri, *TINY.split()], cwd=REPO,
+                          env=venv_env(PYTHONPATH=str(REPO), **env), capture_output=True, text=True, timeout=600)
+
+
+def test_a_password_in_the_tracking_uri_reaches_no_line_and_no_file(tables, tmp_path):
+    """A tracking server on loopback (real `mlflow server`), given as http://alice:<password>@host: the run is
+    tracked, and the password is in no console line, and in no byte of any file the run or the server wrote
+    (model.pt, checkpoint.pt, summary.json, the logged bundle, the server's store). An unreachable server: one
+    line, within the stated bound, the password redacted."""
+    import os
+    import subprocess
+    import time
+    import urllib.request
+
+    secret = "pw-Xq7-in-no-file"
+    port = _free_port()
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    server = subprocess.Popen([os.path.join(os.path.dirname(__import__("sys").executable), "mlflow"), "server",
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{server_dir / 'store.db'}",
+                               "--artifacts-destination", str(server_dir / "artifacts")],
+                              cwd=server_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        run = _train(tables, tmp_path / "run", f"http://alice:{secret}@127.0.0.1:{port}")
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert secret not in run.stdout + run.stderr
+        import mlflow
+
+        client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
+        runs = client.search_runs([client.get_experiment_by_name("faceage").experiment_id])
+        assert len(runs) == 1 and runs[0].data.params["mlflow"] == f"http://alice:***@127.0.0.1:{port}"
+        written = [p for p in tmp_path.rglob("*") if p.is_file()]
+        assert any(p.name == "model.pt" for p in written) and any(p.name == "checkpoint.pt" for p in written)
+        assert len([p for p in written if p.is_relative_to(server_dir / "artifacts")]) >= 2  # the logged bundle
+        leaking = [str(p.relative_to(tmp_path)) for p in written if secret.encode() in p.read_bytes()]
+        assert leaking == []
+    finally:
+        os.killpg(server.pid, 9)
+        server.wait(timeout=30)
+
+    dead = _train(tables, tmp_path / "run2", f"http://alice:{secret}@127.0.0.1:{_free_port()}",
+                  FACEAGE_MLFLOW_TIMEOUT="3")
+    assert dead.returncode == 2
+    lines = [ln for ln in (dead.stdout + dead.stderr).splitlines() if ln.startswith("train:")]
+    assert len(lines) == 1 and lines[0].startswith("train: error: --mlflow http://alice:***@127.0.0.1:"), lines
+    assert "did not answer within 3 s" in lines[0] and "Traceback" not in dead.stderr
+    assert secret not in dead.stdout + dead.stderr

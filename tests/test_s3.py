@@ -142,3 +142,54 @@ def test_a_missing_bucket_is_one_line_for_every_stage(stage, s3_server, tables, 
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
     assert missing in errors[0] and ("bucket does not exist" in errors[0] or "no such file" in errors[0])
     assert sorted(os.listdir(tmp_path)) == ["photos"]  # nothing written locally either
+
+
+def test_the_s3_server_dying_mid_prepare_is_one_line_and_no_trace(tmp_path):
+    """An S3 server of its own (moto), killed while prepare's tasks run (a test hook holds the first task):
+    the job ends with one `prepare: error:` line naming the URI and exit 2, and no Java or Python trace
+    (before: 166 lines of Java frames above the line)."""
+    import signal
+    import socket
+    import time
+
+    import boto3
+
+    from conftest import S3_CREDENTIALS, _wait_http, encode, synthetic_face
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = venv_env(**S3_CREDENTIALS, AWS_ENDPOINT_URL=endpoint)
+    try:
+        assert _wait_http(endpoint + "/moto-api/")
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+        s3.create_bucket(Bucket="dies")
+        for i in range(20):
+            s3.put_object(Bucket="dies", Key=f"photos/{20 + i}_0_0_2026010100{i:05d}.jpg",
+                          Body=encode(synthetic_face(20 + i, seed=i, size=64)))
+        pauses = tmp_path / "pauses"
+        pauses.mkdir()
+        env.update(FACEAGE_PAUSE_AT="prepare-task", FACEAGE_PAUSE_DIR=str(pauses), FACEAGE_PAUSE_SECONDS="120")
+        job = subprocess.Popen([spark_submit(), "--master", "local[2]", str(REPO / "spark_jobs" / "prepare.py"),
+                                "--input", "s3a://dies/photos", "--output", "s3a://dies/out", "--detector", "none"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 300
+        while not list(pauses.glob("prepare-task-*")):
+            assert job.poll() is None and time.time() < deadline, "prepare never reached its tasks"
+            time.sleep(0.2)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+    (pauses / "release").write_text("")
+    out, _ = job.communicate(timeout=600)
+    assert job.returncode == 2, out[-3000:]
+    ours = [ln for ln in out.splitlines() if ln.startswith("prepare:")]
+    assert len(ours) == 1 and ours[0].startswith("prepare: error: s3a://dies/out"), out[-3000:]
+    assert "cannot reach the storage service" in ours[0]
+    assert "Traceback" not in out and "\tat " not in out and "Py4J" not in out
+    assert len(out.splitlines()) <= 10, out  # the JVM's own start-up lines at most, beside ours

@@ -374,6 +374,23 @@ def test_resume_refuses_other_settings_and_broken_checkpoints(tables, trained_ru
     assert not (tmp_path / "pwned").exists()
 
 
+def test_resuming_a_onecycle_run_for_more_epochs_is_one_line_and_keeps_the_checkpoint(tables, trained_run,
+                                                                                   tmp_path, capsys):
+    """OneCycle is planned over --epochs: going on past them used to step the scheduler past its end (a
+    39-line ValueError). Now one line says how; the checkpoint is as it was."""
+    root, _, _ = tables
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = (run / "checkpoint.pt").read_bytes()
+    assert train.main(["--data", str(root / "pq"), "--output", str(run), "--resume"] + TINY) == 2  # 1 -> 2
+    line = one_error_line(capsys.readouterr().err, "train")
+    assert "OneCycle schedule planned over --epochs 1" in line and "--epochs 2" in line
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert train.main(["--data", str(root / "pq"), "--output", str(run), "--resume", "--schedule", "cyclic_plateau"]
+                      + TINY) == 2  # the schedule must match too: said the usual way
+    assert "--schedule 'onecycle' then, 'cyclic_plateau' now" in one_error_line(capsys.readouterr().err, "train")
+
+
 @pytest.mark.parametrize("params, message", [
     ({"epochs": "1"}, "epochs must be a whole number, not \"1\""),
     ({"head": "vgg16"}, "head \"vgg16\" is not one of ['regression', 'distribution']"),
@@ -547,3 +564,56 @@ def test_every_stage_refuses_an_output_that_overlaps_an_input_both_ways(tables, 
         assert words in one_error_line(capsys.readouterr().err, stage), argv
     assert sorted(p.name for p in (data / "faces").iterdir()) == before  # no lock, no report, no run inside
     assert not (data / "study").exists() and not (data / "model.pt").exists()
+
+
+def test_a_vacuumed_delta_version_is_one_line_naming_the_oldest_whole_one(spark, tables, tmp_path, capsys):
+    """train/score --data-version N after VACUUM removed N's files: one line saying so and which version to
+    give (before: `[Errno 2] No such file or directory: .../part-00000-...parquet`)."""
+    root, _, _ = tables
+    data = tmp_path / "delta"
+    shutil.copytree(root / "delta", data)  # versions 0 and 1 (an append)
+    faces = data / "faces"
+    rows = spark.read.format("delta").load(str(faces)).localCheckpoint(eager=True)
+    rows.write.format("delta").mode("overwrite").partitionBy("split").save(str(faces))  # version 2
+    spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+    spark.sql(f"VACUUM delta.`{faces}` RETAIN 0 HOURS")
+    assert len(layout.table_files(str(faces), 2)) > 0  # the latest reads
+    with pytest.raises(ValueError, match="removed by VACUUM .* the oldest version still whole is 2"):
+        layout.table_files(str(faces), 0)
+    assert train.main(["--data", str(data), "--output", str(tmp_path / "run"), "--data-version", "0"] + TINY) == 2
+    line = one_error_line(capsys.readouterr().err, "train")
+    assert "version 0's data files were removed by VACUUM" in line and "--data-version 2" in line
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 16 MB tmpfs with about 100 KB left (root only; skipped with the reason where mounting is refused)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {(done.stderr or done.stdout).strip()[:120]}")
+    try:
+        (mnt / "filler").write_bytes(b"\1" * (shutil.disk_usage(mnt).free - 100_000))
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_with_its_own_exit_code(spark, tables, full_disk, capsys):
+    """prepare (the JVM's IOException) and train (torch.save's `basic_ios::clear: iostream error`) on a disk
+    that fills up: exit 5, one line saying so, no staging folder or lock left behind; before, a 269-line
+    Py4J trace and a 40-line traceback."""
+    root, _, _ = tables
+    out = full_disk / "out"
+    assert prepare.main(["--input", str(root / "photos"), "--output", str(out), "--detector", "none",
+                         "--size", "128"]) == cli.DISK_FULL_EXIT
+    assert "no space left on the device" in one_error_line(capsys.readouterr().err, "prepare")
+    assert not out.exists() or not [p for p in out.iterdir() if p.name.startswith("_faceage_")]
+    run = full_disk / "run"
+    assert train.main(["--data", str(root / "pq"), "--output", str(run), "--epochs", "1", "--image-size", "32",
+                       "--batch-size", "16", "--workers", "1", "--reader", "pyarrow", "--no-progress"]) \
+        == cli.DISK_FULL_EXIT
+    assert "no space left on the device" in one_error_line(capsys.readouterr().err, "train")
+    assert not (run / "model.pt").exists() and not (run / layout.LOCK).exists()

@@ -88,6 +88,27 @@ def test_postgres_two_workers_share_one_study(tables, tmp_path):
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == len(trials)
 
 
+def _kill_mid_first_trial(argv, storage: str, study: str) -> None:
+    """Start the tune of `argv` and SIGKILL it (its process group) once its first trial reported an epoch."""
+    proc = subprocess.Popen(argv, cwd=REPO, env=venv_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            try:
+                running = [t for t in _trials(storage, study) if t.intermediate_values]
+            except Exception:  # noqa: BLE001 - the database or the study may not exist yet
+                running = []
+            if running:
+                return
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.5)
+        pytest.fail("no trial reported an epoch within 240 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_killed_worker_is_failed_and_the_study_resumes(tables, tmp_path):
     root, _, _ = tables
     out = tmp_path / "tune"
@@ -95,24 +116,7 @@ def test_killed_worker_is_failed_and_the_study_resumes(tables, tmp_path):
     argv = [sys.executable, "-m", "trainer.tune", "--data", str(root / "pq"), "--study", "killed", "--output",
             str(out), "--n-trials", "3", "--epochs", "30", "--heartbeat", "1", "--grace", "3",
             "--pruner", "none", "--train-args", TINY + " --early-stop 100"]
-    proc = subprocess.Popen(argv, cwd=REPO, env=venv_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:  # kill it in the middle of its first trial
-            if (out / "optuna.db").exists():
-                try:
-                    running = [t for t in _trials(storage, "killed") if t.intermediate_values]
-                except Exception:  # noqa: BLE001 - the study may not exist yet
-                    running = []
-                if running:
-                    break
-            assert proc.poll() is None, proc.stderr.read().decode()
-            time.sleep(0.5)
-        else:
-            pytest.fail("no trial reported an epoch within 240 s")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    _kill_mid_first_trial(argv, storage, "killed")
     killed = _trials(storage, "killed")
     assert [t.state.name for t in killed] == ["RUNNING"]
     time.sleep(4)  # past the grace period: its heartbeat has stopped
@@ -125,3 +129,26 @@ def test_killed_worker_is_failed_and_the_study_resumes(tables, tmp_path):
     retried = [t for t in after if "failed_trial" in t.system_attrs]
     assert retried and retried[0].system_attrs["failed_trial"] == after[0].number
     assert retried[0].params == after[0].params  # the failed trial's params are tried again
+
+
+def test_a_tune_killed_mid_trial_is_rerun_at_once_without_waiting_for_heartbeats(tables, tmp_path):
+    """A killed tune's running trial is never left RUNNING: the rerun takes over the dead tune's lock on
+    --output and, the study being in that output's own database, fails the orphaned trial there and then
+    (default heartbeat 30 s, grace 60 s: no wait) and retries its parameters once."""
+    root, _, _ = tables
+    out = tmp_path / "tune"
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    argv = [sys.executable, "-m", "trainer.tune", "--data", str(root / "pq"), "--study", "orphan", "--output",
+            str(out), "--n-trials", "2", "--epochs", "30", "--pruner", "none",
+            "--train-args", TINY + " --early-stop 100"]
+    _kill_mid_first_trial(argv, storage, "orphan")
+    assert [t.state.name for t in _trials(storage, "orphan")] == ["RUNNING"]
+    rerun = argv[:argv.index("--epochs") + 1] + ["1"] + argv[argv.index("--epochs") + 2:]
+    done = subprocess.run(rerun, cwd=REPO, env=venv_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trial 0 of study orphan was running in run" in done.stdout + done.stderr
+    after = _trials(storage, "orphan")
+    assert after[0].state.name == "FAIL"
+    assert len([t for t in after if t.state.name in ("COMPLETE", "PRUNED")]) == 2
+    retried = [t for t in after if t.system_attrs.get("failed_trial") == 0]
+    assert retried and retried[0].params == after[0].params

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from schemas.cli import UserError
+from schemas.cli import UserError, check_space, redacted
 from schemas.crop import CropSettings, scoring_settings
 from trainer.model import HEADS, build_model, predict_ages
 
@@ -95,13 +95,19 @@ def save_bundle(path: str, model: nn.Module, head: str, input_size: int, mean, s
         "crop": _plain(crop),
         # how the training crops are framed: scoring photos detects and aligns to this (schemas/crop.py)
         "framing": _plain(CropSettings.from_dict(crop, "bundle crop settings").framing()) if crop else None,
-        "data": _plain(data),
-        "params": _plain(params),
+        "data": redacted(_plain(data)),  # a credential in a URI or setting never reaches the file
+        "params": redacted(_plain(params)),
         "metrics": _plain(metrics),
         "torch_version": str(torch.__version__),
     }
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(bundle, tmp)
+    try:
+        torch.save(bundle, tmp)
+    except (RuntimeError, OSError) as e:  # a full disk reads `basic_ios::clear: iostream error` in torch
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        check_space(e, path)
+        raise
     os.replace(tmp, path)
 
 

@@ -47,6 +47,44 @@ def enabled(args) -> bool:
     return tracking_uri(getattr(args, "mlflow", None)) is not None
 
 
+CONNECT_SECONDS = 10.0  # FACEAGE_MLFLOW_TIMEOUT: how long a tracking server has to answer at the start
+
+
+def without_credentials(uri: str) -> str:
+    """An http(s) tracking URI with its user:password moved into MLFLOW_TRACKING_USERNAME/PASSWORD (which
+    MLflow sends as basic auth): MLflow prints and stores its tracking URI ("View run ... at: URI"), so a
+    credential must never be part of it. Other URIs (sqlite:, a database's) are returned as they are."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def check_reachable(uri: str, shown: str) -> None:
+    """A tracking server that does not answer fails now, in one line, within FACEAGE_MLFLOW_TIMEOUT seconds
+    (default 10), not after MLflow's own retries (minutes) with a traceback. Any HTTP answer counts."""
+    import urllib.error
+    import urllib.request
+
+    from schemas.cli import UserError, redact
+
+    seconds = float(os.environ.get("FACEAGE_MLFLOW_TIMEOUT", CONNECT_SECONDS))
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=seconds).close()
+    except urllib.error.HTTPError:
+        pass  # it answered (an auth proxy, a server without /health): reachable
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"--mlflow {redact(shown)}: the tracking server did not answer within {seconds:g} s "
+                        f"({redact(reason)}); start it, fix the URI, or leave tracking off (no --mlflow, "
+                        f"{ENV_URI} unset)") from None
+
+
 def _mlflow(args):
     from schemas.cli import UserError
 
@@ -55,8 +93,41 @@ def _mlflow(args):
     except ImportError:
         raise UserError("--mlflow / MLFLOW_TRACKING_URI: mlflow is not installed (pip install 'faceage[mlflow]', "
                         "or make install)") from None
-    mlflow.set_tracking_uri(tracking_uri(getattr(args, "mlflow", None)))
+    given = tracking_uri(getattr(args, "mlflow", None))
+    uri = without_credentials(given)
+    if uri.startswith(("http://", "https://")):
+        # every later call bounded too: a server that goes away mid-run fails in about a minute, not four
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        check_reachable(uri, given)
+    mlflow.set_tracking_uri(uri)
     return mlflow
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _kept_going(method):
+    """A tracking call that fails mid-run (the server went away, a full artifact store) costs the tracking,
+    not the run: one warning line (redacted), then tracking is off for the rest of the run."""
+    import functools
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if not self.on:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - MLflow's, the store's or the network's error types
+            from schemas.cli import log, redact
+
+            self.on = False
+            log.warning(f"tracking: {method.__name__} failed ({type(e).__name__}: {redact(_first_line(e))}); the "
+                        f"run goes on without MLflow tracking")
+            return None
+    return call
 
 
 class Run:
@@ -71,14 +142,21 @@ class Run:
         self.mlflow = _mlflow(args)
         self.client = self.mlflow.MlflowClient()
         if run_id is None:
-            experiment = self.mlflow.set_experiment(getattr(args, "mlflow_experiment", DEFAULT_EXPERIMENT))
-            all_tags = {"faceage.stage": run_name.split("-")[0], **(tags or {})}
-            if parent_run_id:
-                all_tags["mlflow.parentRunId"] = parent_run_id
-            run = self.client.create_run(experiment.experiment_id, run_name=run_name, tags=all_tags)
+            from schemas.cli import UserError, redact
+
+            try:
+                experiment = self.mlflow.set_experiment(getattr(args, "mlflow_experiment", DEFAULT_EXPERIMENT))
+                all_tags = {"faceage.stage": run_name.split("-")[0], **(tags or {})}
+                if parent_run_id:
+                    all_tags["mlflow.parentRunId"] = parent_run_id
+                run = self.client.create_run(experiment.experiment_id, run_name=run_name, tags=all_tags)
+            except Exception as e:  # noqa: BLE001 - MLflow's, the store's or the network's error types
+                raise UserError(f"--mlflow {redact(tracking_uri(getattr(args, 'mlflow', None)))}: cannot start a "
+                                f"run ({type(e).__name__}: {redact(_first_line(e))})") from None
             run_id = run.info.run_id
         self.run_id = run_id
 
+    @_kept_going
     def log_params(self, params: dict) -> None:
         if self.on:
             from mlflow.entities import Param
@@ -89,6 +167,7 @@ class Run:
             for start in range(0, len(plain), 100):  # MLflow takes at most 100 params a batch
                 self.client.log_batch(self.run_id, params=plain[start:start + 100])
 
+    @_kept_going
     def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
         if self.on:
             import math
@@ -102,19 +181,23 @@ class Run:
             if rows:
                 self.client.log_batch(self.run_id, metrics=rows)
 
+    @_kept_going
     def set_tags(self, tags: dict) -> None:
         if self.on:
             for key, value in tags.items():
                 self.client.set_tag(self.run_id, key, str(value))
 
+    @_kept_going
     def log_artifacts(self, folder: str, path: Optional[str] = None) -> None:
         if self.on:
             self.client.log_artifacts(self.run_id, folder, path)
 
+    @_kept_going
     def log_artifact(self, file: str, path: Optional[str] = None) -> None:
         if self.on:
             self.client.log_artifact(self.run_id, file, path)
 
+    @_kept_going
     def log_bundle(self, bundle_path: str, register: Optional[str] = None) -> Optional[str]:
         """The bundle as a pyfunc model of this run (registered as `register` when given); its model URI."""
         if not self.on:
@@ -130,6 +213,7 @@ class Run:
                 pip_requirements=["torch", "torchvision", "numpy", "pillow", "pandas"])
         return info.model_uri
 
+    @_kept_going
     def end(self, status: str = "FINISHED") -> None:
         if self.on:
             self.client.set_terminated(self.run_id, status)

@@ -25,7 +25,7 @@ import torch
 
 from schemas import layout, uri
 from schemas.cli import (Parser, UserError, log, apply_params, dumps, entry_points, non_negative_int, number, path_arg,
-                         positive_int, redact)
+                         positive_int, redact, redacted, check_space)
 from schemas.outputs import Outputs, check_overlap
 from trainer import augment as A
 from trainer import bundle as B
@@ -246,7 +246,13 @@ def evaluate(model, loader, head, device, progress, prefix: str, tta: str = "non
 
 def save_checkpoint(path: str, state: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except (RuntimeError, OSError) as e:  # a full disk reads `basic_ios::clear: iostream error` in torch
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        check_space(e, path)
+        raise
     os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
 
 
@@ -488,7 +494,7 @@ def record_epoch(args, ckpt_path, metrics_path, model, optimizer, schedule, epoc
     the line, which --resume rewrites from the checkpoint's history). Then TensorBoard and the console."""
     save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                 "schedule": schedule.state_dict(), "epoch": epoch, "best_val_mae": state.best,
-                                "best_model": state.best_state, "history": state.history, "args": vars(args),
+                                "best_model": state.best_state, "history": state.history, "args": redacted(vars(args)),
                                 "torch_rng": torch.get_rng_state(),
                                 "ema": ema.state_dict() if ema is not None else None})
     with open(metrics_path, "a") as f:
@@ -595,12 +601,18 @@ def load_checkpoint(path: str, device, args, image_size: int) -> dict:
         raise TrainError(f"--resume: {path} is not a trainer checkpoint; delete it to start fresh")
     saved = dict(ckpt["args"])
     saved.setdefault("image_size", None)
-    now = {**vars(args), "image_size": args.image_size}
+    now = redacted({**vars(args), "image_size": args.image_size})  # compared as it was stored
     differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} then, {now.get(k)!r} now" for k in RESUME_KEYS
               if k in saved and saved.get(k) != now.get(k)]
     if differ:
         raise TrainError(f"--resume: {path} was written with other settings ({'; '.join(differ)}); rerun with the "
                          f"same flags, or without --resume into a new --output")
+    planned = saved.get("epochs")
+    if now.get("schedule") == "onecycle" and isinstance(planned, int) and args.epochs > planned:
+        raise TrainError(f"--resume: {path} was trained with a OneCycle schedule planned over --epochs {planned} (it "
+                         f"anneals the rate to the end of those); it cannot go on to --epochs {args.epochs}. Resume "
+                         f"with --epochs {planned}, or train a longer run into a new --output (or use "
+                         f"--schedule cyclic_plateau, which has no planned end)")
     return ckpt
 
 

@@ -171,6 +171,31 @@ def make_pruner(name: str, epochs: int):
     return optuna.pruners.NopPruner()
 
 
+def fail_orphaned_trials(args, holder: dict) -> None:
+    """The study's RUNNING trials when the tune that held this --output is gone (killed: its lock was taken
+    over) and the study lives in the output's own database: nobody runs them any more. Each is marked FAIL
+    now and retried once (the heartbeat callback's rule), instead of RUNNING for ever, or until the
+    heartbeat grace has passed. With a shared --storage other machines' workers may still run theirs: then
+    only the heartbeats decide."""
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    if not os.path.exists(os.path.join(work_dir(args), "optuna.db")):
+        return
+    storage = make_storage(args)
+    try:
+        study = optuna.load_study(study_name=args.study, storage=storage)
+    except KeyError:
+        return  # no such study yet
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            retry(study, storage.get_trial(trial._trial_id))
+            log.warning(f"tune: trial {trial.number} of study {args.study} was running in run {holder.get('run_id')} "
+                        f"(pid {holder.get('pid')}, gone); marked FAIL and queued to be retried once")
+
+
 def load_study(args, seed: int):
     import optuna
 
@@ -301,6 +326,8 @@ def run(args, launch: Optional[Callable] = None) -> dict:
     check_data(args)
     outputs = claim_output(args)
     try:
+        if outputs.lock.took_over is not None and not args.storage:
+            fail_orphaned_trials(args, outputs.lock.took_over)
         return _study(args, launch)
     finally:
         outputs.finish()
