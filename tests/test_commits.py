@@ -176,24 +176,29 @@ def _finish(proc: subprocess.Popen) -> str:
     return out
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "delta"])
-def test_prepare_append_killed_inside_its_commit_loses_no_committed_row(fmt, tmp_path):
-    """12 rows committed, an append of 4 killed between its steps: readers refuse the half-made state; the
-    rerun finishes the killed commit (16 rows) and its own 4 photos are already there (content hashes)."""
+@pytest.mark.parametrize("fmt, mode", [("parquet", "append"), ("delta", "append"), ("parquet", "overwrite")])
+def test_prepare_killed_inside_its_commit_loses_no_committed_row(fmt, mode, tmp_path):
+    """12 rows committed, a run of 4 killed between its commit steps: readers refuse the half-made state; the
+    rerun finishes the killed commit, then commits its own. Append: 16 rows, the rerun's 4 photos already
+    there (content hashes). Overwrite: the rerun's 4."""
     first, more = _photos(tmp_path / "first", 12, 0), _photos(tmp_path / "more", 4, 100)
     out, pauses = tmp_path / "out", tmp_path / "pauses"
     pauses.mkdir()
     common = ("--format", fmt, "--splits", "1,0,0")
     _finish(_prepare(first, out, *common))
     assert _rows(out / "faces") == 12
-    kill_at(_prepare(more, out, *common, "--mode", "append", pause_at="commit-step", pauses=pauses),
+    kill_at(_prepare(more, out, *common, "--mode", mode, pause_at="commit-step", pauses=pauses),
             pauses, "commit-step")
     with pytest.raises(layout.IncompleteTableError, match="killed while it committed"):
         layout.table_files(str(out / "faces"))
-    log = _finish(_prepare(more, out, *common, "--mode", "append"))
+    log = _finish(_prepare(more, out, *common, "--mode", mode))
     assert "finished the commit of run" in log
-    assert _rows(out / "faces") == 16
     manifest = json.loads((out / "manifest.json").read_text())
+    if mode == "overwrite":
+        assert _rows(out / "faces") == 4 and manifest["counts"]["faces"] == 4
+        assert not [p for p in out.iterdir() if p.name.startswith("_faceage_")]
+        return
+    assert _rows(out / "faces") == 16
     assert manifest["counts"]["faces"] == 0 and manifest["rejects_by_reason"] == {"duplicate": 4}
     if fmt == "delta":
         from deltalake import DeltaTable
