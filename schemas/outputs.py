@@ -315,7 +315,8 @@ class OutputLock:
             log.warning(f"{self.flag} {self.root}: took over the lock of run {holder.get('run_id')} "
                         f"({holder.get('kind')}, pid {holder.get('pid')} on {holder.get('host')}): {why}")
             self.took_over = holder
-            self._delete()
+            if (self._read() or {}).get("run_id") == holder.get("run_id"):  # still the gone holder's
+                self._delete()
         else:
             raise OutputBusyError(f"{self.flag} {self.root}: could not take its lock ({self.uri}); another run "
                                   f"keeps taking it. Try again")

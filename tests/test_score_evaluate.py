@@ -169,13 +169,15 @@ def test_spark_submit_score_to_csv_and_evaluate_against_a_manifest(bundles, tabl
 def test_bad_inputs_are_refused_clearly(bundles, tmp_path, capsys):
     plain, _ = bundles
     (tmp_path / "junk.pt").write_bytes(b"not a model")
-    assert score.main(["--model", str(tmp_path / "junk.pt"), "--input", str(tmp_path), "--output",
+    inputs = tmp_path / "in"  # beside the outputs, not above them (an output inside an input is refused first)
+    inputs.mkdir()
+    assert score.main(["--model", str(tmp_path / "junk.pt"), "--input", str(inputs), "--output",
                        str(tmp_path / "o")]) == 2
     assert "unreadable, corrupt" in capsys.readouterr().err
     assert score.main(["--model", str(plain), "--input", str(tmp_path / "missing"), "--output",
                        str(tmp_path / "o")]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert evaluate.main(["--predictions", str(tmp_path / "missing"), "--labels", str(tmp_path),
+    assert evaluate.main(["--predictions", str(tmp_path / "missing"), "--labels", str(inputs),
                           "--output", str(tmp_path / "r")]) == 2
     assert "not a score output" in capsys.readouterr().err
 
