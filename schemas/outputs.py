@@ -177,15 +177,18 @@ def check_overlap(inputs, output: str, canonical=canonical, output_flag: str = "
 
 # ----------------------------------------------------------------------------- markers
 
+def _json_at(fs, uri: str, unreadable: tuple):
+    """The JSON value of the file at `uri`; None when it is absent or raises one of `unreadable`."""
+    try:
+        return json.loads(fs.read_text(uri)) if fs.exists(uri) else None
+    except unreadable:
+        return None
+
+
 def read_marker(fs, folder: str) -> Optional[dict]:
     """The faceage marker of `folder`, or None when there is none (or it is not ours)."""
-    uri = join(folder, MARKER)
-    try:
-        if not fs.exists(uri):
-            return None
-        data = json.loads(fs.read_text(uri))
-    except Exception:  # noqa: BLE001 - unreadable (any filesystem's error type): not a marker of ours
-        return None
+    # unreadable for any reason (any filesystem's error type): not a marker of ours
+    data = _json_at(fs, join(folder, MARKER), (Exception,))
     return data if isinstance(data, dict) and data.get("writer") == WRITER else None
 
 
@@ -596,13 +599,7 @@ def _entries(steps: Sequence[dict]):
 
 def read_journal(fs, root: str) -> Optional[dict]:
     """The commit journal of `root` (None when absent or torn: then no step of it ever ran)."""
-    uri = join(root, JOURNAL)
-    try:
-        if not fs.exists(uri):
-            return None
-        data = json.loads(fs.read_text(uri))
-    except (ValueError, UnicodeDecodeError):
-        return None
+    data = _json_at(fs, join(root, JOURNAL), (ValueError, UnicodeDecodeError))  # an I/O error is raised
     ok = isinstance(data, dict) and data.get("writer") == WRITER and isinstance(data.get("steps"), list) \
         and str(data.get("staging", "")).startswith(STAGING_PREFIX) and "/" not in data["staging"]
     return data if ok else None
