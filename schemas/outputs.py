@@ -206,14 +206,21 @@ def _describe(fs, uri: str) -> str:
     return f"a folder of {len(names)} entr{'y' if len(names) == 1 else 'ies'} ({shown})"
 
 
-def _proc_start(pid: int) -> Optional[str]:
-    """The start time of process `pid` (Linux /proc; None elsewhere or when it does not run): a pid reused
-    by another process after the holder died has another start time."""
+def _proc_stat(pid: int) -> tuple:
+    """(state, start time) of process `pid` from Linux /proc, (None, None) elsewhere or when it does not run.
+    A pid reused by another process after the holder died has another start time; a killed holder whose
+    parent has not reaped it yet (a zombie, state Z, e.g. a Spark driver whose JVM was killed with it) still
+    answers kill(pid, 0) but runs no more."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], fields[19]
     except (OSError, IndexError):
-        return None
+        return None, None
+
+
+def _proc_start(pid: int) -> Optional[str]:
+    return _proc_stat(pid)[1]
 
 
 def _alive(holder: dict) -> bool:
@@ -226,7 +233,9 @@ def _alive(holder: dict) -> bool:
         return False
     except PermissionError:
         pass  # runs, as another user
-    started = _proc_start(pid)
+    state, started = _proc_stat(pid)
+    if state in ("Z", "X"):
+        return False
     return started is None or holder.get("pid_start") in (None, started)
 
 

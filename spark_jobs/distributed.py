@@ -13,6 +13,7 @@ Spark lives here, on the spark_jobs side: trainer/ never imports spark_jobs (the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import List, Optional
@@ -56,17 +57,69 @@ def train_on_spark(num_processes: int, local_mode: str, train_argv: List[str]) -
             os.pathsep) if p])
     use_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     log.info(f"train: TorchDistributor with {num_processes} processes (local_mode={local}, gpu={use_gpu})")
+    said = _RankLines()
     try:
-        return TorchDistributor(num_processes=num_processes, local_mode=local, use_gpu=use_gpu).run(
-            train.distributed_entry, list(train_argv))
+        with said.watching():
+            return TorchDistributor(num_processes=num_processes, local_mode=local, use_gpu=use_gpu).run(
+                train.distributed_entry, list(train_argv))
     except Exception as e:  # noqa: BLE001 - a rank's own error stays in its log; here it is one line
         if "TorchDistributor failed" not in str(e) and "barrier" not in str(e):
             raise
         where = "this machine's output above" if local else (
             "each executor's stderr (the Spark UI's Executors tab; on a standalone worker, "
             "<work dir>/app-*/<executor>/stderr)")
+        errors = rank_errors("\n".join(said.lines) + "\n" + str(e))
+        if errors:
+            raise UserError(f"a training rank failed: {'; '.join(errors)} (the rest of its output is in {where})") \
+                from None
         raise UserError(f"a training rank failed ({str(e).splitlines()[0][:200]}); its error is in {where}") \
             from None
+
+
+class _RankLines:
+    """The ranks' RANK_ERROR lines as they pass through this driver: TorchDistributor writes the ranks' output
+    to the driver's stdout (local mode) or its log server writes what the executors stream to the driver's
+    stderr (a cluster). Everything is passed on unchanged."""
+
+    def __init__(self):
+        from trainer.train import RANK_ERROR
+
+        self.marker, self.lines = RANK_ERROR, []
+
+    def tee(self, stream):
+        watcher = self
+
+        class Tee:
+            def write(self, text):
+                if watcher.marker in text:
+                    watcher.lines.extend(line for line in text.splitlines() if watcher.marker in line)
+                return stream.write(text)
+
+            def __getattr__(self, name):
+                return getattr(stream, name)
+        return Tee()
+
+    @contextlib.contextmanager
+    def watching(self):
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = self.tee(out), self.tee(err)
+        try:
+            yield self
+        finally:
+            sys.stdout, sys.stderr = out, err
+
+
+def rank_errors(text: str) -> List[str]:
+    """The ranks' own last lines (trainer.train.RANK_ERROR) in `text`: 'rank 1: TrainError: ...', one per
+    rank, in rank order."""
+    from trainer.train import RANK_ERROR
+
+    found = {}
+    for line in text.replace("\\n", "\n").splitlines():
+        if RANK_ERROR in line:
+            said = line.split(RANK_ERROR, 1)[1].strip()
+            found.setdefault(said.split(":", 1)[0], said)
+    return [found[k] for k in sorted(found)]
 
 
 def absolute_paths(parser: argparse.ArgumentParser, argv: List[str]) -> List[str]:

@@ -119,6 +119,20 @@ def test_the_chain_on_a_standalone_cluster_matches_local_mode(cluster, code_zip,
     assert m1["overall"]["mae"] == pytest.approx(m2["overall"]["mae"], abs=1e-3)
 
 
+def test_a_rank_that_fails_on_a_worker_says_its_own_error_on_the_drivers_line(cluster, code_zip, tmp_path):
+    """Each rank fails on the workers (no table where --data says); the driver's one line carries their own
+    errors, streamed back from the executors, not only Spark's 'An error occurred while calling ...'."""
+    (tmp_path / "no_table").mkdir()
+    cmd = [spark_submit(), "--master", cluster.url, "--py-files", code_zip, "--conf", "spark.executor.memory=1g",
+           os.path.join(REPO, "spark_jobs", "distributed.py"), "train", "--num-processes", "2", "--local-mode",
+           "false", "--data", "no_table", "--output", "out", *TRAIN]
+    proc = subprocess.run(cmd, env=venv_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("distributed: error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 0: TrainError:" in lines[0] and "rank 1: TrainError:" in lines[0], lines[0]
+    assert str(tmp_path / "no_table") in lines[0]  # the path made absolute for the workers, named as they saw it
+
+
 def test_a_worker_killed_during_prepare_the_job_completes_and_commits_once(cluster, code_zip, tmp_path):
     photos, pauses, out = tmp_path / "photos", tmp_path / "pauses", tmp_path / "out"
     write_demo_folder(str(photos), 40)

@@ -121,6 +121,17 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_never_bl
     (root / LOCK).write_text(json.dumps(holder))
     Outputs.at(str(root), "prepare").begin().finish()  # same host, pid gone: taken over
 
+    # killed but not reaped yet (a zombie answers kill(pid, 0)): a Spark driver whose JVM was killed with it
+    zombie = subprocess.Popen(["true"])
+    deadline = time.time() + 30
+    while time.time() < deadline and Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.01)
+    (root / LOCK).write_text(json.dumps({**holder, "pid": zombie.pid,
+                                         "pid_start": Path(f"/proc/{zombie.pid}/stat").read_text()
+                                         .rsplit(")", 1)[1].split()[19]}))
+    Outputs.at(str(root), "prepare").begin().finish()  # taken over while the zombie is still there
+    zombie.wait()
+
     far = {**holder, "host": "another-host", "pid": 1}
     (root / LOCK).write_text(json.dumps(far))
     with pytest.raises(OutputBusyError, match="another-host"):

@@ -86,3 +86,17 @@ def test_two_tune_workers_as_spark_tasks_share_one_postgres_study(spark, tables,
     assert len({t.number for t in trials}) == len(trials)
     assert len({t.user_attrs["worker_pid"] for t in trials}) == 2  # two Spark tasks ran trials side by side
     assert os.getpid() not in {t.user_attrs["worker_pid"] for t in trials}
+
+
+def test_a_failed_rank_says_its_own_error_on_the_drivers_one_line(spark, tmp_path, capfd):
+    """Every rank fails on data it cannot read (the driver only checks flags): the driver's line carries
+    each rank's own error, not TorchDistributor's 'An error occurred while calling ...'."""
+    missing = tmp_path / "no_table"
+    missing.mkdir()
+    code = distributed.main(["train", "--num-processes", "2", "--data", str(missing), "--output",
+                             str(tmp_path / "out"), "--epochs", "1", *TINY])
+    err = capfd.readouterr()
+    lines = [line for line in (err.out + err.err).splitlines() if line.startswith("distributed: error:")]
+    assert code == 2 and len(lines) == 1, err.out[-3000:] + err.err[-3000:]
+    assert "a training rank failed: rank 0: TrainError:" in lines[0] and "rank 1: TrainError:" in lines[0], lines[0]
+    assert str(missing) in lines[0]

@@ -633,13 +633,24 @@ def _tensorboard(folder: str):
     return SummaryWriter(folder)
 
 
+# the line a failed rank prints last: TorchDistributor keeps a failed rank's last output lines in the error the
+# driver gets, and spark_jobs.distributed puts what follows the marker on its one line
+RANK_ERROR = "faceage rank error:"
+
+
 def distributed_entry(argv: list) -> dict:
     """One rank of a TorchDistributor run (module level, so it pickles)."""
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    apply_params_file(args, parser, argv)
-    # where this rank imported the trainer from: on a cluster, the shipped code zip (tests check it)
-    return {**run(args), "code_file": __file__}
+    try:
+        parser = get_args_parser()
+        args = parser.parse_args(argv)
+        apply_params_file(args, parser, argv)
+        # where this rank imported the trainer from: on a cluster, the shipped code zip (tests check it)
+        return {**run(args), "code_file": __file__}
+    except BaseException as e:
+        text = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"{RANK_ERROR} rank {os.environ.get('RANK', '?')}: {type(e).__name__}" + (f": {text}" if text else ""),
+              file=sys.stderr, flush=True)
+        raise
 
 
 def _job(argv: Optional[list]) -> int:
