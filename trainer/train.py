@@ -195,18 +195,21 @@ def train_one_epoch(model, loader, optimizer, schedule, head, loss_kind, device,
     model.train()
     total, rows, start = 0.0, 0, time.time()
     with (model.join() if hasattr(model, "join") else contextlib.nullcontext()):  # DDP: shards may differ in length
-        total, rows = _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, progress,
-                                     strength, generator, size, ema)
+        total, rows, skipped = _train_batches(model, loader, optimizer, schedule, head, loss_kind, device,
+                                              progress, strength, generator, size, ema)
     seconds = time.time() - start
-    return {"train_loss": total / max(rows, 1), "train_rows": rows, "train_seconds": seconds,
-            "img_per_s": rows / seconds if seconds else float("nan")}
+    return {"train_loss": total / max(rows, 1), "train_rows": rows, "train_rows_skipped": skipped,
+            "train_seconds": seconds, "img_per_s": rows / seconds if seconds else float("nan")}
 
 
 def _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, progress, strength, generator,
                    size=None, ema=None):
-    total, rows = 0.0, 0
+    total, rows, skipped = 0.0, 0, 0
     use_amp = device.type == "cuda"
     for index, batch in enumerate(progress(loader, desc="train", leave=False)):
+        if len(batch["age"]) < 2:  # BatchNorm cannot normalise one row (at 32 px: "Expected more than 1 value
+            skipped += len(batch["age"])  # per channel"): a shard's last batch of one row sits this epoch out
+            continue
         x = B.normalize(A.augment_batch(batch["image"].to(device, non_blocking=True), strength, generator, size))
         y = batch["age"].to(device, non_blocking=True)
         if device.type == "cuda":
@@ -225,7 +228,7 @@ def _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, 
             ema.update_parameters(model.module if hasattr(model, "module") else model)
         total += loss.item() * len(y)
         rows += len(y)
-    return total, rows
+    return total, rows, skipped
 
 
 @torch.no_grad()
