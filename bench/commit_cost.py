@@ -1,4 +1,4 @@
-"""Benchmark: what one commit per run (schemas.outputs: staging, a journal, a lock; Delta written from staged
+"""Benchmark: what one commit per run (shell.outputs: staging, a journal, a lock; Delta written from staged
 rows) costs prepare, against the code before it (a checkout of an earlier commit), same run, same images.
 
 For each of the two checkouts, interleaved (A B A B ...): prepare N UTKFace chips (`--detector none`) into a
@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from schemas import layout
 from bench.common import REPO, machine  # noqa: E402
 
 
@@ -39,7 +40,6 @@ def _photos(utkface: Path, folder: Path, names) -> Path:
 def _live_rows(table: Path) -> int:
     import pyarrow.parquet as pq
 
-    from schemas import layout
 
     return sum(pq.ParquetFile(u[len("file://"):]).metadata.num_rows for u in layout.table_files(str(table)))
 
@@ -78,7 +78,7 @@ def main() -> None:
                     shutil.rmtree(out, ignore_errors=True)
                     _prepare(repo, first, out, fmt, "overwrite")
                     seconds[label].append(_prepare(repo, second, out, fmt, mode))
-                    manifest = json.loads((out / "manifest.json").read_text())
+                    manifest = json.loads((out / layout.LATEST_MANIFEST).read_text())
                     faces = _live_rows(out / "faces")
                     if ("commit" in manifest["timings_s"]) != (label == "before"):  # the code that ran
                         raise SystemExit(f"{label}: the manifest was not written by the {label} checkout")

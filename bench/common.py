@@ -27,12 +27,12 @@ def copy_splits(data: str, out: Path, rows: Dict[str, Optional[int]], seed: int 
     import pyarrow.parquet as pq
 
     from schemas import layout
-    from trainer import data as D
+    from trainer.data import split_source
 
     shutil.rmtree(out, ignore_errors=True)
     written = {}
     for split, n in rows.items():
-        source = D.split_source(data, split)
+        source = split_source(data, split)
         table = pa.concat_tables(pq.read_table(layout.local_path(f)) for f in source.files)
         if transform is not None:
             table = transform(split, table)
@@ -58,13 +58,13 @@ def split_pixels(data: str, splits, size: int):
     import pyarrow.parquet as pq
 
     from schemas import layout
-    from trainer import data as D
+    from trainer.data import split_source
     from trainer.bundle import decode_image
 
     parts = []
     for split in splits:
         try:
-            source = D.split_source(data, split)
+            source = split_source(data, split)
         except (FileNotFoundError, ValueError):
             continue
         parts += [pq.read_table(layout.local_path(f), columns=["image", "age"]) for f in source.files]

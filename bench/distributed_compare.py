@@ -12,6 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
+from schemas import layout
 from bench.common import comparison_parser, machine, run_python, subset_table
 
 
@@ -28,7 +29,7 @@ def main():
             seconds = run_python([*launcher, "--data", str(table), "--output", str(out), "--epochs",
                                   str(args.epochs), "--image-size", str(args.image_size), "--seed", str(seed),
                                   "--early-stop", "1000", "--no-progress", *flags])
-            summary = json.loads((out / "summary.json").read_text())
+            summary = json.loads((out / layout.SUMMARY).read_text())
             runs[name].append({"seed": seed, "test_mae": round(summary["test_mae"], 3),
                                "best_val_mae": round(summary["best_val_mae"], 3),
                                "seconds": round(seconds, 1)})

@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from schemas import layout
 from bench.common import REPO  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def generate(rows: int, work: Path) -> None:
               "score_run_id": sf.lit("bench")}
     preds = ids.select(*[(values[n] if n in values else sf.lit(None)).cast(
         schema_fields.spark_schema([by_name[n]])[0].dataType).alias(n) for n in by_name])
-    preds.write.mode("overwrite").parquet(str(work / "scored" / "predictions"))
+    preds.write.mode("overwrite").parquet(str(work / "scored" / layout.PREDICTIONS_DIR))
     spark.stop()
 
 
@@ -89,7 +90,7 @@ def main():
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(err[-3000:])
-    metrics = json.loads((work / "report" / "metrics.json").read_text())
+    metrics = json.loads((work / "report" / layout.EVAL_METRICS).read_text())
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",

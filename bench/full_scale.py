@@ -19,6 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
+from schemas import layout
 from bench.common import copy_splits, machine, run_python
 
 # name -> trainer.train flags (the rest are shared). cyclic_dist is the trainer's default before issue 11.
@@ -47,7 +48,7 @@ def shared_flags(args, seed: int) -> list:
 
 
 def train(args, folder: Path, flags: list, seed: int) -> None:
-    if (folder / "summary.json").exists():
+    if (folder / layout.SUMMARY).exists():
         return
     log = folder.with_suffix(".log")
     print(f"{time.strftime('%H:%M:%S')} train {folder.name}", flush=True)
@@ -57,24 +58,24 @@ def train(args, folder: Path, flags: list, seed: int) -> None:
 
 def tune(args, seed: int, sampler: str) -> Path:
     """One study on the subset at low resolution; returns the full-budget retrain's folder."""
-    from trainer import tune as T
+    from trainer.tune import train_params
 
     work = Path(args.work)
     subset = work / "tune" / "subset"
     if not (subset / "faces" / "_SUCCESS").exists():
         copy_splits(args.data, subset, {"train": args.tune_train_rows, "val": args.tune_val_rows, "test": 500})
     study = work / "tune" / f"{sampler}-s{seed}"
-    if not (study / "report.json").exists():
+    if not (study / layout.TUNE_REPORT).exists():
         print(f"{time.strftime('%H:%M:%S')} tune {study.name}", flush=True)
         run_python(["-m", "trainer.tune", "--data", str(subset), "--study", study.name, "--output", str(study),
                     "--n-trials", str(args.trials), "--epochs", str(args.tune_epochs), "--sampler", sampler,
                     "--seed", str(seed), "--train-args",
                     f"--image-size {args.tune_image_size} --cache --no-progress --seed {seed}"],
                    log=study.with_suffix(".log"))
-    report = json.loads((study / "report.json").read_text())
+    report = json.loads((study / layout.TUNE_REPORT).read_text())
     # the best values mapped for the FULL train split (the cycle length is counted in batches)
-    rows = json.loads((work / "runs" / f"cyclic_dist-s{seed}" / "summary.json").read_text())["rows"]["train"]
-    params = T.train_params(report["best"]["params"], rows)
+    rows = json.loads((work / "runs" / f"cyclic_dist-s{seed}" / layout.SUMMARY).read_text())["rows"]["train"]
+    params = train_params(report["best"]["params"], rows)
     flags = [x for k, v in params.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     folder = work / "runs" / f"{sampler}-s{seed}"
     train(args, folder, flags, seed)
@@ -87,16 +88,16 @@ def shifted(args, folder: Path) -> dict:
     cache = folder / "shift.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    out = {kind: evaluate(str(folder / "model.pt"), str(Path(args.shift) / f"{kind}_table"))
+    out = {kind: evaluate(str(folder / layout.MODEL), str(Path(args.shift) / f"{kind}_table"))
            for kind in ("pasted", "degraded") if (Path(args.shift) / f"{kind}_table").exists()}
     cache.write_text(json.dumps(out))
     return out
 
 
 def run_record(args, folder: Path) -> dict:
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = json.loads((folder / layout.SUMMARY).read_text())
     shift = shifted(args, folder)
-    history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (folder / layout.METRICS_LOG).read_text().splitlines()]
     best_epoch = min(history, key=lambda h: h["val_mae"])["epoch"]
     return {"test_mae": summary["test_mae"], "test_cs5": summary["test_cs5"], "best_val_mae": summary["best_val_mae"],
             "best_epoch": best_epoch, "last_val_mae": history[-1]["val_mae"], "epochs": len(history),
@@ -114,7 +115,7 @@ def report(args) -> dict:
     work = Path(args.work)
     runs = {}
     for folder in sorted((work / "runs").glob("*-s*")):
-        if folder.is_dir() and (folder / "summary.json").exists():
+        if folder.is_dir() and (folder / layout.SUMMARY).exists():
             name, seed = folder.name.rsplit("-s", 1)
             runs.setdefault(name, {})[int(seed)] = run_record(args, folder)
     lines = ["| run | seeds | test MAE (each) | mean | CS@5 | pasted MAE | degraded MAE | pasted / test | "
@@ -142,7 +143,7 @@ def report(args) -> dict:
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine("CPU, 2 threads"), "data": args.data,
               "epochs": args.epochs, "image_size": args.image_size, "runs": runs, "reach_constant_best": reach,
               "table": "\n".join(lines)}
-    (work / "summary.json").write_text(json.dumps(result, indent=2))
+    (work / layout.SUMMARY).write_text(json.dumps(result, indent=2))
     print(result["table"])
     print(json.dumps(reach, indent=1))
     return result

@@ -21,10 +21,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 
-from trainer import data as D  # noqa: E402
+from trainer.data import (LoaderSettings, READERS, SplitLoader, SplitSource, decode_image, layout, split_source)  # noqa: E402
 
 
-def raw_decode(source: D.SplitSource, size: int, workers: int) -> dict:
+def raw_decode(source: SplitSource, size: int, workers: int) -> dict:
     """The same per-row work as the feed (decode at the training size, uint8 N x 3 x H x W)."""
     import numpy as np
     import pyarrow.parquet as pq
@@ -33,12 +33,12 @@ def raw_decode(source: D.SplitSource, size: int, workers: int) -> dict:
         path, group = job
         table = pq.ParquetFile(path).read_row_group(group, columns=["image", "age"])
         images = table.column("image").to_pylist()
-        batch = np.stack([D.decode_image(b, size) for b in images]).transpose(0, 3, 1, 2)
+        batch = np.stack([decode_image(b, size) for b in images]).transpose(0, 3, 1, 2)
         return len(np.ascontiguousarray(batch))
 
     jobs = []
     for uri in source.files:
-        path = D.layout.local_path(uri)
+        path = layout.local_path(uri)
         jobs += [(path, g) for g in range(pq.ParquetFile(path).num_row_groups)]
     start = time.time()
     with ThreadPoolExecutor(workers) as pool:
@@ -47,8 +47,8 @@ def raw_decode(source: D.SplitSource, size: int, workers: int) -> dict:
     return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds}
 
 
-def feed(source: D.SplitSource, settings: D.LoaderSettings, train: bool) -> dict:
-    loader = D.SplitLoader(source, settings, train=train)
+def feed(source: SplitSource, settings: LoaderSettings, train: bool) -> dict:
+    loader = SplitLoader(source, settings, train=train)
     start = time.time()
     rows = sum(len(b["age"]) for b in loader)
     seconds = time.time() - start
@@ -62,11 +62,11 @@ def main():
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--reader", default="petastorm", choices=D.READERS)
+    p.add_argument("--reader", default="petastorm", choices=READERS)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    source = D.split_source(args.data, args.split)
-    settings = D.LoaderSettings(batch_size=args.batch_size, image_size=args.image_size, workers=args.workers,
+    source = split_source(args.data, args.split)
+    settings = LoaderSettings(batch_size=args.batch_size, image_size=args.image_size, workers=args.workers,
                                 reader=args.reader)
     runs = {"raw": [], "feed": [], "feed_train": []}
     for _ in range(args.repeats):

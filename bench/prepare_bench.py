@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from schemas import layout
 from bench.common import REPO  # noqa: E402
 
 from schemas.crop import CropSettings  # noqa: E402
-from spark_jobs.faces import crop_center_in_source, crop_transform  # noqa: E402
+from photos.faces import crop_center_in_source, crop_transform  # noqa: E402
 from spark_jobs.prepare_steps import PROCESSED, PrepareSettings, process_file  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def make_composites(utkface: Path, folder: Path, n: int, seed: int) -> Path:
     """Write n composites and truth.csv (name, cx, cy, side); reuse them when already there."""
     from PIL import Image
 
-    from spark_jobs.synthetic import jpeg_bytes, paste_on_background
+    from photos.synthetic import jpeg_bytes, paste_on_background
 
     truth = folder / "truth.csv"
     if truth.exists() and sum(1 for _ in open(truth)) == n + 1:
@@ -101,7 +102,7 @@ def spark_run(photos: Path, out: Path, workers: int, extra_args) -> dict:
     start = time.time()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     seconds = time.time() - start
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / layout.LATEST_MANIFEST).read_text())
     job = manifest["timings_s"]["total"] - manifest["timings_s"]["spark_start"]
     n = manifest["counts"]["inputs"]
     return {"seconds": seconds, "job_seconds": job, "images": n, "faces": manifest["counts"]["faces"],

@@ -14,6 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
+from schemas import layout
 from bench.common import comparison_parser, machine, run_python, subset_table
 
 RUNS = {"cyclic_plateau": ["--schedule", "cyclic_plateau", "--lr", "3e-3"],
@@ -31,8 +32,8 @@ def main():
             run_python(["-m", "trainer.train", "--data", str(table), "--output", str(folder), "--epochs",
                         str(args.epochs), "--early-stop", "1000", "--image-size", str(args.image_size),
                         "--batch-size", "64", "--seed", str(seed), "--no-progress", *flags])
-            summary = json.loads((folder / "summary.json").read_text())
-            history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+            summary = json.loads((folder / layout.SUMMARY).read_text())
+            history = [json.loads(line) for line in (folder / layout.METRICS_LOG).read_text().splitlines()]
             out[name].append({"seed": seed, "best_val_mae": summary["best_val_mae"], "test_mae": summary["test_mae"],
                               "history": [(h["epoch"], h["val_mae"], h["elapsed_seconds"]) for h in history]})
     reach = []
@@ -52,7 +53,7 @@ def main():
         **{f"{name}_best_val_mae": [round(r["best_val_mae"], 3) for r in runs] for name, runs in out.items()},
         "reach_constant_best": reach,
     }
-    (work / "summary.json").write_text(json.dumps(result, indent=2))
+    (work / layout.SUMMARY).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 

@@ -20,16 +20,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from schemas import layout
 from bench.common import REPO  # noqa: E402
 
 
 def make_bundle(path: str, size: int) -> None:
     from schemas.crop import CropSettings
-    from trainer import bundle as B
-    from trainer import model as M
+    from trainer.bundle import Provenance, save_bundle
+    from trainer.model import build_model
 
-    B.save_bundle(path, M.build_model("distribution"), "distribution", size, B.MEAN, B.STD,
-                  CropSettings(size=size, detector="yunet").to_dict(), {"uri": "bench", "version": None}, {}, {})
+    save_bundle(path, build_model("distribution"), "distribution", size, CropSettings(size=size, detector="yunet")
+                .to_dict(), Provenance({"uri": "bench", "version": None}, {}, {}))
 
 
 def plain_loop(folder: str, bundle: str) -> dict:
@@ -66,7 +67,7 @@ def spark_run(folder: str, bundle: str, out: str) -> dict:
     seconds = time.time() - start
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
-    manifest = json.loads(Path(out, "score_manifest.json").read_text())
+    manifest = json.loads(Path(out, layout.SCORE_MANIFEST).read_text())
     return {"seconds": seconds, "job_seconds": manifest["seconds"], "faces": manifest["counts"]["faces"],
             "photos": manifest["counts"]["photos"]}
 
@@ -85,7 +86,7 @@ def main():
     folder.mkdir(parents=True)
     for name in sorted(os.listdir(args.photos_dir))[:args.photos]:
         shutil.copy(os.path.join(args.photos_dir, name), folder / name)
-    bundle = str(work / "model.pt")
+    bundle = str(work / layout.MODEL)
     make_bundle(bundle, args.size)
     # alternating, --repeats times each; this VM's speed drifts (another tenant's load shows up as minutes
     # of 2-3x slower runs), so each side's fastest run is compared and every run is reported

@@ -26,6 +26,7 @@ from typing import Dict, List
 
 import numpy as np
 
+from schemas import layout
 from bench.common import REPO, env_with_venv
 
 SCENE = (640, 480)
@@ -36,10 +37,9 @@ def test_sources(data: str) -> List[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from schemas import layout
-    from trainer import data as D
+    from trainer.data import split_source
 
-    source = D.split_source(data, "test")
+    source = split_source(data, "test")
     table = pa.concat_tables(pq.read_table(layout.local_path(f), columns=["source_path"]) for f in source.files)
     return sorted(layout.local_path(p) for p in table.column("source_path").to_pylist())
 
@@ -128,7 +128,7 @@ def make(data: str, work: Path, seed: int = 0, kinds=tuple(KINDS), photos_only: 
                str(folder), "--labels", "utkface", "--detector", "yunet" if detector == "auto" else detector,
                "--size", "128", "--output", str(table), "--format", "parquet", "--mode", "overwrite"]
         subprocess.run(cmd, cwd=REPO, env=env_with_venv(), check=True)
-        manifest = json.loads((table / "manifest.json").read_text())
+        manifest = json.loads((table / layout.LATEST_MANIFEST).read_text())
         out[kind].update(faces=manifest["counts"]["faces"], rejects=manifest["rejects_by_reason"], table=str(table))
     (work / "shift_data.json").write_text(json.dumps(out, indent=2))
     return out

@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from schemas import layout
 from bench.common import REPO  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def properties(folder: Path) -> dict:
 def four_chips(folder: Path) -> Path:
     import numpy as np
 
-    from spark_jobs.synthetic import draw_face, jpeg_bytes
+    from photos.synthetic import draw_face, jpeg_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, age in enumerate((20, 30, 40, 50)):
@@ -75,7 +76,7 @@ def prepare_once(props: Path, photos: Path, out: Path, extra=()) -> dict:
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise SystemExit(f"spark_start: prepare failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    timings = json.loads((out / "manifest.json").read_text())["timings_s"]
+    timings = json.loads((out / layout.LATEST_MANIFEST).read_text())["timings_s"]
     return {"wall_s": round(wall, 2), "job_s": timings["total"], "spark_start_s": timings["spark_start"]}
 
 

@@ -19,25 +19,24 @@ import time
 import torch
 
 
-from trainer import data as D  # noqa: E402
-from trainer import model as M  # noqa: E402
+from trainer.data import LoaderSettings, READERS, SplitLoader, split_source  # noqa: E402
+from trainer.model import build_model  # noqa: E402
 from trainer.schedules import Constant  # noqa: E402
-from trainer.train import train_one_epoch  # noqa: E402
+from trainer.train import Learner, train_one_epoch  # noqa: E402
 
 
 def run(batches, head: str, warmup: int, device: torch.device) -> float:
     torch.manual_seed(0)
-    model = M.build_model(head).to(device)
+    model = build_model(head).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = iter(batches)
     # both variants augment on the device (trainer/augment.py), as training does
     generator = torch.Generator().manual_seed(0)
-    train_one_epoch(model, itertools.islice(batches, warmup), optimizer, Constant(), head, "l1", device,
-                    lambda it, **kw: it, 1.0, generator)
-    stats = train_one_epoch(model, batches, optimizer, Constant(), head, "l1", device, lambda it, **kw: it, 1.0,
-                            generator)
+    learner = Learner(model, optimizer, Constant(), head, "l1", device, augment=1.0)
+    train_one_epoch(learner, itertools.islice(batches, warmup), generator)
+    stats = train_one_epoch(learner, batches, generator)
     return stats["img_per_s"]
 
 
@@ -51,20 +50,20 @@ def main():
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--head", default="distribution")
     p.add_argument("--workers", type=int, default=2, help="reader threads")
-    p.add_argument("--reader", default="petastorm", choices=D.READERS)
+    p.add_argument("--reader", default="petastorm", choices=READERS)
     p.add_argument("--repeats", type=int, default=2, help="alternate fed / in-memory this many times (medians)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (in-memory batches then live on it)")
     args = p.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    settings = D.LoaderSettings(batch_size=args.batch_size, image_size=args.image_size, workers=args.workers,
+    settings = LoaderSettings(batch_size=args.batch_size, image_size=args.image_size, workers=args.workers,
                                 reader=args.reader)
-    source = D.split_source(args.data, args.split)
+    source = split_source(args.data, args.split)
     total = args.warmup + args.batches
     in_memory = [{k: v.to(device) for k, v in b.items()}  # resident on the device: a plain loop's best case
-                 for b in itertools.islice(iter(D.SplitLoader(source, settings, train=True)), total)]
+                 for b in itertools.islice(iter(SplitLoader(source, settings, train=True)), total)]
     runs = {"fed": [], "memory": []}
     for _ in range(args.repeats):  # alternating: this VM's speed drifts within minutes
-        loader = D.SplitLoader(source, settings, train=True)
+        loader = SplitLoader(source, settings, train=True)
         runs["fed"].append(run(itertools.islice(iter(loader), total), args.head, args.warmup, device))
         runs["memory"].append(run(in_memory, args.head, args.warmup, device))
     fed, memory = statistics.median(runs["fed"]), statistics.median(runs["memory"])

@@ -23,29 +23,29 @@ import numpy as np
 import torch
 
 from bench.common import copy_splits, machine
-from trainer import data as D
-from trainer import model as M
+from trainer.data import LoaderSettings, READERS, SplitLoader, layout, split_source
+from trainer.model import build_model, loss_fn
 from trainer.bundle import decode_image, normalize
 from trainer.schedules import Constant
-from trainer.train import cpu_count, train_one_epoch
+from trainer.train import Learner, cpu_count, train_one_epoch
 
 
 def _model(head: str, device):
     torch.manual_seed(0)
-    model = M.build_model(head).to(device)
+    model = build_model(head).to(device)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
 def trainer_epochs(source, size: int, batch: int, workers: int, head: str, epochs: int, device, cache: bool,
                    reader: str = "petastorm"):
-    loader = D.SplitLoader(source, D.LoaderSettings(batch_size=batch, image_size=size, workers=workers,
+    loader = SplitLoader(source, LoaderSettings(batch_size=batch, image_size=size, workers=workers,
                                                     cache=cache, reader=reader), train=True)
     model, optimizer = _model(head, device)
     rates = []
     for epoch in range(epochs):
         generator = torch.Generator().manual_seed(epoch)
-        stats = train_one_epoch(model, loader, optimizer, Constant(), head, "l1", device, lambda it, **kw: it,
-                                1.0, generator)
+        stats = train_one_epoch(Learner(model, optimizer, Constant(), head, "l1", device, augment=1.0), loader,
+                                generator)
         rates.append(stats["img_per_s"])
     return rates
 
@@ -55,7 +55,7 @@ def decode_all(source, size: int) -> tuple:
 
     images, ages = [], []
     for uri in source.files:
-        table = pq.read_table(D.layout.local_path(uri), columns=["image", "age"])
+        table = pq.read_table(layout.local_path(uri), columns=["image", "age"])
         images += [decode_image(b, size) for b in table.column("image").to_pylist()]
         ages += table.column("age").to_pylist()
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(ages, dtype=torch.float32)
@@ -79,7 +79,7 @@ def loop_epochs(images, ages, batch: int, head: str, epochs: int, device):
             x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
             if torch.rand(1, generator=generator).item() < 0.5:
                 x = torch.flip(x, dims=[3])
-            loss = M.loss_fn(model(normalize(x)), ages[idx], head, "l1")
+            loss = loss_fn(model(normalize(x)), ages[idx], head, "l1")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -100,14 +100,14 @@ def main():
     p.add_argument("--head", default="distribution")
     p.add_argument("--cache", action="store_true", help="the trainer with --cache (decoded crops kept)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--reader", default="petastorm", choices=D.READERS)
+    p.add_argument("--reader", default="petastorm", choices=READERS)
     args = p.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(cpu_count())
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "sample"
         copy_splits(args.data, table, {"train": args.rows, "val": 64, "test": 64})
-        source = D.split_source(str(table), "train")
+        source = split_source(str(table), "train")
         results = {}
         for size in args.sizes:
             images, ages = decode_all(source, size)

@@ -16,6 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
+from schemas import layout
 from bench.common import comparison_parser, machine, run_python, subset_table
 
 
@@ -37,7 +38,7 @@ def main():
         out = work / f"default-{seed}"
         seconds["default"].append(run(["trainer.train", "--data", str(table), "--output", str(out), "--epochs",
                                        str(args.epochs), "--seed", str(seed), "--no-progress", *fixed.split()]))
-        results["default"].append(json.loads((out / "summary.json").read_text())["test_mae"])
+        results["default"].append(json.loads((out / layout.SUMMARY).read_text())["test_mae"])
         for sampler in ("tpe", "random"):
             out = work / f"{sampler}-{seed}"
             shutil.rmtree(out, ignore_errors=True)
@@ -45,7 +46,7 @@ def main():
                                          "--output", str(out), "--n-trials", str(args.trials), "--epochs",
                                          str(args.epochs), "--sampler", sampler, "--seed", str(seed),
                                          "--train-args", f"{fixed} --seed {seed}"]))
-            report = json.loads((out / "report.json").read_text())
+            report = json.loads((out / layout.TUNE_REPORT).read_text())
             results[sampler].append(report["best"]["test_mae"])
             pruned[sampler].append(report["trials"]["pruned"])
     # the pruner's saving: TPE, first seed, without pruning
@@ -55,7 +56,7 @@ def main():
                       "--n-trials", str(args.trials), "--epochs", str(args.epochs), "--sampler", "tpe",
                       "--pruner", "none", "--seed", str(args.seeds[0]),
                       "--train-args", f"{fixed} --seed {args.seeds[0]}"])
-    nopruner = json.loads((out / "report.json").read_text())
+    nopruner = json.loads((out / layout.TUNE_REPORT).read_text())
 
     def stat(values):
         return {"mean": round(statistics.mean(values), 3),
@@ -79,7 +80,7 @@ def main():
                    "without_pruner_best_val_mae": nopruner["best"]["val_mae"],
                    "without_pruner_test_mae": nopruner["best"]["test_mae"]},
     }
-    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    (work / layout.SUMMARY).write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-from schemas.cli import UserError
+from shell.cli import number
+from shell.errors import UserError
 
+SIZE_RANGE = (16, 1024)  # a crop's (and a model input's) side in pixels
+DEFAULT_SIZE = 128
+pixel_size = number(*SIZE_RANGE, integer=True)  # argparse type= of every size flag (prepare, train)
 DETECTORS = ("yunet", "hog", "none")
 PHOTO_DETECTORS = ("yunet", "hog")  # the ones that find faces in a photo
 FRAMING_TEMPLATE = "utkface-chip-5pt"  # schemas/crop.TEMPLATE's name: the alignment crops are framed by
@@ -29,7 +33,7 @@ TEMPLATE = ((0.282, 0.288), (0.684, 0.290), (0.477, 0.520), (0.308, 0.672), (0.6
 class CropSettings:
     """Everything that decides what a crop looks like; stored with tables and model bundles."""
 
-    size: int = 128
+    size: int = DEFAULT_SIZE
     margin: float = 0.0  # extra border on each side, as a fraction of the crop (0: UTKFace chip framing)
     detector: str = "yunet"
     min_score: float = 0.5  # detector confidence, 0..1
@@ -41,8 +45,8 @@ class CropSettings:
     def __post_init__(self):
         if self.detector not in DETECTORS:
             raise ValueError(f"detector {self.detector!r}: use one of {DETECTORS}")
-        if not 16 <= self.size <= 1024:
-            raise ValueError(f"size {self.size}: use 16..1024 pixels")
+        if not SIZE_RANGE[0] <= self.size <= SIZE_RANGE[1]:
+            raise ValueError(f"size {self.size}: use {SIZE_RANGE[0]}..{SIZE_RANGE[1]} pixels")
         if not 0.0 <= self.margin <= 2.0:
             raise ValueError(f"margin {self.margin}: use 0..2 (fraction of the face box per side)")
         if not 0.0 <= self.min_score <= 1.0:

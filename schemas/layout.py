@@ -1,30 +1,79 @@
-"""Where a prepare run puts things, and how a reader finds the live files of a table.
+"""Where every stage puts things (each name written once, here), and how a reader finds the live files of
+a table.
 
-No Spark here: the trainer and tests use it too. Remote URIs (s3a://, hdfs://) go through
-fsspec when a reader needs them; the writer side (Spark) lives in spark_jobs/storage.py.
+The folders: prepare's output (faces/, rejects/, _runs/, manifest.json), score's (predictions/,
+score_manifest.json), a training run's (model.pt, summary.json, metrics.jsonl, checkpoint.pt,
+tensorboard/), evaluate's report and a tuning study's folder. No Spark here: the trainer and tests use it
+too. Remote URIs (s3a://, hdfs://) go through fsspec when a reader needs them; the writer side (Spark)
+lives in spark_jobs/storage.py. The bookkeeping files of any output root (lock, journal, staging) are
+output safety's own: shell.outputs.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import List, Optional
 
+from schemas.crop import CropSettings
+from shell import uri as uris
+from shell.errors import UserError
+from shell.outputs import JOURNAL
+from shell.uri import join, local_path, parent  # noqa: F401 - layout.join & co.: the table paths' own helpers
+
+# the formats a table can be written in (prepare's tables); score's predictions may also be CSV
+TABLE_FORMATS = ("parquet", "delta")
+PREDICTION_FORMATS = (*TABLE_FORMATS, "csv")
+
+# ---- prepare's output: the two tables, one record per run, the latest run's manifest
 FACES_DIR = "faces"
 REJECTS_DIR = "rejects"
 RUNS_DIR = "_runs"
 LATEST_MANIFEST = "manifest.json"
-# what a writer keeps beside its entries (schemas.outputs): each run's staging folder, the journal of a commit
-# in progress (its presence means: part of a run may be current, the rest not yet) and the writer's lock
-STAGING_PREFIX = "_faceage_staging_"
-JOURNAL = "_faceage_commit.json"
-LOCK = "_faceage.lock"
+
+# ---- score's output
+PREDICTIONS_DIR = "predictions"
+SCORE_MANIFEST = "score_manifest.json"
+
+# ---- a training run's folder (--output of trainer.train)
+MODEL = "model.pt"  # the bundle (trainer.bundle)
+SUMMARY = "summary.json"
+METRICS_LOG = "metrics.jsonl"  # one line per epoch
+CHECKPOINT = "checkpoint.pt"  # what --resume continues from
+TENSORBOARD = "tensorboard"
+RUN_FILES = (CHECKPOINT, METRICS_LOG, MODEL, SUMMARY, TENSORBOARD)
+
+# ---- the model bundle (MODEL): one torch file, these fields (trainer.bundle writes and reads it)
+BUNDLE_FORMAT = "faceage-model-bundle"  # the value of its "format" field
+BUNDLE_VERSION = 1  # its "format_version": a reader refuses a newer one
+BUNDLE_FIELDS = ("format", "format_version", "state_dict", "head", "input_size", "normalize", "crop", "data",
+                 "params", "metrics", "torch_version")
+
+# ---- evaluate's report folder
+EVAL_METRICS = "metrics.json"
+EVAL_SLICES = "slices.csv"
+EVAL_CONFUSION = "confusion.csv"
+EVAL_HTML = "report.html"
+PLOT_CONFUSION = "confusion.png"
+PLOT_MAE_BY_AGE = "mae_by_age_group.png"
+PLOT_PRED_VS_TRUE = "pred_vs_true.png"
+PLOT_UNCERTAINTY = "uncertainty.png"
+PLOT_TRAINING_CURVES = "training_curves.png"
+EVAL_FILES = (EVAL_METRICS, EVAL_SLICES, EVAL_CONFUSION, PLOT_CONFUSION, PLOT_MAE_BY_AGE, PLOT_PRED_VS_TRUE,
+              PLOT_UNCERTAINTY, PLOT_TRAINING_CURVES, EVAL_HTML)
+
+# ---- a tuning study's folder (--output of trainer.tune)
+STUDY_DB = "optuna.db"  # the default storage, a SQLite file
+TRIALS_DIR = "trials"  # one training run's folder per trial
+BEST_PARAMS = "best_params.json"
+TUNE_REPORT = "report.json"
+PLOT_HISTORY = "optimization_history.png"
+PLOT_IMPORTANCES = "param_importances.png"
+PLOT_BEST_CURVE = "best_trial_curve.png"
+TUNE_FILES = (BEST_PARAMS, TUNE_REPORT, PLOT_HISTORY, PLOT_IMPORTANCES, PLOT_BEST_CURVE)
 
 
 class IncompleteTableError(RuntimeError):
     """A table a reader must not trust (a killed or unfinished write)."""
-
-
-def join(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/")] + [p.strip("/") for p in parts])
 
 
 def faces_uri(output: str) -> str:
@@ -35,19 +84,10 @@ def rejects_uri(output: str) -> str:
     return join(output, REJECTS_DIR)
 
 
-def local_path(uri: str) -> Optional[str]:
-    """The filesystem path of a local URI (plain path or file:), else None (schemas.uri.local_path)."""
-    from schemas import uri as uris
-
-    return uris.local_path(uri)
-
-
 def is_delta(uri: str) -> bool:
     path = local_path(uri)
     if path is not None:
         return os.path.isdir(os.path.join(path, "_delta_log"))
-    from schemas import uri as uris
-
     return uris.RemoteFS().exists(join(uri, "_delta_log"))
 
 
@@ -55,26 +95,18 @@ def delta_table(uri: str, version: Optional[int] = None):
     """deltalake's DeltaTable at a local path or URI (an S3-compatible endpoint from the environment)."""
     from deltalake import DeltaTable
 
-    from schemas import uri as uris
-
     return DeltaTable(uris.delta_uri(uri), version=version, storage_options=uris.delta_options(uri) or None)
-
-
-def parent(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
 
 
 def check_no_pending_commit(root: str, exists=None) -> None:
     """IncompleteTableError when a commit into `root` was interrupted: some of its entries may be one run's
-    and the rest another's, so nothing there is read until a writer finished it (schemas.outputs)."""
+    and the rest another's, so nothing there is read until a writer finished it (shell.outputs)."""
     uri = join(root, JOURNAL)
     if exists is None:
         path = local_path(uri)
         if path is not None:
             found = os.path.exists(path)
         else:
-            from schemas import uri as uris
-
             found = uris.RemoteFS().exists(uri)
     else:
         found = exists(uri)
@@ -112,8 +144,6 @@ def table_files(uri: str, version: Optional[int] = None) -> List[str]:
         raise ValueError(f"{uri} is a Parquet directory: --data-version applies to Delta tables only")
     path = local_path(uri)
     if path is None:
-        from schemas import uri as uris
-
         remote = uris.RemoteFS()
         if not remote.exists(join(uri, "_SUCCESS")):
             raise IncompleteTableError(_incomplete_message(uri))
@@ -132,8 +162,6 @@ def table_files(uri: str, version: Optional[int] = None) -> List[str]:
 
 
 def _missing(files: List[str]) -> int:
-    from schemas import uri as uris
-
     return sum(1 for f in files if not uris.exists(f))
 
 
@@ -173,19 +201,13 @@ def output_root(data_uri: str) -> str:
 
 def read_text(uri: str) -> str:
     """A small text file at a local path, file: URI or any fsspec URI (s3://, gs://, hdfs://, ...)."""
-    from schemas import uri as uris
-
     return uris.read_text(uri)
 
 
 def read_prepare_manifest(data_uri: str) -> dict:
     """The run manifest (manifest.json) of the prepare output holding `data_uri`'s table.
 
-    Fails loudly (schemas.cli.UserError) when it is missing or unreadable: a caller never guesses."""
-    import json
-
-    from schemas.cli import UserError
-
+    Fails loudly (shell.errors.UserError) when it is missing or unreadable: a caller never guesses."""
     uri = join(output_root(data_uri), LATEST_MANIFEST)
     try:
         check_no_pending_commit(output_root(data_uri))
@@ -205,7 +227,5 @@ def read_prepare_manifest(data_uri: str) -> dict:
 
 def table_crop_settings(data_uri: str):
     """The CropSettings the table under `data_uri` was prepared with (from its run manifest)."""
-    from schemas.crop import CropSettings
-
     uri = join(output_root(data_uri), LATEST_MANIFEST)
     return CropSettings.from_dict(read_prepare_manifest(data_uri)["settings"]["crop"], uri)

@@ -18,10 +18,9 @@ import os
 import sys
 from typing import List, Optional
 
-if __package__ in (None, ""):  # run as a file by spark-submit: make the project importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from schemas.cli import Parser, UserError, log, entry_points, positive_int  # noqa: E402
+from shell.cli import entry_points, log, Parser, positive_int
+from shell.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +50,7 @@ def train_on_spark(num_processes: int, local_mode: str, train_argv: List[str]) -
     train.apply_params_file(args, parser, train_argv)
     train.check_output(args, main_rank=False)  # checked here; rank 0 takes the folder's lock
     local = local_mode == "true" or (local_mode == "auto" and configured_master().startswith("local"))
-    spark = get_spark("faceage-train", None if local else ship_code_to_subprocesses())
+    get_spark("faceage-train", None if local else ship_code_to_subprocesses())
     if local:  # the ranks are processes on this machine, started from this checkout
         os.environ["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(
             os.pathsep) if p])
@@ -125,8 +124,8 @@ def rank_errors(text: str) -> List[str]:
 def absolute_paths(parser: argparse.ArgumentParser, argv: List[str]) -> List[str]:
     """`argv` with every local value of a path flag (type path_arg) made absolute: a relative path means the
     driver's folder, and the ranks run elsewhere. Remote URIs and other flags are left as given."""
-    from schemas import uri
-    from schemas.cli import path_arg
+    from shell import uri
+    from shell.cli import path_arg
 
     flags = {o for a in parser._actions if a.type is path_arg for o in a.option_strings}
 
@@ -180,7 +179,7 @@ def _tune_task(args, worker: int) -> dict:
 
 def spark_workers(args) -> List[dict]:
     """trainer.tune's launcher: --workers Spark tasks, each a tune worker on the shared storage."""
-    from schemas import uri
+    from shell import uri
     from spark_jobs.session import get_spark
     from trainer import tune
 

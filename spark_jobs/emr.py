@@ -25,6 +25,7 @@ from the pinned requirements.lock, and Spark's Python is pointed at it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -32,21 +33,20 @@ import sys
 import zipfile
 from typing import Dict, List, Optional
 
-if __package__ in (None, ""):  # run as a file: make the project importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from schemas.cli import Parser, UserError, entry_points, log, positive_int  # noqa: E402
+from shell.cli import entry_points, log, Parser, positive_int
+from shell.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_LABEL = "emr-spark-8.0.0"
 VENV_PYTHON = "/opt/faceage/venv/bin/python"
 CODE_ZIP = "faceage_code.zip"
 BOOTSTRAP = "emr_bootstrap.sh"
-PACKAGES = ("schemas", "spark_jobs", "trainer")
+PACKAGES = ("photos", "schemas", "shell", "spark_jobs", "trainer")
 JOBS = {  # job -> (entry script inside the bundle, spark-submit deploy mode, leading arguments)
     "prepare": ("spark_jobs/prepare.py", "cluster", []),
     "score": ("spark_jobs/score.py", "cluster", []),
-    "evaluate": ("spark_jobs/evaluate.py", "cluster", []),  # its report goes to S3 (schemas.uri) like every output
+    "evaluate": ("spark_jobs/evaluate.py", "cluster", []),  # its report goes to S3 (shell.uri) like every output
     # TorchDistributor ranks / Spark-task tune workers, started from the driver
     "train": ("spark_jobs/distributed.py", "client", ["train"]),
     "tune": ("spark_jobs/distributed.py", "client", ["tune"]),
@@ -135,7 +135,7 @@ PATH_FLAGS = ("--input", "--output", "--data", "--model", "--labels", "--predict
 
 def check_paths(job: str, words: List[str]) -> None:
     """Refuse a local path for any data location of a cluster step (it would be one node's disk)."""
-    from schemas import uri
+    from shell import uri
 
     for i, word in enumerate(words):
         flag, _, value = word.partition("=")
@@ -197,27 +197,41 @@ GPU_SPARK_CONF = {
 }
 
 
-def cluster_request(name: str, steps: List[dict], code_uri: str, log_uri: Optional[str], instance_type: str,
-                    core_count: int, subnet: Optional[str], release: str = RELEASE_LABEL,
-                    gpu_instance_type: Optional[str] = None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class ClusterShape:
+    """What a transient cluster is made of (the --create-cluster flags)."""
+
+    instance_type: str
+    core_count: int
+    subnet: Optional[str] = None
+    release: str = RELEASE_LABEL
+    gpu_instance_type: Optional[str] = None  # the core nodes' type when they are GPU instances
+
+    @classmethod
+    def from_args(cls, args) -> "ClusterShape":
+        return cls(args.instance_type, args.core_count, args.subnet, args.release_label, args.gpu_instance_type)
+
+
+def cluster_request(name: str, steps: List[dict], code_uri: str, log_uri: Optional[str], shape: ClusterShape) -> dict:
     """RunJobFlow request for a transient cluster that runs `steps` and terminates. With a GPU instance type
     the core nodes are GPU instances (the trainer's ranks each take one GPU; the bootstrap installs the
     CUDA build of torch there, the CPU build elsewhere)."""
     code = code_uri.rstrip("/")
+    instance_type, gpu_instance_type = shape.instance_type, shape.gpu_instance_type
     instances = {
         "InstanceGroups": [
             {"Name": "master", "InstanceRole": "MASTER", "InstanceType": instance_type, "InstanceCount": 1},
             {"Name": "core", "InstanceRole": "CORE", "InstanceType": gpu_instance_type or instance_type,
-             "InstanceCount": core_count},
+             "InstanceCount": shape.core_count},
         ],
         "KeepJobFlowAliveWhenNoSteps": False,
         "TerminationProtected": False,
     }
-    if subnet:
-        instances["Ec2SubnetId"] = subnet
+    if shape.subnet:
+        instances["Ec2SubnetId"] = shape.subnet
     request = {
         "Name": name,
-        "ReleaseLabel": release,
+        "ReleaseLabel": shape.release,
         "Applications": [{"Name": "Spark"}, {"Name": "Delta"}],
         "Instances": instances,
         "Steps": steps,
@@ -284,7 +298,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def chain_steps(args) -> List[List[str]]:
     """[job, args] for prepare -> train -> score -> evaluate, each reading what the one before wrote on S3."""
-    from schemas import uri
+    from shell import uri
 
     for flag, value in (("--photos", args.photos), ("--run", args.run)):
         if not value:
@@ -325,9 +339,7 @@ def plan(args) -> dict:
     if args.cluster_id:
         return {"operation": "AddJobFlowSteps", "request": {"JobFlowId": args.cluster_id, "Steps": steps}}
     return {"operation": "RunJobFlow",
-            "request": cluster_request(args.name, steps, args.code, args.log_uri, args.instance_type,
-                                       args.core_count, args.subnet, args.release_label,
-                                       args.gpu_instance_type)}
+            "request": cluster_request(args.name, steps, args.code, args.log_uri, ClusterShape.from_args(args))}
 
 
 def submit(args, emr=None, s3=None) -> dict:

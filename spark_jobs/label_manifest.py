@@ -7,7 +7,7 @@ per row (a bad_label reject in prepare, an `invalid_label` count in evaluate).
 """
 from __future__ import annotations
 
-from schemas.cli import UserError
+from shell.errors import UserError
 
 REQUIRED = ("path", "age")
 OPTIONAL = ("gender", "race", "subject_id", "dataset")

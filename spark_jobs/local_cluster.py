@@ -23,10 +23,9 @@ import urllib.request
 from pathlib import Path
 from typing import List, Optional
 
-if __package__ in (None, ""):  # run as a file: make the project importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from schemas.cli import Parser, UserError, entry_points, log, positive_int  # noqa: E402
+from shell.cli import entry_points, log, Parser, positive_int
+from shell.errors import UserError
 
 HOST = "127.0.0.1"
 STATE = "cluster.json"  # in --dir: the master URL, ports and process ids, for `stop` and for readers

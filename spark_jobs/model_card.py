@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
-from schemas import uri
-from schemas.cli import Parser, UserError, entry_points, log, path_arg
+from schemas import layout
+from shell import uri
+from shell.cli import entry_points, log, Parser, path_arg
+from shell.errors import UserError
 
 
 def get_args_parser() -> Parser:
@@ -71,8 +73,18 @@ def cross_section(cross: List[tuple], test_mae: float) -> List[str]:
     return lines + [""]
 
 
-def render(summary: dict, curve: List[dict], bundle: dict, metrics: dict, command: str, title: str,
-           notes: List[str], cross: Optional[List[tuple]] = None) -> str:
+class TrainingRun(NamedTuple):
+    """What a training run left: summary.json, metrics.jsonl's rows, the bundle's fields."""
+
+    summary: dict
+    curve: List[dict]
+    bundle: dict
+
+
+def render(run: TrainingRun, metrics: dict, command: str, title: str, notes: List[str],
+           cross: Optional[List[tuple]] = None) -> str:
+    """The card's markdown: the run, its evaluation report (`metrics`), other datasets' reports (`cross`)."""
+    summary, curve, bundle = run
     overall = metrics["overall"]
     params = bundle.get("params") or {}
     lines = [f"# {title}", "",
@@ -133,15 +145,15 @@ def _job(argv: Optional[list]) -> int:
         if not sep or not name.strip() or not folder.strip():
             raise UserError(f"--cross {item!r}: give NAME=REPORT_FOLDER (an evaluate.py output folder)")
         named.append((name.strip(), uri.check(folder.strip(), "--cross")))
-    summary = _json(uri.join(args.run, "summary.json"))
-    curve = [json.loads(line) for line in uri.read_text(uri.join(args.run, "metrics.jsonl")).splitlines()
+    summary = _json(uri.join(args.run, layout.SUMMARY))
+    curve = [json.loads(line) for line in uri.read_text(uri.join(args.run, layout.METRICS_LOG)).splitlines()
              if line.strip()]
     from trainer.bundle import load_bundle
 
-    _, bundle = load_bundle(summary.get("bundle") or uri.join(args.run, "model.pt"))
-    metrics = _json(uri.join(args.report, "metrics.json"))
-    cross = [(name, _json(uri.join(folder, "metrics.json"))) for name, folder in named]
-    text = render(summary, curve, bundle, metrics, args.command, args.title, args.note, cross)
+    _, bundle = load_bundle(summary.get("bundle") or uri.join(args.run, layout.MODEL))
+    metrics = _json(uri.join(args.report, layout.EVAL_METRICS))
+    cross = [(name, _json(uri.join(folder, layout.EVAL_METRICS))) for name, folder in named]
+    text = render(TrainingRun(summary, curve, bundle), metrics, args.command, args.title, args.note, cross)
     uri.write_text(args.output, text)
     log.info(f"model_card: wrote {args.output} (test MAE {metrics['overall']['mae']:.2f})")
     return 0

@@ -21,12 +21,11 @@ import os
 import sys
 from typing import Iterable, List, Optional, Union
 
-if __package__ in (None, ""):  # run as a file: make the project importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from schemas import uri  # noqa: E402
-from schemas.cli import Parser, UserError, entry_points, path_arg, positive_int  # noqa: E402
-from schemas.crop import DETECTORS  # noqa: E402
+from shell import uri
+from shell.cli import entry_points, Parser, path_arg, positive_int
+from shell.errors import UserError
+from schemas.crop import DETECTORS
 
 Photo = Union[str, os.PathLike, bytes, object]  # a path, encoded bytes, a PIL image or an HxWx3 uint8 array
 
@@ -36,7 +35,7 @@ def _records(photos) -> List[tuple]:
     import numpy as np
     from PIL import Image
 
-    from spark_jobs.prepare_steps import classify_file, list_files
+    from spark_jobs.photo_files import classify_file, list_files
     from spark_jobs.storage import MAX_FILE_BYTES
 
     if isinstance(photos, (str, os.PathLike, bytes, Image.Image, np.ndarray)):
@@ -66,7 +65,7 @@ def _records(photos) -> List[tuple]:
 
 
 def _remote_records(photo: str) -> list:
-    from spark_jobs.prepare_steps import classify_file
+    from spark_jobs.photo_files import classify_file
     from spark_jobs.storage import MAX_FILE_BYTES
 
     fs = uri.RemoteFS()

@@ -9,6 +9,7 @@ faceage wrote is ever replaced.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import math
 import os
@@ -16,16 +17,15 @@ import sys
 import time
 from typing import List, Optional
 
-if __package__ in (None, ""):  # run as a script (spark-submit spark_jobs/prepare.py): make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from schemas import layout  # noqa: E402
-from schemas.cli import (Parser, UserError, log, dumps, entry_points, fraction, new_run_id, number, path_arg,  # noqa: E402
-                         positive_int, redact, redact_all)
-from schemas.outputs import canonical_local, check_overlap, dedupe_inputs, looks_like_manifest  # noqa: E402
-from schemas.crop import DETECTORS, CropSettings  # noqa: E402
-from spark_jobs.splits import parse_fractions  # noqa: E402
-from spark_jobs.storage import FORMATS, MAX_FILE_BYTES, MODES, to_uri  # noqa: E402
+from schemas import layout
+from shell.cli import (dumps, entry_points, fraction, log, new_run_id, number, Parser, path_arg, positive_int,
+                       redact, redact_all)
+from shell.errors import UserError
+from shell.outputs import canonical_local, check_overlap, dedupe_inputs, looks_like_manifest
+from schemas.crop import DEFAULT_SIZE, DETECTORS, CropSettings, pixel_size
+from photos.splits import parse_fractions
+from spark_jobs.storage import MAX_FILE_BYTES, MODES, to_uri
 
 DEMO_INPUT = os.path.join("demo_out", "synthetic_photos")
 DEMO_OUTPUT = os.path.join("demo_out", "prepared")
@@ -42,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "--input A --input B")
     p.add_argument("--output", metavar="URI", type=path_arg,
                    help="output root: writes faces/, rejects/, manifest.json and _runs/<run_id>.json under it")
-    p.add_argument("--format", default="parquet", choices=FORMATS, help="table format")
+    p.add_argument("--format", default="parquet", choices=layout.TABLE_FORMATS, help="table format")
     p.add_argument("--mode", default="overwrite", choices=MODES,
                    help="if OUTPUT already holds tables: overwrite replaces tables faceage wrote (never anything "
                         "else); append adds rows, skipping content already there; error refuses")
@@ -50,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="utkface (age_gender_race_date.jpg), fgnet (SSSAaa.JPG) or manifest:URI "
                         "(CSV/Parquet with path, age and optional gender, race, subject_id)")
     p.add_argument("--dataset", default=None, help="value of the dataset column (default: the label kind)")
-    p.add_argument("--size", type=number(16, 1024, integer=True), default=128, help="crop side in pixels")
+    p.add_argument("--size", type=pixel_size, default=DEFAULT_SIZE, help="crop side in pixels")
     p.add_argument("--margin", type=number(0.0, 2.0), default=CropSettings.margin,
                    help="extra border per side as a fraction of the crop; 0 frames faces like UTKFace's "
                         "aligned chips")
@@ -150,7 +150,7 @@ def check_accounting(n_inputs: int, summary: dict) -> None:
 
 def run(args, resolved: dict) -> dict:
     """The job: returns the run manifest it wrote."""
-    from schemas.outputs import Outputs
+    from shell.outputs import Outputs
     from spark_jobs import storage
     from spark_jobs.session import DELTA_PACKAGE, PHOTO_JOB_CONF, apply_conf_defaults, delta_available, get_spark
 
@@ -181,20 +181,40 @@ def run(args, resolved: dict) -> dict:
         outputs.check(OWN_ENTRIES)  # before any work: never replace what faceage did not write
         faces_write = storage.TableWrite(spark, outputs, layout.FACES_DIR, fmt, args.mode, partition_by="split")
         rejects_write = storage.TableWrite(spark, outputs, layout.REJECTS_DIR, fmt, args.mode)
-        return _prepare(spark, args, resolved, inputs, outputs, (faces_write, rejects_write), started, timings)
+        return _prepare(PrepareRun(spark, args, resolved, inputs, outputs, faces_write, rejects_write, started,
+                                   timings))
     finally:
         outputs.finish()  # the staging folder (on failure the previous tables are untouched) and the lock
 
 
-def run_manifest(args, resolved: dict, inputs: List[str], n_inputs: int, summary: dict, timings: dict,
-                 versions: dict, run_id: str, started: float, spark) -> dict:
+@dataclasses.dataclass
+class PrepareRun:
+    """One prepare run as it goes: its session, flags and resolved inputs, its output and the two table writes."""
+
+    spark: object
+    args: argparse.Namespace
+    resolved: dict  # validate()'s: inputs, output, crop settings, labels, fractions, ...
+    inputs: List[str]
+    outputs: object  # shell.outputs.Outputs
+    faces_write: object  # spark_jobs.storage.TableWrite
+    rejects_write: object
+    started: float
+    timings: dict
+
+    @property
+    def run_id(self) -> str:
+        return self.outputs.run_id
+
+
+def run_manifest(p: PrepareRun, n_inputs: int, summary: dict, versions: dict) -> dict:
     """The run manifest (schemas.tables.MANIFEST_KEYS) of a finished run."""
+    args, resolved, spark = p.args, p.resolved, p.spark
     output = resolved["output"]
     splits, decades = summary["splits"], summary["decades"]
     return {
-        "run_id": run_id,
+        "run_id": p.run_id,
         "status": "succeeded",
-        "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
+        "started_at": dt.datetime.fromtimestamp(p.started, dt.timezone.utc).isoformat(),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "argv": redact_all(sys.argv[1:]),
         "settings": {"crop": resolved["crop"].to_dict(), "labels": resolved["labels"],
@@ -202,7 +222,7 @@ def run_manifest(args, resolved: dict, inputs: List[str], n_inputs: int, summary
                      "splits": dict(zip(("train", "val", "test"), resolved["fractions"])),
                      "split_salt": args.split_salt, "max_file_bytes": args.max_file_bytes,
                      "synthetic_demo": bool(args.demo)},
-        "inputs": {"uris": inputs, "files": n_inputs},
+        "inputs": {"uris": p.inputs, "files": n_inputs},
         "output": {"root": output, "faces": layout.faces_uri(output), "rejects": layout.rejects_uri(output)},
         "format": args.format,
         "mode": args.mode,
@@ -210,7 +230,7 @@ def run_manifest(args, resolved: dict, inputs: List[str], n_inputs: int, summary
         "rejects_by_reason": summary["by_reason"],
         "splits": {s: splits.get(s, 0) for s in ("train", "val", "test")},
         "age_histogram": {f"{d}-{d + 9}": decades[d] for d in sorted(decades)},
-        "timings_s": timings,
+        "timings_s": p.timings,
         "table_versions": versions,
         "spark": {"master": spark.sparkContext.master, "app_id": spark.sparkContext.applicationId,
                   "default_parallelism": spark.sparkContext.defaultParallelism},
@@ -218,85 +238,93 @@ def run_manifest(args, resolved: dict, inputs: List[str], n_inputs: int, summary
     }
 
 
-def _prepare(spark, args, resolved: dict, inputs: List[str], outputs, writes, started: float, timings: dict) -> dict:
+def _prepare(p: PrepareRun) -> dict:
     """list -> read -> faces -> dedupe -> summarise and check -> stage -> commit -> manifest."""
-    from pyspark import StorageLevel
     from pyspark.sql import functions as sf
 
-    from spark_jobs import prepare_steps, storage
-
-    faces_write, rejects_write = writes
-    run_id = outputs.run_id
-    settings = prepare_steps.PrepareSettings(crop=resolved["crop"], labels=resolved["labels"],
-                                        dataset=resolved["dataset"], fractions=resolved["fractions"],
-                                        split_salt=args.split_salt, run_id=run_id,
-                                        max_file_bytes=args.max_file_bytes)
-    output, fmt = resolved["output"], args.format
-    faces_uri, rejects_uri = layout.faces_uri(output), layout.rejects_uri(output)
-
-    t = time.time()
-    inventory = prepare_steps.list_files(spark, inputs)
-    n_inputs = len(inventory)
-    if n_inputs == 0:
-        raise UserError(f"no files under --input {' '.join(inputs)}: nothing to prepare (is it the right folder?)")
-    timings["list"] = round(time.time() - t, 3)
-
-    files = prepare_steps.file_rows(spark, inputs, inventory, args.max_file_bytes)
-    if resolved["labels"] == "manifest":
-        files = prepare_steps.attach_manifest_labels(files, prepare_steps.read_manifest(spark, resolved["manifest"]), inputs)
-    t = time.time()
-    processed = prepare_steps.faces_per_file(files, settings).persist(StorageLevel.MEMORY_AND_DISK)
-    n_processed = processed.count()  # run detection once, here; every later step reads the cached rows
-    timings["detect"] = round(time.time() - t, 3)
-    # Many small partitions suit detection; for writing, a few big ones (fewer tasks and files).
-    partitions = max(spark.sparkContext.defaultParallelism, math.ceil(n_processed / ROWS_PER_OUTPUT_FILE))
-    existing = None
-    if args.mode == "append" and storage.table_exists(spark, faces_uri, fmt):
-        # Snapshot the hashes: writing the table invalidates any cached plan that still reads it,
-        # which would re-run detection and see this run's own rows as "already present".
-        existing = storage.read_table(spark, faces_uri, fmt).select("content_sha256").distinct() \
-            .localCheckpoint(eager=True)
-    results = prepare_steps.mark_duplicates(processed.coalesce(partitions), existing) \
-        .persist(StorageLevel.MEMORY_AND_DISK)
-
+    n_inputs, processed, results = find_faces(p)
     t = time.time()
     # One small aggregate job; every count below is derived from its rows, and checked before any write.
     summary = summarize(results.groupBy("reason", "split", (sf.floor(sf.col("age") / 10) * 10).alias("decade"))
                         .count().collect())
     check_accounting(n_inputs, summary)
-    timings["summarise"] = round(time.time() - t, 3)
+    p.timings["summarise"] = round(time.time() - t, 3)
+    versions = stage_tables(p, results, summary)
+    p.timings["total"] = round(time.time() - p.started, 3)
+    manifest = run_manifest(p, n_inputs, summary, versions)
+    text = redact(dumps(manifest))  # a credential inside a URI never reaches the manifest
+    run_file = f"{layout.RUNS_DIR}/{p.run_id}.json"
+    p.outputs.stage_text(run_file, text)
+    p.outputs.stage_text(layout.LATEST_MANIFEST, text)
+    # ONE commit: both tables, this run's record and the manifest readers take the crop settings from
+    p.outputs.commit([p.faces_write.step(), p.rejects_write.step(), run_file, layout.LATEST_MANIFEST],
+                     folder_markers=p.faces_write.folder_markers() + p.rejects_write.folder_markers())
+    results.unpersist()
+    processed.unpersist()
+    return manifest
+
+
+def find_faces(p: PrepareRun):
+    """(inputs listed, every file's face-or-reject rows cached, the same with duplicates marked)."""
+    from pyspark import StorageLevel
+
+    from spark_jobs import photo_files, prepare_steps, storage
+
+    args, resolved, spark = p.args, p.resolved, p.spark
+    settings = prepare_steps.PrepareSettings(crop=resolved["crop"], labels=resolved["labels"],
+                                             dataset=resolved["dataset"], fractions=resolved["fractions"],
+                                             split_salt=args.split_salt, run_id=p.run_id,
+                                             max_file_bytes=args.max_file_bytes)
+    t = time.time()
+    inventory = photo_files.list_files(spark, p.inputs)
+    if not inventory:
+        raise UserError(f"no files under --input {' '.join(p.inputs)}: nothing to prepare (is it the right folder?)")
+    p.timings["list"] = round(time.time() - t, 3)
+    files = photo_files.file_rows(spark, p.inputs, inventory, args.max_file_bytes)
+    if resolved["labels"] == "manifest":
+        manifest = prepare_steps.read_manifest(spark, resolved["manifest"])
+        files = prepare_steps.attach_manifest_labels(files, manifest, p.inputs)
+    t = time.time()
+    processed = prepare_steps.faces_per_file(files, settings).persist(StorageLevel.MEMORY_AND_DISK)
+    n_processed = processed.count()  # run detection once, here; every later step reads the cached rows
+    p.timings["detect"] = round(time.time() - t, 3)
+    # Many small partitions suit detection; for writing, a few big ones (fewer tasks and files).
+    partitions = max(spark.sparkContext.defaultParallelism, math.ceil(n_processed / ROWS_PER_OUTPUT_FILE))
+    existing, faces_uri = None, layout.faces_uri(resolved["output"])
+    if args.mode == "append" and storage.table_exists(spark, faces_uri, args.format):
+        # Snapshot the hashes: writing the table invalidates any cached plan that still reads it,
+        # which would re-run detection and see this run's own rows as "already present".
+        existing = storage.read_table(spark, faces_uri, args.format).select("content_sha256").distinct() \
+            .localCheckpoint(eager=True)
+    results = prepare_steps.mark_duplicates(processed.coalesce(partitions), existing) \
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    return len(inventory), processed, results
+
+
+def stage_tables(p: PrepareRun, results, summary: dict) -> dict:
+    """Both tables written into staging and their row counts checked; the Delta versions the commit makes."""
+    from spark_jobs import prepare_steps
 
     t = time.time()
-    faces_write.stage(prepare_steps.faces_rows(results))
-    rejects_write.stage(prepare_steps.rejects_rows(results))
-    for write, expected in ((faces_write, summary["faces"]), (rejects_write, summary["rejects"])):
+    p.faces_write.stage(prepare_steps.faces_rows(results))
+    p.rejects_write.stage(prepare_steps.rejects_rows(results))
+    for write, expected in ((p.faces_write, summary["faces"]), (p.rejects_write, summary["rejects"])):
         staged = write.staged_rows()
         if staged != expected:
             raise RuntimeError(f"staged {write.name} table holds {staged} rows, expected {expected}; nothing was "
                                f"committed (the previous table is unchanged); please report this")
-    timings["write_staged"] = round(time.time() - t, 3)
-    versions = {}
-    if fmt == "delta":  # what the commit below makes current (the lock keeps other writers out meanwhile)
-        versions = {"faces": faces_write.version_after_commit(), "rejects": rejects_write.version_after_commit()}
-    timings["total"] = round(time.time() - started, 3)
-    manifest = run_manifest(args, resolved, inputs, n_inputs, summary, timings, versions, run_id, started, spark)
-    text = redact(dumps(manifest))  # a credential inside a URI never reaches the manifest
-    run_file = f"{layout.RUNS_DIR}/{run_id}.json"
-    outputs.stage_text(run_file, text)
-    outputs.stage_text(layout.LATEST_MANIFEST, text)
-    # ONE commit: both tables, this run's record and the manifest readers take the crop settings from
-    outputs.commit([faces_write.step(), rejects_write.step(), run_file, layout.LATEST_MANIFEST],
-                   folder_markers=faces_write.folder_markers() + rejects_write.folder_markers())
-    results.unpersist()
-    processed.unpersist()
-    return manifest
+    p.timings["write_staged"] = round(time.time() - t, 3)
+    if p.args.format != "delta":
+        return {}
+    # what the commit makes current (the lock keeps other writers out meanwhile)
+    return {"faces": p.faces_write.version_after_commit(), "rejects": p.rejects_write.version_after_commit()}
 
 
 def _job(argv: Optional[List[str]]) -> int:
     args = get_args_parser().parse_args(argv)
     resolved = validate(args)
     if args.demo:
-        from spark_jobs.synthetic import write_demo_folder
+        from photos.synthetic import write_demo_folder
 
         folder = layout.local_path(resolved["inputs"][0])
         if folder is None:

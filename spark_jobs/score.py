@@ -25,21 +25,17 @@ import tempfile
 import time
 from typing import List, Optional
 
-if __package__ in (None, ""):  # run as a file by spark-submit: make the project importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from schemas import layout  # noqa: E402
-from schemas import uri as uri_io  # noqa: E402
-from schemas.cli import (Parser, UserError, log, dumps, entry_points, new_run_id, non_negative_int, path_arg,  # noqa: E402
-                         positive_int, redact, redact_all)
-from schemas.crop import DETECTORS  # noqa: E402
-from schemas.outputs import check_overlap, looks_like_manifest  # noqa: E402
-from schemas.tables import SPLITS  # noqa: E402
-from spark_jobs.storage import MAX_FILE_BYTES, to_uri  # noqa: E402
+from schemas import layout
+from shell import uri as uri_io
+from shell.cli import (dumps, entry_points, log, new_run_id, non_negative_int, Parser, path_arg, positive_int,
+                       redact, redact_all)
+from shell.errors import UserError
+from schemas.crop import DETECTORS
+from shell.outputs import check_overlap, looks_like_manifest
+from schemas.tables import SPLITS
+from spark_jobs.storage import MAX_FILE_BYTES, to_uri
 
-PREDICTIONS_DIR = "predictions"
-SCORE_MANIFEST = "score_manifest.json"
-FORMATS = ("parquet", "delta", "csv")
 NO_FACE = ("no_face", "face_too_small")  # a readable photo without a usable face
 
 
@@ -49,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, action="extend", nargs="+", metavar="URI", type=path_arg,
                    help="photo folders, or a prepare output / faces table: --input A B or --input A --input B")
     p.add_argument("--output", required=True, type=path_arg, help="folder for predictions/ and score_manifest.json")
-    p.add_argument("--format", default="parquet", choices=FORMATS)
+    p.add_argument("--format", default="parquet", choices=layout.PREDICTION_FORMATS)
     p.add_argument("--mode", default="overwrite", choices=("overwrite", "error"),
                    help="if OUTPUT already holds predictions: overwrite replaces predictions faceage wrote (never "
                         "anything else); error refuses")
@@ -120,7 +116,7 @@ def validate(args) -> dict:
 
 
 def run(args, resolved: dict) -> dict:
-    from schemas.outputs import Outputs
+    from shell.outputs import Outputs
     from spark_jobs import storage
     from spark_jobs.session import PHOTO_JOB_CONF, apply_conf_defaults, get_spark
 
@@ -130,15 +126,15 @@ def run(args, resolved: dict) -> dict:
     fs = storage.HadoopFS(spark)
     output = resolved["output"]
     outputs = Outputs(fs, output, "score", new_run_id(),
-                      legacy=lambda name: looks_like_manifest(fs, layout.join(output, SCORE_MANIFEST),
+                      legacy=lambda name: looks_like_manifest(fs, layout.join(output, layout.SCORE_MANIFEST),
                                                               ("run_id", "model_id", "counts")))
     outputs.begin()  # the output's lock; a killed run's leftovers finished or removed
     resolved["ship_dir"] = tempfile.mkdtemp(prefix="faceage-score-")
     try:
-        if args.mode == "error" and outputs.exists(PREDICTIONS_DIR):
-            raise UserError(f"--output {output} already holds {PREDICTIONS_DIR}/ (use --mode overwrite to replace "
-                            f"predictions faceage wrote, or another --output)")
-        outputs.check([PREDICTIONS_DIR, SCORE_MANIFEST])  # before any work
+        if args.mode == "error" and outputs.exists(layout.PREDICTIONS_DIR):
+            raise UserError(f"--output {output} already holds {layout.PREDICTIONS_DIR}/ (use --mode overwrite to "
+                            f"replace predictions faceage wrote, or another --output)")
+        outputs.check([layout.PREDICTIONS_DIR, layout.SCORE_MANIFEST])  # before any work
         return _score(spark, args, resolved, outputs, started)
     finally:
         outputs.finish()  # this run's staging folder and the lock
@@ -146,93 +142,115 @@ def run(args, resolved: dict) -> dict:
 
 
 def _score(spark, args, resolved: dict, outputs, started: float) -> dict:
+    """ship the bundle -> read the input -> score and stage -> count and check -> manifest -> one commit."""
     from pyspark.sql import functions as sf
 
     from schemas import fields as schema_fields
     from schemas.tables import PREDICTIONS
-    from spark_jobs import prepare_steps, score_steps, storage
-    from trainer import bundle as bundle_io
+    from spark_jobs import score_steps, storage
 
-    run_id = outputs.run_id
     bundle = resolved["bundle"]
-    # Shipped once per executor and loaded once per Python worker, under a name unique to its content:
-    # SparkContext refuses a second file of the same name with other bytes (two models, one session).
-    mid = bundle_io.model_id(resolved["model"])
-    shipped = os.path.join(resolved["ship_dir"], f"model-{mid}.pt")
-    uri_io.get(resolved["model"], shipped)  # a local copy (downloaded when the bundle is on S3, ...)
-    spark.sparkContext.addFile(shipped)
-    input_version = None
-    schema = schema_fields.spark_schema(PREDICTIONS)
-    kind = resolved["kind"]
-    if kind == "table":
-        table = resolved["table"]
-        fmt = "delta" if layout.is_delta(table) else "parquet"
-        if fmt == "delta":
-            input_version = args.version if args.version is not None else layout.delta_table(table).version()
-            if args.version is not None:
-                try:  # a version that does not exist, or whose files VACUUM removed: one line, before any task
-                    layout.table_files(table, args.version)
-                except ValueError as e:
-                    raise UserError(f"--data-version {args.version}: {e}") from None
-        elif args.version is not None:
-            raise UserError(f"--data-version applies to Delta tables; {table} is Parquet")
-        try:
-            faces = storage.read_table(spark, table, fmt, args.version if fmt == "delta" else None)
-        except layout.IncompleteTableError as e:
-            raise UserError(str(e)) from None
-        except Exception as e:  # noqa: BLE001 - e.g. a Delta version that does not exist
-            raise UserError(f"--input {table}: cannot read the faces table ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]})") from None
-        if args.split:
-            faces = faces.where(sf.col("split") == args.split)
-            if faces.limit(1).count() == 0:
-                raise UserError(f"--split {args.split}: {table} has no rows in that split; nothing to score")
-        faces = faces.select("face_id", "source_path", "image", "bbox", "det_score", "n_faces")
-        n_inputs = None
-    else:
-        inventory = prepare_steps.list_files(spark, resolved["inputs"])
-        if not inventory:
-            raise UserError(f"no files under --input {' '.join(resolved['inputs'])}")
-        n_inputs = len(inventory)
-        faces = prepare_steps.file_rows(spark, resolved["inputs"], inventory, args.max_file_bytes)
+    shipped, mid = ship_bundle(spark, resolved)
+    faces, n_inputs, input_version = read_input(spark, args, resolved)
     settings = score_steps.ScoreSettings(
         bundle=os.path.basename(shipped), spark_file=True, model_id=mid,
-        data_version=(bundle.get("data") or {}).get("version"), input_version=input_version, run_id=run_id,
+        data_version=(bundle.get("data") or {}).get("version"), input_version=input_version, run_id=outputs.run_id,
         batch_size=args.batch_size, device=args.device, detector=args.detector, max_file_bytes=args.max_file_bytes,
         tta=args.tta)
-    scored = faces.mapInPandas(lambda it: score_steps.score_partition(it, settings, kind), schema=schema)
+    kind = resolved["kind"]
+    scored = faces.mapInPandas(lambda it: score_steps.score_partition(it, settings, kind),
+                               schema=schema_fields.spark_schema(PREDICTIONS))
     to_write = scored.withColumn("bbox", sf.to_json("bbox")) if args.format == "csv" else scored
-    write = storage.TableWrite(spark, outputs, PREDICTIONS_DIR, args.format, "overwrite", in_place_delta=False)
+    write = storage.TableWrite(spark, outputs, layout.PREDICTIONS_DIR, args.format, "overwrite", in_place_delta=False)
     write.stage(to_write)
 
     # Counts from the staged table, checked before the commit.
-    counts, n_faces, reasons = count_photos(read_predictions(spark, outputs.staging(PREDICTIONS_DIR), args.format))
+    staged = outputs.staging(layout.PREDICTIONS_DIR)
+    counts, n_faces, reasons = count_photos(storage.read_predictions(spark, staged, args.format))
     photos = sum(counts.values())
     if n_inputs is not None and photos != n_inputs:
         raise RuntimeError(f"accounting error: {n_inputs} files listed but {photos} photos in the output; nothing "
                            f"was committed; please report this")
-    out_uri = layout.join(resolved["output"], PREDICTIONS_DIR)
+    manifest = new_manifest(args, resolved, outputs.run_id, settings, started)
+    manifest.update(counts={"photos": photos, "faces": n_faces, "photos_with_faces": counts["with_faces"],
+                            "photos_without_face": counts["without_face"], "unreadable": counts["unreadable"]},
+                    no_prediction_by_reason=reasons, seconds=round(time.time() - started, 3),
+                    spark={"master": spark.sparkContext.master, "app_id": spark.sparkContext.applicationId})
+    outputs.stage_text(layout.SCORE_MANIFEST, redact(dumps(manifest)))
+    outputs.commit([write.step(), layout.SCORE_MANIFEST], folder_markers=write.folder_markers())  # one commit
+    return manifest
+
+
+def ship_bundle(spark, resolved: dict):
+    """(the local copy shipped to every executor, the model id). Shipped once per executor and loaded once per
+    Python worker, under a name unique to its content: SparkContext refuses a second file of the same name
+    with other bytes (two models, one session)."""
+    from trainer import bundle as bundle_io
+
+    mid = bundle_io.model_id(resolved["model"])
+    shipped = os.path.join(resolved["ship_dir"], f"model-{mid}.pt")
+    uri_io.get(resolved["model"], shipped)  # a local copy (downloaded when the bundle is on S3, ...)
+    spark.sparkContext.addFile(shipped)
+    return shipped, mid
+
+
+def read_input(spark, args, resolved: dict):
+    """(rows to score, photos listed or None for a table, the Delta version read or None): a faces table's
+    rows (--split, --data-version) or every listed photo as a file row."""
+    from spark_jobs import photo_files
+
+    if resolved["kind"] != "table":
+        inventory = photo_files.list_files(spark, resolved["inputs"])
+        if not inventory:
+            raise UserError(f"no files under --input {' '.join(resolved['inputs'])}")
+        return photo_files.file_rows(spark, resolved["inputs"], inventory, args.max_file_bytes), len(inventory), None
+    from pyspark.sql import functions as sf
+
+    from spark_jobs import storage
+
+    table, input_version = resolved["table"], None
+    fmt = "delta" if layout.is_delta(table) else "parquet"
+    if fmt == "delta":
+        input_version = args.version if args.version is not None else layout.delta_table(table).version()
+        if args.version is not None:
+            try:  # a version that does not exist, or whose files VACUUM removed: one line, before any task
+                layout.table_files(table, args.version)
+            except ValueError as e:
+                raise UserError(f"--data-version {args.version}: {e}") from None
+    elif args.version is not None:
+        raise UserError(f"--data-version applies to Delta tables; {table} is Parquet")
+    try:
+        faces = storage.read_table(spark, table, fmt, args.version if fmt == "delta" else None)
+    except layout.IncompleteTableError as e:
+        raise UserError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - e.g. a Delta version that does not exist
+        raise UserError(f"--input {table}: cannot read the faces table ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
+    if args.split:
+        faces = faces.where(sf.col("split") == args.split)
+        if faces.limit(1).count() == 0:
+            raise UserError(f"--split {args.split}: {table} has no rows in that split; nothing to score")
+    return faces.select("face_id", "source_path", "image", "bbox", "det_score", "n_faces"), None, input_version
+
+
+def new_manifest(args, resolved: dict, run_id: str, settings, started: float) -> dict:
+    """The score manifest's settings and provenance (the counts are added once they are checked)."""
+    from trainer import bundle as bundle_io
+
+    bundle, kind = resolved["bundle"], resolved["kind"]
     pred = bundle_io.Predictor.crop_for(bundle, args.detector) if kind == "photos" else None
-    manifest = {
+    return {
         "run_id": run_id, "status": "succeeded",
         "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "argv": redact_all(sys.argv[1:]), "model": resolved["model"], "model_id": settings.model_id,
         "mlflow_run_id": (bundle.get("params") or {}).get("mlflow_run_id"),
         "model_data": bundle.get("data"), "model_metrics": bundle.get("metrics"),
-        "model_framing": bundle.get("framing"), "tta": args.tta,
+        "model_framing": bundle_io.framing(bundle), "tta": args.tta,
         "photo_crop": pred.to_dict() if pred is not None else None,
-        "input": {"uris": resolved["inputs"], "kind": kind, "split": args.split, "version": input_version},
-        "output": {"predictions": out_uri, "format": args.format},
-        "counts": {"photos": photos, "faces": n_faces, "photos_with_faces": counts["with_faces"],
-                   "photos_without_face": counts["without_face"], "unreadable": counts["unreadable"]},
-        "no_prediction_by_reason": reasons,
-        "seconds": round(time.time() - started, 3),
-        "spark": {"master": spark.sparkContext.master, "app_id": spark.sparkContext.applicationId},
+        "input": {"uris": resolved["inputs"], "kind": kind, "split": args.split, "version": settings.input_version},
+        "output": {"predictions": layout.join(resolved["output"], layout.PREDICTIONS_DIR), "format": args.format},
     }
-    outputs.stage_text(SCORE_MANIFEST, redact(dumps(manifest)))
-    outputs.commit([write.step(), SCORE_MANIFEST], folder_markers=write.folder_markers())  # one commit
-    return manifest
 
 
 def count_photos(predictions):
@@ -255,34 +273,6 @@ def count_photos(predictions):
         counts[r["kind"]] = int(r["photos"])
         n_faces += int(r["faces"] or 0)
     return counts, n_faces, dict(sorted(reasons.items()))
-
-
-def read_predictions(spark, uri: str, fmt: Optional[str] = None):
-    """A predictions table written by score (Parquet, Delta or CSV), bbox as an array."""
-    from pyspark.sql import functions as sf
-
-    from schemas import fields as schema_fields
-    from schemas.tables import PREDICTIONS
-    from spark_jobs import storage
-
-    fs = storage.HadoopFS(spark)  # local, s3a://, hdfs:// alike
-    if uri.rstrip("/").split("/")[-1] != PREDICTIONS_DIR and fs.isdir(layout.join(uri, PREDICTIONS_DIR)):
-        uri = layout.join(uri, PREDICTIONS_DIR)
-    layout.check_no_pending_commit(layout.parent(uri), fs.exists)  # never half of one score run
-    if fmt is None:
-        if fs.exists(layout.join(uri, "_delta_log")):
-            fmt = "delta"
-        elif fs.isdir(uri) and any(n.endswith(".csv") for n in fs.listdir(uri)):
-            fmt = "csv"
-        else:
-            fmt = "parquet"
-    if fmt == "delta":
-        return storage.read_table(spark, uri, "delta")
-    if fmt == "csv":
-        csv_fields = [f if f.name != "bbox" else schema_fields.Field("bbox", "string", nullable=True) for f in PREDICTIONS]
-        df = spark.read.option("header", "true").schema(schema_fields.spark_schema(csv_fields)).csv(uri)
-        return df.withColumn("bbox", sf.from_json("bbox", "array<float>"))
-    return storage.read_table(spark, uri, "parquet")
 
 
 def _job(argv: Optional[List[str]]) -> int:

@@ -2,22 +2,23 @@
 
 A Predictor holds one loaded model bundle; `predictor()` caches it per Python process (a Spark
 executor's reused Python worker), keyed by the bundle file, so a model is loaded once per worker,
-never per batch. Photos go through spark_jobs.faces.crop_faces with the bundle's crop settings (the
+never per batch. Photos go through photos.faces.crop_faces with the bundle's crop settings (the
 exact function prepare used), every face is kept, and the crops are decoded exactly as the trainer's
 loader decodes them before batched inference.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional
+from typing import Iterator, List, Optional
 
 import numpy as np
 
 from schemas import ids
 from schemas.tables import PREDICTIONS
-from spark_jobs.faces import Reject, crop_faces, get_detector
+from photos.faces import Reject, crop_faces, get_detector
 from trainer.bundle import Predictor, decode_image
 
 NAMES = [f.name for f in PREDICTIONS]
@@ -41,21 +42,19 @@ class ScoreSettings:
     tta: str = "none"  # "flip": each face and its mirror image, averaged
 
 
-_PREDICTORS: Dict[str, Predictor] = {}
-LOADS = {"count": 0}  # how often this process loaded a bundle (a test checks it is once per worker)
+@functools.lru_cache(maxsize=8)  # once per Python worker and model: Spark reuses its workers across tasks
+def _load(path: str, model_id: str, device: str, threads: Optional[int], detector: str) -> Predictor:
+    return Predictor(path, device, threads, detector)
 
 
 def predictor(settings: ScoreSettings) -> Predictor:
+    """The loaded bundle of `settings` (shipped to the executors when spark_file), loaded once per process."""
     path = settings.bundle
     if settings.spark_file:
         from pyspark import SparkFiles
 
         path = SparkFiles.get(settings.bundle)
-    key = f"{path}:{settings.model_id}:{settings.device}:{settings.detector}"
-    if key not in _PREDICTORS:
-        _PREDICTORS[key] = Predictor(path, settings.device, settings.torch_threads, settings.detector)
-        LOADS["count"] += 1
-    return _PREDICTORS[key]
+    return _load(path, settings.model_id, settings.device, settings.torch_threads, settings.detector)
 
 
 def _row(settings: ScoreSettings, **values) -> dict:
@@ -136,7 +135,7 @@ def score_partition(batches: Iterator, settings: ScoreSettings, kind: str) -> It
     detector = get_detector(pred.crop.detector) if kind == "photos" and pred.crop.detector != "none" else None
     for batch in batches:
         if kind == "photos":
-            from spark_jobs.prepare_steps import file_content
+            from spark_jobs.photo_files import file_content
 
             records = []
             for rec in batch.itertuples(index=False):

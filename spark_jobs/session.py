@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Dict, Optional
 
-from schemas.cli import UserError
+from shell.errors import UserError
 
 DELTA_VERSION = "4.0.1"  # must match pyspark 4.0.x
 DELTA_PACKAGE = f"io.delta:delta-spark_2.13:{DELTA_VERSION}"
@@ -229,7 +229,7 @@ def _start_deadline(stage: str, seconds: float) -> threading.Timer:
 def _start(builder, stage: str):
     """builder.getOrCreate() within START_TIMEOUT_S, retried once (visibly) when the failure is a slow
     start; SparkStartError otherwise."""
-    from schemas.cli import log
+    from shell.cli import log
 
     for attempt in (1, 2):
         timer = _start_deadline(stage, START_TIMEOUT_S)

@@ -2,113 +2,27 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Optional
 
 from schemas import layout
+from shell.uri import HadoopFS, to_uri  # Spark jobs reach both through storage
 
-FORMATS = ("parquet", "delta")
 MODES = ("overwrite", "append", "error")  # what a job does with outputs already there
 MAX_FILE_BYTES = 64 * 2**20  # input files larger than this are rejected unread (prepare and score alike)
 
 
-def to_uri(path: str) -> str:
-    """A local path -> file:/abs/path; URIs with a scheme stay as they are."""
-    if "://" in path or path.startswith("file:"):
-        return path.rstrip("/") if not path.endswith(":///") else path
-    return "file:" + os.path.abspath(path)
-
-
-def _hadoop_path(spark, uri: str):
-    jvm = spark._jvm
-    path = jvm.org.apache.hadoop.fs.Path(uri)
-    return path, path.getFileSystem(spark._jsc.hadoopConfiguration())
-
-
 def qualify(spark, uri: str) -> str:
     """`uri` as Hadoop resolves it (scheme, authority, absolute path): the form to compare URIs in."""
-    path, fs = _hadoop_path(spark, uri)
-    return str(fs.makeQualified(path).toString()).rstrip("/")
-
-
-class HadoopFS:
-    """schemas.outputs' filesystem interface over Hadoop's FileSystem (file:, s3a://, hdfs://, ...)."""
-
-    def __init__(self, spark):
-        self.spark = spark
-
-    def _p(self, uri: str):
-        return _hadoop_path(self.spark, to_uri(uri))
-
-    def exists(self, uri: str) -> bool:
-        path, fs = self._p(uri)
-        return bool(fs.exists(path))
-
-    def isdir(self, uri: str) -> bool:
-        path, fs = self._p(uri)
-        return bool(fs.exists(path)) and bool(fs.getFileStatus(path).isDirectory())
-
-    def listdir(self, uri: str):
-        path, fs = self._p(uri)
-        return sorted(str(s.getPath().getName()) for s in fs.listStatus(path))
-
-    def read_text(self, uri: str) -> str:
-        path, fs = self._p(uri)
-        if not fs.exists(path):
-            raise FileNotFoundError(uri)
-        stream = fs.open(path)
-        try:
-            chunks = []
-            buf = self.spark._jvm.java.io.ByteArrayOutputStream()
-            self.spark._jvm.org.apache.hadoop.io.IOUtils.copyBytes(stream, buf, 65536, False)
-            chunks.append(bytes(buf.toByteArray()))
-        finally:
-            stream.close()
-        return b"".join(chunks).decode("utf-8")
-
-    def write_text(self, uri: str, text: str) -> None:
-        write_text(self.spark, to_uri(uri), text)
-
-    def rename(self, src: str, dst: str) -> None:
-        s, fs = self._p(src)
-        d, _ = self._p(dst)
-        fs.mkdirs(d.getParent())
-        if fs.exists(d):
-            raise OSError(f"rename {src} -> {dst}: the target exists")
-        if not fs.rename(s, d):
-            raise OSError(f"rename {src} -> {dst} failed")
-
-    def delete(self, uri: str) -> None:
-        path, fs = self._p(uri)
-        if fs.exists(path):
-            fs.delete(path, True)
-
-    def mkdirs(self, uri: str) -> None:
-        path, fs = self._p(uri)
-        fs.mkdirs(path)
-
-    def walk_files(self, uri: str):
-        path, fs = self._p(uri)
-        root = str(fs.makeQualified(path).toString()).rstrip("/")
-        found, files = [], fs.listFiles(path, True)
-        while files.hasNext():
-            found.append(str(files.next().getPath().toString())[len(root) + 1:])
-        return sorted(found)
+    return HadoopFS(spark).qualify(uri)
 
 
 def exists(spark, uri: str) -> bool:
-    path, fs = _hadoop_path(spark, uri)
-    return bool(fs.exists(path))
+    return HadoopFS(spark).exists(uri)
 
 
 def write_text(spark, uri: str, text: str) -> None:
     """Write (replace) a small text file; parent folders are created."""
-    path, fs = _hadoop_path(spark, uri)
-    stream = fs.create(path, True)
-    try:
-        stream.write(bytearray(text.encode("utf-8")))
-    finally:
-        stream.close()
+    HadoopFS(spark).write_text(uri, text)
 
 
 def table_exists(spark, uri: str, fmt: str) -> bool:
@@ -164,15 +78,15 @@ class TableWrite:
     """One table of a run, written so that readers see it only after every check passed.
 
     stage(df) writes into the run's staging folder (nothing a reader looks at); `step()` is its part of the
-    run's one commit (schemas.outputs): a rename for a new or replaced table, a merge of the staged part
+    run's one commit (shell.outputs): a rename for a new or replaced table, a merge of the staged part
     files for a Parquet append, or ONE Delta write in place when the target already is a Delta table
     (overwrite = a new version; the previous versions stay readable), made from the staged rows and
     idempotent by its transaction id (txnAppId = the run id), so a commit rolled forward after a kill never
-    writes it twice. Only a target that faceage wrote is ever replaced (schemas.outputs)."""
+    writes it twice. Only a target that faceage wrote is ever replaced (shell.outputs)."""
 
     def __init__(self, spark, outputs, name: str, fmt: str, mode: str, partition_by: Optional[str] = None,
                  in_place_delta: bool = True):
-        from schemas.cli import UserError
+        from shell.errors import UserError
 
         self.spark, self.outputs, self.name, self.fmt, self.mode = spark, outputs, name, fmt, mode
         self.partition_by = partition_by
@@ -214,7 +128,7 @@ class TableWrite:
         return delta_version(self.spark, self.target) + 1 if self.how == "delta" else 0
 
     def step(self) -> dict:
-        from schemas import outputs as out
+        from shell import outputs as out
 
         if self.how == "delta":
             return {"how": "delta", "name": self.name, "mode": self.mode, "partition_by": self.partition_by,
@@ -232,9 +146,9 @@ def _schema(text: str):
 
 
 def delta_applier(spark):
-    """The commit step `delta` (TableWrite.step) for schemas.outputs: the staged Parquet rows written to the
+    """The commit step `delta` (TableWrite.step) for shell.outputs: the staged Parquet rows written to the
     Delta table in one transaction, skipped when that transaction (txnAppId, txnVersion) already committed."""
-    from schemas.outputs import MARKER, marker_text
+    from shell.outputs import MARKER, marker_text
 
     def apply(step: dict, staged: str, target: str) -> None:
         if exists(spark, staged):
@@ -249,3 +163,31 @@ def delta_applier(spark):
         write_text(spark, to_uri(layout.join(target, MARKER)), marker_text(step.get("kind", "prepare"), step["txn"]))
 
     return {"delta": apply}
+
+
+def read_predictions(spark, uri: str, fmt: Optional[str] = None):
+    """A predictions table written by score (Parquet, Delta or CSV; `uri` the table or the score output
+    holding it), bbox as an array. Refused while a score run's commit there is unfinished."""
+    from pyspark.sql import functions as sf
+
+    from schemas import fields as schema_fields
+    from schemas.tables import PREDICTIONS
+
+    fs = HadoopFS(spark)  # local, s3a://, hdfs:// alike
+    if uri.rstrip("/").split("/")[-1] != layout.PREDICTIONS_DIR and fs.isdir(layout.join(uri, layout.PREDICTIONS_DIR)):
+        uri = layout.join(uri, layout.PREDICTIONS_DIR)
+    layout.check_no_pending_commit(layout.parent(uri), fs.exists)  # never half of one score run
+    if fmt is None:
+        if fs.exists(layout.join(uri, "_delta_log")):
+            fmt = "delta"
+        elif fs.isdir(uri) and any(n.endswith(".csv") for n in fs.listdir(uri)):
+            fmt = "csv"
+        else:
+            fmt = "parquet"
+    if fmt == "delta":
+        return read_table(spark, uri, "delta")
+    if fmt == "csv":
+        csv_fields = [f if f.name != "bbox" else schema_fields.Field("bbox", "string", nullable=True) for f in PREDICTIONS]
+        df = spark.read.option("header", "true").schema(schema_fields.spark_schema(csv_fields)).csv(uri)
+        return df.withColumn("bbox", sf.from_json("bbox", "array<float>"))
+    return read_table(spark, uri, "parquet")

@@ -48,14 +48,14 @@ def spark_submit() -> str:
 
 
 def synthetic_face(age: int = 35, seed: int = 0, size: int = 200) -> Image.Image:
-    from spark_jobs.synthetic import draw_face
+    from photos.synthetic import draw_face
 
     return draw_face(age, np.random.default_rng(seed), size)
 
 
 def synthetic_photo(age: int = 35, seed: int = 0, scale: float = 1.0, canvas=(640, 480)):
     """(photo, (cx, cy, side)) - a drawn face pasted on a 640x480 background."""
-    from spark_jobs.synthetic import paste_on_background
+    from photos.synthetic import paste_on_background
 
     rng = np.random.default_rng(seed + 1000)
     return paste_on_background(synthetic_face(age, seed), rng, canvas, scale)

@@ -18,7 +18,7 @@ from conftest import REPO, spark_submit, venv_env
 from schemas import layout
 from spark_jobs import emr, evaluate, prepare, score
 from spark_jobs.local_cluster import Cluster
-from spark_jobs.synthetic import write_demo_folder
+from photos.synthetic import write_demo_folder
 
 pytestmark = pytest.mark.slow
 TRAIN = ["--epochs", "2", "--image-size", "32", "--batch-size", "8", "--workers", "1", "--no-progress",
@@ -138,7 +138,7 @@ def test_a_worker_killed_during_prepare_the_job_completes_and_commits_once(clust
     write_demo_folder(str(photos), 40)
     pauses.mkdir()
     # every task stops at its start until released (at most 120 s), so both workers are mid-task when one dies
-    hook = [f"spark.executorEnv.FACEAGE_PAUSE_AT=prepare-task", f"spark.executorEnv.FACEAGE_PAUSE_DIR={pauses}",
+    hook = ["spark.executorEnv.FACEAGE_PAUSE_AT=prepare-task", f"spark.executorEnv.FACEAGE_PAUSE_DIR={pauses}",
             "spark.executorEnv.FACEAGE_PAUSE_SECONDS=120", "spark.sql.files.maxPartitionBytes=65536"]
     job = submit(cluster, code_zip, "prepare.py", ["--input", str(photos), "--output", str(out), "--size", "32"],
                  conf=hook, wait=False)

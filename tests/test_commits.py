@@ -1,4 +1,4 @@
-"""One commit per run, one writer per output: schemas.outputs' journal and lock, then every stage's real
+"""One commit per run, one writer per output: shell.outputs' journal and lock, then every stage's real
 job killed -9 at its commit points (a test hook pauses it there) and rerun."""
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ import pytest
 
 from conftest import REPO, encode, spark_submit, synthetic_face, venv_env
 from schemas import layout
-from schemas.cli import UserError
-from schemas.outputs import LOCK, OutputBusyError, Outputs
+from shell.errors import UserError
+from shell.outputs import JOURNAL, LOCK, OutputBusyError, Outputs, STAGING_PREFIX
 
 # a writer of two entries (a folder and a file) through Outputs, pausable at its commit points
 WRITER = textwrap.dedent("""
     import sys
-    from schemas.outputs import Outputs
+    from shell.outputs import Outputs
     root, tag = sys.argv[1], sys.argv[2]
     out = Outputs.at(root, "test").begin()
     try:
@@ -94,7 +94,7 @@ def test_a_commit_killed_before_its_commit_point_keeps_the_old_state_and_its_lef
     kill_at(_write(root, "new", "commit-before", pauses), pauses, "commit-before")
     assert _state(root) == ("old", "old")
     layout.check_no_pending_commit(str(root))  # nothing pending: readers read the old state
-    assert [p for p in root.iterdir() if p.name.startswith(layout.STAGING_PREFIX)]
+    assert [p for p in root.iterdir() if p.name.startswith(STAGING_PREFIX)]
     with caplog.at_level(logging.WARNING, logger="faceage"):
         proc = _write(root, "third")
         assert proc.wait(timeout=120) == 0, proc.stdout.read()
@@ -144,9 +144,9 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_never_bl
 
 def test_a_journal_whose_step_this_job_cannot_apply_is_one_line(tmp_path):
     root = tmp_path / "out"
-    staging = root / (layout.STAGING_PREFIX + "r1")
+    staging = root / (STAGING_PREFIX + "r1")
     staging.mkdir(parents=True)
-    (root / layout.JOURNAL).write_text(json.dumps({"writer": "faceage", "run_id": "r1", "kind": "prepare",
+    (root / JOURNAL).write_text(json.dumps({"writer": "faceage", "run_id": "r1", "kind": "prepare",
                                                    "staging": staging.name,
                                                    "steps": [{"how": "delta", "name": "faces"}]}))
     with pytest.raises(UserError, match="rerun the job that wrote it \\(prepare\\)"):
@@ -285,7 +285,7 @@ def test_score_and_evaluate_killed_inside_their_commits_then_rerun(bundles, tabl
     for name in os.listdir(pauses):
         os.remove(pauses / name)
     kill_at(_job(*evaluate, pause_at="commit-step", pauses=pauses), pauses, "commit-step")
-    assert (report / layout.JOURNAL).exists()
+    assert (report / JOURNAL).exists()
     log = _finish(_job(*evaluate))
     assert "finished the commit of run" in log
     metrics = json.loads((report / "metrics.json").read_text())
@@ -298,7 +298,7 @@ def test_train_killed_inside_its_commit_leaves_a_bundle_no_reader_takes_until_th
     bundle.load_bundle); the rerun finishes the commit, then trains and commits its own pair."""
     import torch
 
-    from trainer import bundle as B
+    from trainer.bundle import BundleError, load_bundle
 
     root, _, _ = tables
     out, pauses = tmp_path / "run", tmp_path / "pauses"
@@ -315,11 +315,11 @@ def test_train_killed_inside_its_commit_leaves_a_bundle_no_reader_takes_until_th
 
     _finish(train("1"))
     kill_at(train("2", at="commit-step"), pauses, "commit-step")
-    with pytest.raises(B.BundleError, match="killed while it committed"):
-        B.load_bundle(str(out / "model.pt"))
+    with pytest.raises(BundleError, match="killed while it committed"):
+        load_bundle(str(out / "model.pt"))
     log = _finish(train("3"))
     assert "finished the commit of run" in log
     summary = json.loads((out / "summary.json").read_text())
     bundle = torch.load(out / "model.pt", weights_only=True)
     assert bundle["params"]["seed"] == 3 and bundle["metrics"]["test_mae"] == pytest.approx(summary["test_mae"])
-    B.load_bundle(str(out / "model.pt"))
+    load_bundle(str(out / "model.pt"))

@@ -53,7 +53,7 @@ def test_the_bundle_holds_the_code_and_pins(tmp_path):
     files = emr.build(str(tmp_path / "dist"))
     with zipfile.ZipFile(files[emr.CODE_ZIP]) as z:
         names = set(z.namelist())
-    assert {"schemas/tables.py", "spark_jobs/faces.py", "trainer/train.py", "trainer/data.py"} <= names
+    assert {"schemas/tables.py", "photos/faces.py", "trainer/train.py", "trainer/data.py"} <= names
     assert not any("__pycache__" in n or "/tests/" in n for n in names)
     lock = (tmp_path / "dist" / "requirements.lock").read_text()
     assert "torch==2.14.1" in lock and "pyarrow==14.0.2" in lock
@@ -202,7 +202,7 @@ def test_the_chain_is_accepted_by_moto_and_runs_on_local_spark_through_s3(s3_buc
     its script and code zip swapped for this checkout's), every hand-off through the local S3 server."""
     import boto3
 
-    from spark_jobs.synthetic import write_demo_folder
+    from photos.synthetic import write_demo_folder
 
     endpoint = __import__("os").environ["AWS_ENDPOINT_URL"]
     s3 = boto3.client("s3", endpoint_url=endpoint)

@@ -50,7 +50,7 @@ def test_optuna_runs_a_study():
 
 def test_yuface_finds_a_drawn_face():
     from conftest import synthetic_photo
-    from spark_jobs.faces import get_detector
+    from photos.faces import get_detector
 
     photo, _ = synthetic_photo(30, seed=1)
     found = get_detector("yunet")(np.asarray(photo), 0.5)

@@ -7,7 +7,7 @@ from PIL import Image
 
 from conftest import encode, synthetic_face, synthetic_photo
 from schemas.crop import CropSettings
-from spark_jobs.faces import (Reject, crop_faces, crop_transform, decode_upright,
+from photos.faces import (Reject, crop_faces, crop_transform, decode_upright,
                               similarity_transform, template_points)
 
 SETTINGS = CropSettings(size=64)
@@ -161,3 +161,11 @@ def test_detector_none_resizes_prealigned_crops():
     face = synthetic_face(20, seed=13, size=200)
     crop, pixels = crop_image(encode(face.crop((0, 0, 200, 180))), CropSettings(size=48, detector="none"))
     assert crop.det_score is None and crop.landmarks is None and crop.bbox == [10.0, 0.0, 190.0, 180.0]
+
+
+def test_a_reject_reason_is_one_the_rejects_table_defines():
+    from schemas.tables import REASONS
+
+    assert Reject("no_face", "none found").reason in REASONS
+    with pytest.raises(ValueError, match="not one of schemas.tables.REASONS"):
+        Reject("no_faec", "a typo in a code path")

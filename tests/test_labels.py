@@ -1,7 +1,7 @@
 import pytest
 
-from spark_jobs.labels import Label, LabelError, label_from_manifest, parse_fgnet, parse_utkface
-from spark_jobs.splits import assign_split, parse_fractions, split_key
+from photos.labels import Label, LabelError, label_from_manifest, parse_fgnet, parse_utkface
+from photos.splits import assign_split, parse_fractions, split_key
 
 
 @pytest.mark.parametrize("name, expected", [

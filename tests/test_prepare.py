@@ -193,7 +193,7 @@ def test_empty_input_folder_is_a_clear_error(spark, tmp_path, capsys):
 def test_hadoop_listing_matches_the_local_walk(spark, messy_folder):
     """The s3a/hdfs code path (Hadoop FileSystem.listFiles) run on a file: URI: same inventory, except the
     dangling link, which only a local walk can see."""
-    from spark_jobs.prepare_steps import list_files, list_hadoop
+    from spark_jobs.photo_files import list_files, list_hadoop
 
     root, _ = messy_folder
     local = list_files(spark, [str(root)])

@@ -51,9 +51,9 @@ def test_a_mistyped_uri_is_refused_and_no_local_folder_appears(tmp_path, stage, 
 
 
 def test_uri_layer_reads_writes_and_renames_on_s3(s3_bucket):
-    from schemas import uri
-    from schemas.cli import UserError
-    from schemas.outputs import Outputs
+    from shell import uri
+    from shell.errors import UserError
+    from shell.outputs import Outputs
 
     base = f"s3a://{s3_bucket}/out"
     fs = uri.fs_for(base)
@@ -80,7 +80,7 @@ def test_uri_layer_reads_writes_and_renames_on_s3(s3_bucket):
 def test_prepare_train_score_evaluate_through_s3(s3_bucket, tmp_path):
     import boto3
 
-    from spark_jobs.synthetic import write_demo_folder
+    from photos.synthetic import write_demo_folder
 
     client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     photos = tmp_path / "photos"

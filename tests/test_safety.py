@@ -19,8 +19,10 @@ import pytest
 import torch
 
 from conftest import REPO, encode, synthetic_face, synthetic_photo
-from schemas import cli, layout, outputs
+from schemas import layout
+from shell import cli, outputs
 from spark_jobs import evaluate, prepare, score
+from trainer.bundle import framing
 from trainer import train, tune
 
 
@@ -199,7 +201,8 @@ def test_a_model_trained_on_aligned_chips_detects_faces_in_photos(bundles, tmp_p
     plain, _ = bundles
     bundle = torch.load(plain, weights_only=True)
     assert bundle["crop"]["detector"] == "none"
-    assert bundle["framing"]["template"] == "utkface-chip-5pt" and bundle["framing"]["margin"] == 0.0
+    assert "framing" not in bundle  # stored once, in the crop settings it is derived from
+    assert framing(bundle)["template"] == "utkface-chip-5pt" and framing(bundle)["margin"] == 0.0
     photos = tmp_path / "photos"
     photos.mkdir()
     for i, age in enumerate((25, 40, 61)):
@@ -616,4 +619,4 @@ def test_a_full_disk_is_one_line_with_its_own_exit_code(spark, tables, full_disk
                        "--batch-size", "16", "--workers", "1", "--reader", "pyarrow", "--no-progress"]) \
         == cli.DISK_FULL_EXIT
     assert "no space left on the device" in one_error_line(capsys.readouterr().err, "train")
-    assert not (run / "model.pt").exists() and not (run / layout.LOCK).exists()
+    assert not (run / "model.pt").exists() and not (run / outputs.LOCK).exists()

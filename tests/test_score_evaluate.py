@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import REPO, encode, spark_submit, synthetic_face, synthetic_photo, venv_env
 from schemas import layout
-from spark_jobs import evaluate, score, score_steps
+from spark_jobs import evaluate, evaluate_steps, score, score_steps
 from trainer import bundle as bundle_io
 from trainer import data
 
@@ -48,7 +48,7 @@ def test_scoring_a_mixed_folder_accounts_for_every_photo(bundles, tmp_path):
     expected = _mixed_folder(tmp_path / "photos")
     out = tmp_path / "scored"
     assert score.main(["--model", str(detecting), "--input", str(tmp_path / "photos"), "--output", str(out)]) == 0
-    manifest = json.loads((out / score.SCORE_MANIFEST).read_text())
+    manifest = json.loads((out / layout.SCORE_MANIFEST).read_text())
     c = manifest["counts"]
     assert (c["photos"], c["photos_with_faces"], c["faces"], c["photos_without_face"], c["unreadable"]) == \
         (expected["photos"], expected["with_faces"], expected["faces"], expected["without_face"],
@@ -81,9 +81,9 @@ def test_the_model_is_loaded_once_per_worker_process(bundles):
     plain, _ = bundles
     settings = score_steps.ScoreSettings(bundle=str(plain), model_id="x", data_version=None, input_version=None,
                                      run_id="r")
-    before = score_steps.LOADS["count"]
+    before = score_steps._load.cache_info().misses
     first = score_steps.predictor(settings)
-    assert score_steps.predictor(settings) is first and score_steps.LOADS["count"] == before + 1
+    assert score_steps.predictor(settings) is first and score_steps._load.cache_info().misses == before + 1
 
 
 def test_score_a_table_split_then_evaluate_it(bundles, tables, tmp_path):
@@ -93,7 +93,7 @@ def test_score_a_table_split_then_evaluate_it(bundles, tables, tmp_path):
     assert score.main(["--model", str(plain), "--input", str(root / "delta"), "--split", "test",
                        "--output", str(out), "--format", "delta"]) == 0
     assert (out / "predictions" / "_delta_log").is_dir()
-    m = json.loads((out / score.SCORE_MANIFEST).read_text())
+    m = json.loads((out / layout.SCORE_MANIFEST).read_text())
     n = data.split_source(str(root / "delta"), "test").rows  # the latest version's test split
     total = sum(data.split_source(str(root / "delta"), s).rows for s in ("train", "val", "test"))
     assert m["counts"]["faces"] == n and m["input"]["version"] == 1
@@ -123,7 +123,7 @@ def test_score_a_table_split_then_evaluate_it(bundles, tables, tmp_path):
     assert np.array(metrics["confusion"]["counts"]).sum() == n
     true_groups = np.array(metrics["confusion"]["counts"]).sum(axis=1)
     assert true_groups.tolist() == [int(((joined.age >= lo) & (joined.age < hi)).sum()) for lo, hi in
-                                    zip(evaluate.AGE_GROUP_BOUNDS, evaluate.AGE_GROUP_BOUNDS[1:] + (999,))]
+                                    zip(evaluate_steps.AGE_GROUP_BOUNDS, evaluate_steps.AGE_GROUP_BOUNDS[1:] + (999,))]
     page = (report / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(metrics["plots"]) and bundle_io.model_id(str(plain)) in page
     assert {"confusion.png", "mae_by_age_group.png", "pred_vs_true.png", "uncertainty.png",

@@ -4,41 +4,41 @@ import pickle
 import pytest
 import torch
 
-from trainer import bundle as B
-from trainer import model as M
+from trainer.bundle import BUNDLE_FORMAT, BundleError, Provenance, load_bundle, save_bundle
+from trainer.model import (HEADS, MAX_AGE, MIN_AGE, TTA, age_targets, build_model, decode, load_init_weights, loss_fn, predict_ages)
 
 
-@pytest.mark.parametrize("head", M.HEADS)
+@pytest.mark.parametrize("head", HEADS)
 def test_heads_decode_ages(head):
     torch.manual_seed(0)
-    net = M.build_model(head).eval()
+    net = build_model(head).eval()
     with torch.no_grad():
         out = net(torch.randn(4, 3, 32, 32))
-    age, std = M.decode(out, head)
+    age, std = decode(out, head)
     assert age.shape == std.shape == (4,)
     if head == "distribution":
-        assert out.shape == (4, M.MAX_AGE + 1)
-        assert torch.all((age >= 0) & (age <= M.MAX_AGE)) and torch.all(std > 0)
+        assert out.shape == (4, MAX_AGE + 1)
+        assert torch.all((age >= 0) & (age <= MAX_AGE)) and torch.all(std > 0)
     else:
         assert torch.isnan(std).all()
 
 
 def test_distribution_decodes_a_peaked_output_to_its_age():
-    logits = torch.log(M.age_targets(torch.tensor([7.0, 64.0]), sigma=1.0))
-    age, std = M.decode(logits, "distribution")
+    logits = torch.log(age_targets(torch.tensor([7.0, 64.0]), sigma=1.0))
+    age, std = decode(logits, "distribution")
     assert torch.allclose(age, torch.tensor([7.0, 64.0]), atol=1e-3)
     assert torch.allclose(std, torch.tensor([1.0, 1.0]), atol=1e-2)
 
 
-@pytest.mark.parametrize("head", M.HEADS)
+@pytest.mark.parametrize("head", HEADS)
 def test_losses_fall_when_a_model_fits_a_batch(head):
     torch.manual_seed(0)
-    net = M.build_model(head)
+    net = build_model(head)
     x, y = torch.randn(8, 3, 32, 32), torch.tensor([3.0, 10, 22, 30, 41, 55, 70, 90])
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     first = None
     for _ in range(30):
-        loss = M.loss_fn(net(x), y, head)
+        loss = loss_fn(net(x), y, head)
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
@@ -52,19 +52,20 @@ def test_init_weights_skip_the_classifier(tmp_path):
     donor = torchvision.models.resnet18(weights=None)  # ImageNet-shaped: 1000-class fc
     path = tmp_path / "resnet18.pth"
     torch.save(donor.state_dict(), path)
-    net = M.build_model("distribution")
-    report = M.load_init_weights(net, str(path))
+    net = build_model("distribution")
+    report = load_init_weights(net, str(path))
     assert "fc.weight" in report["skipped"] and "conv1.weight" in report["loaded"]
     assert torch.equal(net.conv1.weight, donor.conv1.weight)
 
 
 def test_bundle_round_trip(tmp_path):
     torch.manual_seed(1)
-    net = M.build_model("distribution").eval()
+    net = build_model("distribution").eval()
     path = tmp_path / "model.pt"
-    B.save_bundle(str(path), net, "distribution", 32, [0.5] * 3, [0.25] * 3, {"size": 32, "margin": 0.0},
-                  {"uri": "file:/data/faces", "version": 3}, {"lr": 0.001}, {"val_mae": 6.1, "test_mae": float("nan")})
-    loaded, bundle = B.load_bundle(str(path))
+    save_bundle(str(path), net, "distribution", 32, {"size": 32, "margin": 0.0},
+                Provenance({"uri": "file:/data/faces", "version": 3}, {"lr": 0.001},
+                           {"val_mae": 6.1, "test_mae": float("nan")}), normalize=([0.5] * 3, [0.25] * 3))
+    loaded, bundle = load_bundle(str(path))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), net(x))
@@ -80,55 +81,55 @@ class _Payload:
 def test_bad_bundles_are_refused_with_a_reason(tmp_path, capsys):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x00not a torch file" * 10)
-    with pytest.raises(B.BundleError, match="unreadable, corrupt"):
-        B.load_bundle(str(corrupt))
+    with pytest.raises(BundleError, match="unreadable, corrupt"):
+        load_bundle(str(corrupt))
     foreign = tmp_path / "state.pt"
-    torch.save(M.build_model("regression").state_dict(), foreign)
-    with pytest.raises(B.BundleError, match="plain state dict, not a faceage model bundle"):
-        B.load_bundle(str(foreign))
+    torch.save(build_model("regression").state_dict(), foreign)
+    with pytest.raises(BundleError, match="plain state dict, not a faceage model bundle"):
+        load_bundle(str(foreign))
     code = tmp_path / "code.pt"
     with open(code, "wb") as f:
-        pickle.dump({"format": B.BUNDLE_FORMAT, "x": _Payload()}, f)
-    with pytest.raises(B.BundleError, match="will not be run"):
-        B.load_bundle(str(code))
+        pickle.dump({"format": BUNDLE_FORMAT, "x": _Payload()}, f)
+    with pytest.raises(BundleError, match="will not be run"):
+        load_bundle(str(code))
     assert "this must never run" not in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="no such file"):
-        B.load_bundle(str(tmp_path / "missing.pt"))
+        load_bundle(str(tmp_path / "missing.pt"))
 
 
-@pytest.mark.parametrize("tta", M.TTA)
+@pytest.mark.parametrize("tta", TTA)
 def test_regression_ages_are_clipped_into_the_age_range_and_nan_stays_nan(tta):
-    model = M.build_model("regression").eval()
+    model = build_model("regression").eval()
     with torch.no_grad():
         model.fc.weight.zero_()
         x = torch.randn(3, 3, 32, 32)
-        for bias, expected in ((-5.0, float(M.MIN_AGE)), (1e30, float(M.MAX_AGE)), (33.0, 33.0)):
+        for bias, expected in ((-5.0, float(MIN_AGE)), (1e30, float(MAX_AGE)), (33.0, 33.0)):
             model.fc.bias.fill_(bias)
-            age, _ = M.predict_ages(model, x, "regression", tta)
+            age, _ = predict_ages(model, x, "regression", tta)
             assert torch.allclose(age, torch.full((3,), expected)), (bias, age)
         model.fc.bias.fill_(float("nan"))
-        age, _ = M.predict_ages(model, x, "regression", tta)
+        age, _ = predict_ages(model, x, "regression", tta)
         assert torch.isnan(age).all()
 
 
-@pytest.mark.parametrize("head", M.HEADS)
+@pytest.mark.parametrize("head", HEADS)
 def test_flip_tta_only_averages_the_two_passes(head):
     torch.manual_seed(0)
-    model = M.build_model(head).eval()
+    model = build_model(head).eval()
     half = torch.randn(3, 3, 32, 16)
     symmetric = torch.cat([half, torch.flip(half, dims=[3])], dim=3)  # each image equals its mirror
     with torch.no_grad():
-        plain, _ = M.predict_ages(model, symmetric, head, "none")
-        flipped, _ = M.predict_ages(model, symmetric, head, "flip")
+        plain, _ = predict_ages(model, symmetric, head, "none")
+        flipped, _ = predict_ages(model, symmetric, head, "flip")
         assert torch.allclose(plain, flipped, atol=1e-4)  # nothing to average: the same ages
         x = torch.randn(4, 3, 32, 32)
-        a, _ = M.predict_ages(model, x, head, "none")
-        b, _ = M.predict_ages(model, torch.flip(x, dims=[3]), head, "none")
-        both, _ = M.predict_ages(model, x, head, "flip")
+        a, _ = predict_ages(model, x, head, "none")
+        b, _ = predict_ages(model, torch.flip(x, dims=[3]), head, "none")
+        both, _ = predict_ages(model, x, head, "flip")
     if head == "regression":
         assert torch.allclose(both, (a + b) / 2, atol=1e-5)
     else:  # the averaged distribution's mean is the mean of the two means
         assert torch.allclose(both, (a + b) / 2, atol=1e-3)
     assert not torch.allclose(a, b)  # the mirror did give another answer, so averaging was real
     with pytest.raises(ValueError, match="tta 'rotate'"):
-        M.predict_ages(model, x, head, "rotate")
+        predict_ages(model, x, head, "rotate")

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import REPO, venv_env
-from trainer import bundle as B
+from trainer.bundle import BUNDLE_FORMAT, load_bundle
 from trainer import train
-from trainer.schedules import CyclicPlateau
+from trainer.schedules import CyclicPlateau, Plateau
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--workers", "1", "--no-progress", "--plateau-patience", "20"]
 
@@ -29,17 +29,31 @@ def test_train_writes_metrics_and_a_loadable_bundle(tables, tmp_path):
                for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_rows"] == manifest["splits"]["test"] and summary["data_version"] == 1
-    model, bundle = B.load_bundle(str(out / "model.pt"))
+    model, bundle = load_bundle(str(out / "model.pt"))
     assert bundle["head"] == "regression" and bundle["input_size"] == 32
     assert bundle["data"]["version"] == 1 and bundle["crop"]["detector"] == "none"
     assert bundle["metrics"]["test_mae"] == pytest.approx(summary["test_mae"])
-    assert torch.load(out / "model.pt", weights_only=True)["format"] == B.BUNDLE_FORMAT
+    assert torch.load(out / "model.pt", weights_only=True)["format"] == BUNDLE_FORMAT
     assert any((out / "tensorboard").iterdir())
+
+
+def test_a_last_batch_of_one_row_is_skipped_not_a_crash(tables, tmp_path):
+    """BatchNorm cannot train on one row (at 32 px the last feature map is 1x1: "Expected more than 1 value per
+    channel"): a batch size that leaves one row over trains every other row and says it skipped one."""
+    root, manifest, _ = tables
+    n = manifest["splits"]["train"]
+    assert n > 3
+    out = tmp_path / "run"
+    flags = [f if f != "16" else str(n - 1) for f in TINY]  # batches of n-1 rows, then 1
+    assert train.main(["--data", str(root / "pq"), "--output", str(out), "--epochs", "1", "--reader", "pyarrow",
+                       "--head", "regression", *flags]) == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["train_rows"] == n - 1 and row["train_rows_skipped"] == 1
 
 
 def test_plateau_lowers_the_cycle_bounds():
     opt = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=1e-2)
-    sched = CyclicPlateau(opt, base_lr=1e-3, max_lr=1e-2, step_size_up=4, factor=0.5, patience=1)
+    sched = CyclicPlateau(opt, base_lr=1e-3, max_lr=1e-2, step_size_up=4, plateau=Plateau(factor=0.5, patience=1))
     cuts = [sched.step_epoch(mae) for mae in [10.0, 9.0, 9.5, 9.4, 8.0, 8.1, 8.2]]
     assert cuts == [False, False, False, True, False, False, True]
     assert sched.bounds() == pytest.approx((2.5e-4, 2.5e-3))
@@ -127,7 +141,7 @@ def test_ema_weights_are_the_ones_validated_and_bundled(tables, tmp_path):
                       "--reader", "pyarrow"] + TINY) == 0
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     averaged = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-    model, _ = B.load_bundle(str(out / "model.pt"))
+    model, _ = load_bundle(str(out / "model.pt"))
     bundled = model.state_dict()
     assert averaged.keys() == bundled.keys()
     assert all(torch.equal(averaged[k], bundled[k]) for k in bundled)  # the average is what ships
@@ -143,7 +157,7 @@ def test_progressive_resizing_trains_small_then_at_the_bundle_size(tables, tmp_p
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_size"] for r in rows] == [16, 16, 32]
     assert all(r["train_rows"] == manifest["splits"]["train"] for r in rows)
-    assert B.load_bundle(str(out / "model.pt"))[1]["input_size"] == 32
+    assert load_bundle(str(out / "model.pt"))[1]["input_size"] == 32
 
 
 def test_final_epochs_alone_is_refused(tables, tmp_path, capsys):

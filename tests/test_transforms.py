@@ -1,18 +1,16 @@
 """The pure pieces on their own: DataFrame -> DataFrame transforms on the session's local Spark, the job
 shell, the output rules, the contract readers, and the direction of imports."""
 import argparse
-import ast
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO
-from schemas import cli, layout, outputs
+from schemas import layout
+from shell import cli, outputs
 from schemas.crop import CropSettings
-from spark_jobs import evaluate, prepare, prepare_steps, score
+from spark_jobs import evaluate_steps, photo_files, prepare, prepare_steps, score
 
 # ============================================================================ prepare's transforms
 
@@ -27,7 +25,7 @@ from spark_jobs import evaluate, prepare, prepare_steps, score
     ("file:/p/a.jpg", 101, False, "too_large"),
 ])
 def test_classify_file(path, length, hidden, expected):
-    got = prepare_steps.classify_file(path, length, hidden, max_file_bytes=100)
+    got = photo_files.classify_file(path, length, hidden, max_file_bytes=100)
     assert (got[0] if got else None) == expected
 
 
@@ -98,17 +96,17 @@ def test_evaluation_transforms_match_numpy(spark):
     labels += [("f0", int(ages[0]), 0, 0, "utk", None), ("bad", None, None, None, "utk", "age 'abc'")]
     label_df = spark.createDataFrame(labels, "face_id string, age int, gender int, race int, dataset string, "
                                              "label_error string")
-    ok, left_out = evaluate.valid_predictions(pred_df, "face_id")
+    ok, left_out = evaluate_steps.valid_predictions(pred_df, "face_id")
     assert left_out == {"non_finite_prediction": 1, "out_of_range_prediction": 0}
-    ok, dup_preds = evaluate.dedupe_keys(ok.where("face_id != 'f0' or predicted_age < 99"), "face_id",
+    ok, dup_preds = evaluate_steps.dedupe_keys(ok.where("face_id != 'f0' or predicted_age < 99"), "face_id",
                                          ["predicted_age"], "p")
-    good, invalid = evaluate.valid_labels(label_df)
+    good, invalid = evaluate_steps.valid_labels(label_df)
     assert invalid == 1
-    good, dup_labels = evaluate.dedupe_keys(good, "face_id", ["age", "gender", "race", "dataset"], "l")
+    good, dup_labels = evaluate_steps.dedupe_keys(good, "face_id", ["age", "gender", "race", "dataset"], "l")
     assert (dup_preds, dup_labels) == (0, 1)
-    joined, book = evaluate.join_labels(ok, good, "face_id")
+    joined, book = evaluate_steps.join_labels(ok, good, "face_id")
     assert book == {"matched": n, "predictions_without_label": 0, "labels_without_prediction": 0}
-    agg = evaluate.aggregate_metrics(evaluate.matched_errors(joined))
+    agg = evaluate_steps.aggregate_metrics(evaluate_steps.matched_errors(joined))
     err = predicted.astype(np.float32).astype(np.float64) - ages
     o = agg["overall"]
     assert o["count"] == n and o["mae"] == pytest.approx(np.abs(err).mean(), rel=1e-6)
@@ -118,12 +116,12 @@ def test_evaluation_transforms_match_numpy(spark):
     assert female["count"] == n // 2 and female["mae"] == pytest.approx(np.abs(err[1::2]).mean(), rel=1e-6)
     assert agg["uncertainty"]["within_1sd"] == pytest.approx((np.abs(err) <= 1.0).mean())
     assert agg["uncertainty"]["corr_abs_error_std"] is None  # every std the same: no correlation, no crash
-    matrix, _ = evaluate.confusion(agg["cells"])
+    matrix, _ = evaluate_steps.confusion(agg["cells"])
     assert matrix.sum() == n and sum(c for _, c, _ in agg["by_age"]) == n
 
     conflicting = spark.createDataFrame([("k", 1), ("k", 2)], "face_id string, age int")
     with pytest.raises(cli.UserError, match="1 key.*different values"):
-        evaluate.dedupe_keys(conflicting, "face_id", ["age"], "--labels x")
+        evaluate_steps.dedupe_keys(conflicting, "face_id", ["age"], "--labels x")
 
 
 # ============================================================================ the job shell
@@ -225,21 +223,3 @@ def test_a_bundle_trained_through_a_file_uri_keeps_the_tables_crop_settings(tabl
                       "--no-progress"]) == 0
     _, saved = bundle.load_bundle(str(out / "model.pt"))
     assert saved["crop"] == manifest["settings"]["crop"] and saved["crop"]["detector"] == "none"
-
-
-# ============================================================================ one direction
-
-def _imports(path: Path):
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            yield from (a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            yield node.module
-
-
-def test_imports_point_one_way():
-    """schemas imports neither trainer nor spark_jobs; trainer never imports spark_jobs."""
-    for package, forbidden in (("schemas", ("trainer", "spark_jobs")), ("trainer", ("spark_jobs",))):
-        for path in sorted((REPO / package).glob("*.py")):
-            bad = [m for m in _imports(path) if m.split(".")[0] in forbidden]
-            assert not bad, f"{path.relative_to(REPO)} imports {bad}"

@@ -16,9 +16,9 @@ from conftest import encode
 from schemas import layout
 from spark_jobs import prepare
 from schemas.crop import CropSettings
-from spark_jobs.faces import crop_center_in_source, crop_faces, crop_transform
-from spark_jobs.labels import parse_utkface
-from spark_jobs.synthetic import paste_on_background
+from photos.faces import crop_center_in_source, crop_faces, crop_transform
+from photos.labels import parse_utkface
+from photos.synthetic import paste_on_background
 
 pytestmark = pytest.mark.utkface
 

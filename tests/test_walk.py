@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import encode, synthetic_face
-from schemas import cli
-from spark_jobs import predict, prepare, score, walk
+from shell import cli
+from photos import walk
+from spark_jobs import predict, prepare, score
 
 NONE = ["--detector", "none", "--size", "32"]
 

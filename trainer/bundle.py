@@ -10,6 +10,7 @@ scoring (spark_jobs/score.py, which reads them) both import.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import math
@@ -20,12 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from schemas.cli import UserError, check_space, redacted
-from schemas.crop import CropSettings, scoring_settings
+from shell.cli import redacted
+from shell.errors import check_space, UserError
+from schemas import layout
+from schemas.crop import SIZE_RANGE, CropSettings, scoring_settings
 from trainer.model import HEADS, build_model, predict_ages
 
-BUNDLE_FORMAT = "faceage-model-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_FORMAT, BUNDLE_VERSION = layout.BUNDLE_FORMAT, layout.BUNDLE_VERSION
 
 # ImageNet statistics: torchvision's ResNet weights expect them, and they do no harm from scratch.
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -82,24 +84,33 @@ def _plain(value):
     return None if math.isnan(number) else number
 
 
-def save_bundle(path: str, model: nn.Module, head: str, input_size: int, mean, std, crop: dict,
-                data: dict, params: dict, metrics: dict) -> None:
+@dataclasses.dataclass
+class Provenance:
+    """Where a bundle came from: the data it was trained on, the settings, the metrics of its chosen epoch."""
+
+    data: dict
+    params: dict
+    metrics: dict
+
+
+def save_bundle(path: str, model: nn.Module, head: str, input_size: int, crop: dict, provenance: Provenance,
+                normalize=(MEAN, STD)) -> None:
     """Write the one-file bundle atomically (a reader never sees half a file)."""
+    mean, std = normalize
     bundle = {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_VERSION,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "head": head,
-        "input_size": int(input_size),
+        "input_size": int(input_size),  # the model's input side; crop.size: the side crops are made at
         "normalize": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
-        "crop": _plain(crop),
-        # how the training crops are framed: scoring photos detects and aligns to this (schemas/crop.py)
-        "framing": _plain(CropSettings.from_dict(crop, "bundle crop settings").framing()) if crop else None,
-        "data": redacted(_plain(data)),  # a credential in a URI or setting never reaches the file
-        "params": redacted(_plain(params)),
-        "metrics": _plain(metrics),
+        "crop": _plain(crop),  # how faces are cropped for it, its framing included (framing() below)
+        "data": redacted(_plain(provenance.data)),  # a credential in a URI or setting never reaches the file
+        "params": redacted(_plain(provenance.params)),
+        "metrics": _plain(provenance.metrics),
         "torch_version": str(torch.__version__),
     }
+    assert tuple(bundle) == layout.BUNDLE_FIELDS, "schemas.layout.BUNDLE_FIELDS is the bundle's one field list"
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         torch.save(bundle, tmp)
@@ -111,9 +122,15 @@ def save_bundle(path: str, model: nn.Module, head: str, input_size: int, mean, s
     os.replace(tmp, path)
 
 
+def framing(bundle: dict) -> dict:
+    """How the bundle's training crops are framed (schemas.crop.CropSettings.framing): scoring detects and
+    aligns photos to it. Derived from the bundle's crop settings, the one place they are stored."""
+    return CropSettings.from_dict(dict(bundle["crop"]), "model bundle").framing()
+
+
 def _read(path: str) -> bytes:
-    """The bytes of a bundle at a local path or URI (schemas.uri)."""
-    from schemas import uri
+    """The bytes of a bundle at a local path or URI (shell.uri)."""
+    from shell import uri
 
     return uri.read_bytes(path)
 
@@ -130,12 +147,10 @@ def is_bundle(path: str) -> bool:
 def load_bundle(path: str) -> Tuple[nn.Module, dict]:
     """(model in eval mode, bundle dict) from a bundle file (local or a URI); BundleError with a reason
     otherwise."""
-    from schemas import uri
+    from shell import uri
 
     if not uri.isfile(path):
         raise FileNotFoundError(f"model bundle {path}: no such file")
-    from schemas import layout
-
     try:  # a run folder whose commit (bundle + summary) a kill interrupted: refused until a rerun finished it
         layout.check_no_pending_commit(layout.parent(path))
     except layout.IncompleteTableError as e:
@@ -149,29 +164,7 @@ def load_bundle(path: str) -> Tuple[nn.Module, dict]:
         what = "a plain state dict" if isinstance(bundle, dict) else f"a {type(bundle).__name__}"
         raise BundleError(f"model bundle {path}: this is {what}, not a faceage model bundle "
                           f"(write one with python -m trainer.train)")
-    if bundle.get("format_version", 0) > BUNDLE_VERSION:
-        raise BundleError(f"model bundle {path}: format version {bundle['format_version']} is newer than this "
-                          f"code ({BUNDLE_VERSION}); update the project")
-    if bundle.get("head") not in HEADS:
-        raise BundleError(f"model bundle {path}: head {bundle.get('head')!r} is not one of {HEADS}")
-    size = bundle.get("input_size")
-    if not isinstance(size, int) or not 16 <= size <= 1024:
-        raise BundleError(f"model bundle {path}: input_size {size!r} is not a pixel size 16..1024")
-    normalize = bundle.get("normalize") or {}
-    if not all(isinstance(normalize.get(k), list) and len(normalize[k]) == 3 for k in ("mean", "std")):
-        raise BundleError(f"model bundle {path}: normalize needs 3 mean and 3 std values")
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in normalize["mean"] + normalize["std"]) \
-            or not all(v > 0 for v in normalize["std"]):
-        raise BundleError(f"model bundle {path}: normalize holds {normalize}; mean and std must be finite numbers, "
-                          f"std above 0")
-    crop = bundle.get("crop")
-    if not crop:
-        raise BundleError(f"model bundle {path}: no crop settings; it cannot say how to crop faces for it "
-                          f"(retrain with python -m trainer.train on a prepared table)")
-    try:
-        CropSettings.from_dict(crop, f"model bundle {path}")
-    except UserError as e:
-        raise BundleError(str(e)) from None
+    check_fields(bundle, path)
     model = build_model(bundle["head"])
     try:
         model.load_state_dict(bundle["state_dict"])
@@ -187,6 +180,35 @@ def load_bundle(path: str) -> Tuple[nn.Module, dict]:
                           f"{broken[0]}); it cannot predict an age. Use the bundle of a run that did not diverge")
     model.eval()
     return model, bundle
+
+
+def check_fields(bundle: dict, path: str) -> None:
+    """BundleError naming `path` when a faceage bundle's fields are not usable (format version, head, input
+    size, normalisation, crop settings)."""
+    if bundle.get("format_version", 0) > BUNDLE_VERSION:
+        raise BundleError(f"model bundle {path}: format version {bundle['format_version']} is newer than this "
+                          f"code ({BUNDLE_VERSION}); update the project")
+    if bundle.get("head") not in HEADS:
+        raise BundleError(f"model bundle {path}: head {bundle.get('head')!r} is not one of {HEADS}")
+    size = bundle.get("input_size")
+    if not isinstance(size, int) or not SIZE_RANGE[0] <= size <= SIZE_RANGE[1]:
+        raise BundleError(f"model bundle {path}: input_size {size!r} is not a pixel size "
+                          f"{SIZE_RANGE[0]}..{SIZE_RANGE[1]}")
+    normalize = bundle.get("normalize") or {}
+    if not all(isinstance(normalize.get(k), list) and len(normalize[k]) == 3 for k in ("mean", "std")):
+        raise BundleError(f"model bundle {path}: normalize needs 3 mean and 3 std values")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in normalize["mean"] + normalize["std"]) \
+            or not all(v > 0 for v in normalize["std"]):
+        raise BundleError(f"model bundle {path}: normalize holds {normalize}; mean and std must be finite numbers, "
+                          f"std above 0")
+    crop = bundle.get("crop")
+    if not crop:
+        raise BundleError(f"model bundle {path}: no crop settings; it cannot say how to crop faces for it "
+                          f"(retrain with python -m trainer.train on a prepared table)")
+    try:
+        CropSettings.from_dict(crop, f"model bundle {path}")
+    except UserError as e:
+        raise BundleError(str(e)) from None
 
 
 def model_id(path: str) -> str:

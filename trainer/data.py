@@ -19,6 +19,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from schemas import layout
+from schemas.crop import DEFAULT_SIZE
 from schemas.tables import SPLITS
 from trainer.bundle import decode_image
 
@@ -122,8 +123,8 @@ def shard_row_groups(source: SplitSource, cur_shard: Optional[int], shard_count:
 
 
 def open_input(uri: str):
-    """A binary file object for a local path, file: URI or remote URI (schemas.uri's one I/O layer)."""
-    from schemas import uri as uris
+    """A binary file object for a local path, file: URI or remote URI (shell.uri's one I/O layer)."""
+    from shell import uri as uris
 
     path = uris.local_path(uri)
     if path is not None:
@@ -133,10 +134,10 @@ def open_input(uri: str):
 
 
 def petastorm_filesystem(uri: str):
-    """None for local files (Petastorm's own), else the remote filesystem of schemas.uri in the legacy
+    """None for local files (Petastorm's own), else the remote filesystem of shell.uri in the legacy
     pyarrow wrapper Petastorm 0.13 reads through (with a plain fsspec object pyarrow 14 takes its new
     dataset API, which Petastorm's arguments break)."""
-    from schemas import uri as uris
+    from shell import uri as uris
 
     if not uris.is_remote(uri):
         return None
@@ -267,7 +268,7 @@ READERS = ("petastorm", "pyarrow")
 @dataclass
 class LoaderSettings:
     batch_size: int = 64
-    image_size: int = 128
+    image_size: int = DEFAULT_SIZE
     shuffle_buffer: int = 1024  # rows mixed across row groups (training only)
     workers: int = 2
     seed: int = 0

@@ -15,6 +15,7 @@ from torch.nn import functional
 from torch import nn
 
 from schemas.tables import MAX_AGE, MIN_AGE
+from shell.errors import UserError
 
 HEADS = ("regression", "distribution")
 
@@ -35,28 +36,27 @@ def load_init_weights(model: nn.Module, path: str) -> Dict[str, list]:
     """Load a state dict from a file, local or a URI (e.g. torchvision's ImageNet ResNet-18 weights).
 
     Layers whose shapes differ (the classifier) keep their fresh initialisation. Returns which keys
-    were loaded and skipped; raises BundleError when the file holds no matching weights.
+    were loaded and skipped; raises UserError when the file holds no matching weights.
     """
-    from trainer.bundle import BundleError
 
     import io
 
-    from schemas import uri
+    from shell import uri
 
     if not uri.isfile(path):
         raise FileNotFoundError(f"--init-weights {path}: no such file")
     try:
         state = torch.load(io.BytesIO(uri.read_bytes(path)), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise BundleError(f"--init-weights {path}: not a PyTorch weights file ({type(e).__name__}: {e})") from None
+        raise UserError(f"--init-weights {path}: not a PyTorch weights file ({type(e).__name__}: {e})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # a faceage bundle or a checkpoint dict
     if not isinstance(state, dict):
-        raise BundleError(f"--init-weights {path}: holds a {type(state).__name__}, not a state dict")
+        raise UserError(f"--init-weights {path}: holds a {type(state).__name__}, not a state dict")
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if not usable:
-        raise BundleError(f"--init-weights {path}: none of its {len(state)} tensors fit a ResNet-18")
+        raise UserError(f"--init-weights {path}: none of its {len(state)} tensors fit a ResNet-18")
     model.load_state_dict(usable, strict=False)
     return {"loaded": sorted(usable), "skipped": sorted(set(own) - set(usable))}
 

@@ -7,21 +7,32 @@ so later cycles run lower instead of being overwritten on the next batch.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
 
+@dataclasses.dataclass(frozen=True)
+class Plateau:
+    """The plateau rule's settings, as torch's ReduceLROnPlateau names them (mode min, relative threshold)."""
+
+    factor: float = 0.5
+    patience: int = 2
+    threshold: float = 1e-3
+    cooldown: int = 0
+    min_lr: float = 1e-6
+
+
 class CyclicPlateau:
-    def __init__(self, optimizer, base_lr: float, max_lr: float, step_size_up: int, factor: float = 0.5,
-                 patience: int = 2, threshold: float = 1e-3, cooldown: int = 0, min_lr: float = 1e-6,
+    def __init__(self, optimizer, base_lr: float, max_lr: float, step_size_up: int, plateau: Plateau = Plateau(),
                  mode: str = "triangular"):
         cycle_momentum = "momentum" in optimizer.defaults and optimizer.defaults.get("momentum", 0) > 0
         self.cyclic = torch.optim.lr_scheduler.CyclicLR(
             optimizer, base_lr=base_lr, max_lr=max_lr, step_size_up=max(1, step_size_up), mode=mode,
             cycle_momentum=cycle_momentum)
-        self.factor, self.patience, self.threshold = factor, patience, threshold
-        self.cooldown, self.min_lr = cooldown, min_lr
+        self.factor, self.patience, self.threshold = plateau.factor, plateau.patience, plateau.threshold
+        self.cooldown, self.min_lr = plateau.cooldown, plateau.min_lr
         self.best: Optional[float] = None
         self.bad_epochs = 0
         self.cooldown_left = 0
@@ -93,17 +104,33 @@ class Constant:
         pass
 
 
-def build_schedule(name: str, optimizer, lr: float, epochs: int, batches_per_epoch: int, *,
-                   base_lr: Optional[float] = None, step_size_up: Optional[int] = None,
-                   plateau_factor: float = 0.5, plateau_patience: int = 2):
+@dataclasses.dataclass(frozen=True)
+class ScheduleSettings:
+    """What a schedule is built from: the peak rate, the run's length in batches, cyclic_plateau's own knobs."""
+
+    lr: float
+    epochs: int
+    batches_per_epoch: int
+    base_lr: Optional[float] = None  # cyclic_plateau: the cycle's low end (default lr / 10)
+    step_size_up: Optional[int] = None  # cyclic_plateau: batches from low to high (default two epochs)
+    plateau: Plateau = Plateau()
+
+    @classmethod
+    def from_args(cls, args, batches_per_epoch: int) -> "ScheduleSettings":
+        """From trainer.train's flags (--lr, --epochs, --base-lr, --step-size-up, --plateau-*)."""
+        return cls(args.lr, args.epochs, batches_per_epoch, args.base_lr, args.step_size_up,
+                   Plateau(factor=args.plateau_factor, patience=args.plateau_patience))
+
+
+def build_schedule(name: str, optimizer, settings: ScheduleSettings):
     """cyclic_plateau | onecycle | constant -> an object with step_batch / step_epoch / state_dict."""
+    s = settings
     if name == "cyclic_plateau":
-        return CyclicPlateau(optimizer, base_lr=base_lr if base_lr is not None else lr / 10, max_lr=lr,
-                             step_size_up=step_size_up or 2 * batches_per_epoch, factor=plateau_factor,
-                             patience=plateau_patience)
+        return CyclicPlateau(optimizer, base_lr=s.base_lr if s.base_lr is not None else s.lr / 10, max_lr=s.lr,
+                             step_size_up=s.step_size_up or 2 * s.batches_per_epoch, plateau=s.plateau)
     if name == "onecycle":
-        return PerBatch(torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr,
-                                                            total_steps=max(1, epochs * batches_per_epoch)))
+        return PerBatch(torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=s.lr,
+                                                            total_steps=max(1, s.epochs * s.batches_per_epoch)))
     if name == "constant":
         return Constant()
     raise ValueError(f"schedule {name!r}: use cyclic_plateau, onecycle or constant")

@@ -71,7 +71,8 @@ def check_reachable(uri: str, shown: str) -> None:
     import urllib.error
     import urllib.request
 
-    from schemas.cli import UserError, redact
+    from shell.cli import redact
+    from shell.errors import UserError
 
     seconds = float(os.environ.get("FACEAGE_MLFLOW_TIMEOUT", CONNECT_SECONDS))
     try:
@@ -86,7 +87,7 @@ def check_reachable(uri: str, shown: str) -> None:
 
 
 def _mlflow(args):
-    from schemas.cli import UserError
+    from shell.errors import UserError
 
     try:
         import mlflow
@@ -121,7 +122,7 @@ def _kept_going(method):
         try:
             return method(self, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - MLflow's, the store's or the network's error types
-            from schemas.cli import log, redact
+            from shell.cli import log, redact
 
             self.on = False
             log.warning(f"tracking: {method.__name__} failed ({type(e).__name__}: {redact(_first_line(e))}); the "
@@ -142,7 +143,8 @@ class Run:
         self.mlflow = _mlflow(args)
         self.client = self.mlflow.MlflowClient()
         if run_id is None:
-            from schemas.cli import UserError, redact
+            from shell.cli import redact
+            from shell.errors import UserError
 
             try:
                 experiment = self.mlflow.set_experiment(getattr(args, "mlflow_experiment", DEFAULT_EXPERIMENT))
@@ -161,7 +163,7 @@ class Run:
         if self.on:
             from mlflow.entities import Param
 
-            from schemas.cli import redact
+            from shell.cli import redact
 
             plain = [Param(k, redact(v)[:500]) for k, v in sorted(params.items()) if v is not None]
             for start in range(0, len(plain), 100):  # MLflow takes at most 100 params a batch
@@ -225,8 +227,3 @@ class Run:
         """The run's end status from how the block ended: FINISHED, KILLED (pruned or interrupted), FAILED."""
         pruned = kind is not None and kind.__name__ in ("TrialPruned", "KeyboardInterrupt")
         self.end("FINISHED" if kind is None else "KILLED" if pruned else "FAILED")
-
-
-def run_of_model(bundle_params: dict) -> Optional[str]:
-    """The MLflow run id a bundle was trained under (None when it was not tracked)."""
-    return (bundle_params or {}).get("mlflow_run_id")

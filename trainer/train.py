@@ -3,8 +3,9 @@
 Several ranks: torchrun (it sets RANK/WORLD_SIZE), or on Spark `spark-submit spark_jobs/distributed.py train
 --num-processes N ...` (TorchDistributor).
 
-Reads train/val/test through Petastorm (trainer/data.py), trains with AdamW or SGD under
-CyclicLR + ReduceLROnPlateau (or OneCycle, or a constant rate), keeps the best epoch by val MAE,
+Reads train/val/test through Petastorm or pyarrow (trainer/data.py), trains with AdamW or SGD under
+OneCycle (the default), CyclicLR + ReduceLROnPlateau or a constant rate, augments each batch on the
+training device (trainer/augment.py), keeps the best epoch by val MAE,
 checkpoints every epoch (resume with --resume), and writes one model bundle plus metrics.
 """
 from __future__ import annotations
@@ -23,16 +24,19 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from schemas import layout, uri
-from schemas.cli import (Parser, UserError, log, apply_params, dumps, entry_points, non_negative_int, number, path_arg,
-                         positive_int, redact, redacted, check_space)
-from schemas.outputs import Outputs, check_overlap
-from trainer import augment as A
-from trainer import bundle as B
-from trainer import data as D
-from trainer import model as M
+from schemas import layout
+from schemas.crop import CropSettings, pixel_size
+from shell import uri
+from shell.cli import (apply_params, dumps, entry_points, log, non_negative_int, number, Parser, path_arg,
+                       positive_int, redact, redacted)
+from shell.errors import check_space, UserError
+from shell.outputs import check_overlap, Outputs
+from trainer.augment import augment_batch
+from trainer.bundle import Provenance, is_bundle, normalize, save_bundle
+from trainer.data import LoaderSettings, READERS, SplitLoader, split_source
+from trainer.model import HEADS, TTA, build_model, loss_fn, predict_ages
 from trainer import tracking
-from trainer.schedules import SCHEDULES, build_schedule
+from trainer.schedules import SCHEDULES, ScheduleSettings, build_schedule
 
 OPTIMIZERS = {
     "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
@@ -44,7 +48,6 @@ class TrainError(UserError):
     """A problem a user can fix (bad data path, unfinished table, bad params file, diverged run)."""
 
 
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "model.pt", "summary.json", "tensorboard")
 # flags a checkpoint must agree with to be resumed (they change the model, its input or its schedule)
 RESUME_KEYS = ("head", "image_size", "optimizer", "schedule", "batch_size", "data", "data_version", "ema", "start_size",
                "final_epochs")
@@ -52,18 +55,60 @@ RESUME_KEYS = ("head", "image_size", "optimizer", "schedule", "batch_size", "dat
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("train", prog="python -m trainer.train", description=__doc__.splitlines()[0])
+    for add in (_data_flags, _model_flags, _schedule_flags, _run_flags):
+        add(p)
+    tracking.add_arguments(p, register=True)
+    p.add_argument("--mlflow-parent-run", default=None, help=argparse.SUPPRESS)  # trainer.tune's study run
+    return p
+
+
+def _data_flags(p) -> None:
+    """What is read and written."""
     p.add_argument("--data", required=True, type=path_arg, help="prepare output root (or its faces/ table): Parquet or Delta")
     p.add_argument("--data-version", type=non_negative_int, default=None,
                    help="Delta version to read (default: latest)")
     p.add_argument("--output", default="runs/train", type=path_arg, help="run folder: checkpoint, metrics, bundle")
     p.add_argument("--bundle", default=None, type=path_arg, help="model bundle path (default OUTPUT/model.pt)")
     p.add_argument("--params", default=None, type=path_arg, help="JSON file of flag values (e.g. trainer.tune's best params)")
+    p.add_argument("--reader", default="petastorm", choices=READERS,
+                   help="petastorm, or pyarrow (local tables, no Petastorm needed: e.g. a GPU box without it)")
+    p.add_argument("--shuffle-buffer", type=non_negative_int, default=1024)
+    p.add_argument("--cache", action="store_true",
+                   help="keep every split's crops decoded at the training size after the first pass (memory is "
+                        "checked first); later epochs decode nothing, row counts are still checked every epoch")
+    p.add_argument("--workers", type=positive_int, default=2, help="reader/decode threads")
+
+
+def _model_flags(p) -> None:
+    """The model, its input, its loss and how it starts."""
     p.add_argument("--epochs", type=positive_int, default=30)
     p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--image-size", type=number(16, 1024, integer=True), default=None,
+    p.add_argument("--image-size", type=pixel_size, default=None,
                    help="input side (default: the table's crop size)")
-    p.add_argument("--head", default="distribution", choices=M.HEADS)
+    p.add_argument("--head", default="distribution", choices=HEADS)
     p.add_argument("--loss", default="l1", choices=("l1", "smooth_l1"), help="regression head loss")
+    p.add_argument("--init-weights", default=None, type=path_arg,
+                   help="state-dict file (local or a URI) to start from (e.g. ImageNet)")
+    p.add_argument("--augment", type=number(0.0, 5.0), default=1.0,
+                   help="augmentation strength (0 = none): shift/scale crop, flip and colour jitter per sample, applied "
+                        "to whole batches on the training device")
+    p.add_argument("--ema", type=number(0.0, 0.99999), default=0.0,
+                   help="keep an exponential moving average of the weights (and BatchNorm statistics) with this "
+                        "decay per batch, e.g. 0.998; validation, the best epoch and the bundle use the average "
+                        "(0 = off)")
+    p.add_argument("--start-size", type=pixel_size, default=None,
+                   help="progressive resizing: train the first epochs at this size and the last --final-epochs at "
+                        "--image-size (the bundle's size); batches are resampled on the training device")
+    p.add_argument("--final-epochs", type=positive_int, default=None,
+                   help="with --start-size: how many final epochs train at --image-size (default a quarter of "
+                        "--epochs, at least 1)")
+    p.add_argument("--tta", default="none", choices=TTA,
+                   help="test-time augmentation of the final val/test metrics: flip averages each face and its "
+                        "mirror image (epochs are still chosen without it)")
+
+
+def _schedule_flags(p) -> None:
+    """The optimizer and its learning-rate schedule."""
     p.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
     p.add_argument("--lr", type=number(0.0, 1000.0, low_open=True), default=3e-3,
                    help="peak learning rate (CyclicLR max_lr, OneCycle max_lr)")
@@ -79,45 +124,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="onecycle (default: best of the three at full scale, BENCHMARKS.md), cyclic_plateau "
                         "(CyclicLR per batch with plateau cuts of its bounds) or constant")
     p.add_argument("--weight-decay", type=number(0.0, 1.0), default=1e-4)
-    p.add_argument("--augment", type=number(0.0, 5.0), default=1.0,
-                   help="augmentation strength (0 = none): shift/scale crop, flip and colour jitter per sample, applied "
-                        "to whole batches on the training device")
-    p.add_argument("--ema", type=number(0.0, 0.99999), default=0.0,
-                   help="keep an exponential moving average of the weights (and BatchNorm statistics) with this "
-                        "decay per batch, e.g. 0.998; validation, the best epoch and the bundle use the average "
-                        "(0 = off)")
-    p.add_argument("--start-size", type=number(16, 1024, integer=True), default=None,
-                   help="progressive resizing: train the first epochs at this size and the last --final-epochs at "
-                        "--image-size (the bundle's size); batches are resampled on the training device")
-    p.add_argument("--final-epochs", type=positive_int, default=None,
-                   help="with --start-size: how many final epochs train at --image-size (default a quarter of "
-                        "--epochs, at least 1)")
+
+
+def _run_flags(p) -> None:
+    """When the run stops, where it runs, how it reports."""
     p.add_argument("--early-stop", type=positive_int, default=8,
                    help="stop after this many epochs without a better val MAE")
     p.add_argument("--max-minutes", type=number(0.0), default=None,
                    help="start no new epoch after this much training time (a wall-clock budget; the first "
                         "epoch of a run always runs)")
-    p.add_argument("--init-weights", default=None, type=path_arg,
-                   help="state-dict file (local or a URI) to start from (e.g. ImageNet)")
-    p.add_argument("--workers", type=positive_int, default=2, help="reader/decode threads")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads on CPU (default: the CPUs this process may use)")
-    p.add_argument("--reader", default="petastorm", choices=D.READERS,
-                   help="petastorm, or pyarrow (local tables, no Petastorm needed: e.g. a GPU box without it)")
-    p.add_argument("--shuffle-buffer", type=non_negative_int, default=1024)
-    p.add_argument("--cache", action="store_true",
-                   help="keep every split's crops decoded at the training size after the first pass (memory is "
-                        "checked first); later epochs decode nothing, row counts are still checked every epoch")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--tta", default="none", choices=M.TTA,
-                   help="test-time augmentation of the final val/test metrics: flip averages each face and its "
-                        "mirror image (epochs are still chosen without it)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    tracking.add_arguments(p, register=True)
-    p.add_argument("--mlflow-parent-run", default=None, help=argparse.SUPPRESS)  # trainer.tune's study run
-    return p
 
 
 def apply_params_file(args, parser, argv) -> None:
@@ -145,8 +166,8 @@ def check_output(args, main_rank: bool = True) -> Outputs:
     if main_rank:
         outputs.begin()
     try:
-        outputs.check(RUN_FILES)
-        if args.bundle and uri.exists(args.bundle) and not B.is_bundle(args.bundle):
+        outputs.check(layout.RUN_FILES)
+        if args.bundle and uri.exists(args.bundle) and not is_bundle(args.bundle):
             raise TrainError(f"--bundle {args.bundle}: the file there is not a faceage model bundle; refusing to "
                              f"overwrite it (choose another path or move it away)")
     except BaseException:
@@ -179,43 +200,49 @@ def cpu_count(world: int = 1) -> int:
     return max(1, cpus // max(1, local))
 
 
-def table_image_size(source: D.SplitSource) -> int:
-    import pyarrow.parquet as pq
+@dataclasses.dataclass
+class Learner:
+    """What a training step needs: the module to train (DDP-wrapped with several ranks), its optimizer and
+    schedule, the head and loss, the device, the augmentation strength and the EMA copy that follows it."""
 
-    with D.open_input(source.files[0]) as f:
-        table = pq.read_table(f, columns=["image_size"])
-    return int(table.column("image_size")[0].as_py()) if table.num_rows else 128
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: object  # trainer.schedules: step_batch() after every batch, step_epoch(val_mae) after an epoch
+    head: str
+    loss: str
+    device: torch.device
+    augment: float = 0.0
+    ema: Optional[torch.nn.Module] = None  # a torch AveragedModel
+    progress: Callable = lambda it, **kw: it
 
 
-def train_one_epoch(model, loader, optimizer, schedule, head, loss_kind, device, progress, strength: float = 0.0,
-                    generator: Optional[torch.Generator] = None, size: Optional[int] = None,
-                    ema=None) -> Dict[str, float]:
-    """One pass over `loader`; each batch resized to `size` (when given) and augmented on `device`
-    (trainer.augment, `strength`, `generator`); `ema` (a torch AveragedModel) follows every step."""
-    model.train()
-    total, rows, start = 0.0, 0, time.time()
-    with (model.join() if hasattr(model, "join") else contextlib.nullcontext()):  # DDP: shards may differ in length
-        total, rows, skipped = _train_batches(model, loader, optimizer, schedule, head, loss_kind, device,
-                                              progress, strength, generator, size, ema)
+def train_one_epoch(learner: Learner, loader, generator: Optional[torch.Generator] = None,
+                    size: Optional[int] = None) -> Dict[str, float]:
+    """One pass over `loader`; each batch resized to `size` (when given) and augmented on the device
+    (trainer.augment, the learner's strength, `generator`); the EMA copy follows every step."""
+    net = learner.net
+    net.train()
+    start = time.time()
+    with (net.join() if hasattr(net, "join") else contextlib.nullcontext()):  # DDP: shards may differ in length
+        total, rows, skipped = _train_batches(learner, loader, generator, size)
     seconds = time.time() - start
     return {"train_loss": total / max(rows, 1), "train_rows": rows, "train_rows_skipped": skipped,
             "train_seconds": seconds, "img_per_s": rows / seconds if seconds else float("nan")}
 
 
-def _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, progress, strength, generator,
-                   size=None, ema=None):
+def _train_batches(learner: Learner, loader, generator, size):
     total, rows, skipped = 0.0, 0, 0
-    use_amp = device.type == "cuda"
-    for index, batch in enumerate(progress(loader, desc="train", leave=False)):
+    device, optimizer = learner.device, learner.optimizer
+    for index, batch in enumerate(learner.progress(loader, desc="train", leave=False)):
         if len(batch["age"]) < 2:  # BatchNorm cannot normalise one row (at 32 px: "Expected more than 1 value
             skipped += len(batch["age"])  # per channel"): a shard's last batch of one row sits this epoch out
             continue
-        x = B.normalize(A.augment_batch(batch["image"].to(device, non_blocking=True), strength, generator, size))
+        x = normalize(augment_batch(batch["image"].to(device, non_blocking=True), learner.augment, generator, size))
         y = batch["age"].to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = M.loss_fn(model(x), y, head, loss_kind)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(learner.net(x), y, learner.head, learner.loss)
         if not torch.isfinite(loss.detach()):
             raise TrainError(f"training diverged: the loss is {loss.item()} at batch {index + 1} (learning rate "
                              f"{optimizer.param_groups[0]['lr']:.2e}); nothing from this epoch was kept. Lower --lr "
@@ -223,9 +250,9 @@ def _train_batches(model, loader, optimizer, schedule, head, loss_kind, device, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        schedule.step_batch()
-        if ema is not None:
-            ema.update_parameters(model.module if hasattr(model, "module") else model)
+        learner.schedule.step_batch()
+        if learner.ema is not None:
+            learner.ema.update_parameters(learner.net.module if hasattr(learner.net, "module") else learner.net)
         total += loss.item() * len(y)
         rows += len(y)
     return total, rows, skipped
@@ -236,11 +263,11 @@ def evaluate(model, loader, head, device, progress, prefix: str, tta: str = "non
     model.eval()
     errors = []
     for batch in progress(loader, desc=prefix, leave=False):
-        x = B.normalize(batch["image"].to(device))
+        x = normalize(batch["image"].to(device))
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            age, _ = M.predict_ages(model, x, head, tta)
+            age, _ = predict_ages(model, x, head, tta)
         errors.append((age.cpu() - batch["age"].float()).numpy())
     err = np.concatenate(errors) if errors else np.array([])
     return {f"{prefix}_mae": float(np.abs(err).mean()), f"{prefix}_rmse": float(np.sqrt((err**2).mean())),
@@ -269,16 +296,49 @@ class Progress:
     history: list = dataclasses.field(default_factory=list)
 
 
+@dataclasses.dataclass
+class RunState:
+    """One training run as it goes: who this rank is, what it reads and writes, what it trains, where it stands.
+    Made by run(), filled by _run() (data, folder, tracking) and _train() (loaders, model, learner, progress)."""
+
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    outputs: Outputs
+    on_epoch: Optional[Callable[[dict], None]] = None
+    sources: dict = dataclasses.field(default_factory=dict)  # split -> data.SplitSource
+    crop: dict = dataclasses.field(default_factory=dict)  # the table's crop settings (the bundle records them)
+    work: Optional[uri.WorkFolder] = None
+    tracker: Optional[tracking.Run] = None
+    image_size: int = 0
+    loaders: dict = dataclasses.field(default_factory=dict)
+    model: Optional[torch.nn.Module] = None  # the bare model (the learner's net may be its DDP wrapper)
+    learner: Optional[Learner] = None
+    progress: Progress = dataclasses.field(default_factory=Progress)
+    writer: object = None  # TensorBoard, rank 0
+
+    @property
+    def main_rank(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def judged(self) -> torch.nn.Module:
+        """The weights validated, kept as best and bundled: the EMA copy's with --ema."""
+        ema = self.learner.ema
+        return ema.module if ema is not None else self.model
+
+
 def build_loaders(args, sources: dict, image_size: int, rank: int, world: int) -> dict:
     """{'train', 'val', 'test'} loaders; with several ranks each reads its own shard of the train row
     groups (val/test whole on every rank)."""
-    settings = D.LoaderSettings(batch_size=args.batch_size, image_size=image_size,
+    settings = LoaderSettings(batch_size=args.batch_size, image_size=image_size,
                                 shuffle_buffer=args.shuffle_buffer, workers=args.workers, seed=args.seed,
                                 reader=args.reader, cache=args.cache)
     try:
-        loaders = {s: D.SplitLoader(src, settings, train=(s == "train")) for s, src in sources.items()}
+        loaders = {s: SplitLoader(src, settings, train=(s == "train")) for s, src in sources.items()}
         if world > 1:
-            loaders["train"] = D.SplitLoader(sources["train"], dataclasses.replace(
+            loaders["train"] = SplitLoader(sources["train"], dataclasses.replace(
                 settings, cur_shard=rank, shard_count=world), train=True)
     except ValueError as e:  # a --cache that does not fit in memory, or with sharded ranks
         raise TrainError(str(e)) from None
@@ -303,37 +363,39 @@ def build_ema(args, model):
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
 
 
-def build_training(args, device, world: int, batches_per_epoch: int):
-    """(model, the module to train (DDP-wrapped with several ranks), optimizer, schedule)."""
-    model = M.build_model(args.head, args.init_weights).to(device)
+def build_learner(r: RunState) -> None:
+    """The model, its DDP wrapper with several ranks, optimizer, schedule and EMA copy, into `r`."""
+    args, device = r.args, r.device
+    model = build_model(args.head, args.init_weights).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     net = model
-    if world > 1:
+    if r.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
     optimizer = OPTIMIZERS[args.optimizer](model.parameters(), args.lr, args.weight_decay)
-    schedule = build_schedule(args.schedule, optimizer, args.lr, args.epochs, batches_per_epoch,
-                              base_lr=args.base_lr, step_size_up=args.step_size_up,
-                              plateau_factor=args.plateau_factor, plateau_patience=args.plateau_patience)
-    return model, net, optimizer, schedule
+    schedule = build_schedule(args.schedule, optimizer, ScheduleSettings.from_args(args, len(r.loaders["train"])))
+    r.model = model
+    r.learner = Learner(net, optimizer, schedule, args.head, args.loss, device, args.augment, build_ema(args, model),
+                        _progress(args.no_progress or not r.main_rank))
 
 
-def resume(args, ckpt_path: str, device, image_size: int, model, optimizer, schedule, ema=None) -> Progress:
-    """--resume: the checkpoint's state loaded into model/optimizer/schedule/ema (checked first); else a fresh
-    start."""
+def resume(r: RunState, ckpt_path: str) -> Progress:
+    """--resume: the checkpoint's state loaded into the model, optimizer, schedule and EMA copy (checked first);
+    else a fresh start."""
+    args, learner = r.args, r.learner
     if not args.resume:
         return Progress()
     if not os.path.exists(ckpt_path):
         log.info(f"train: --resume but no {ckpt_path}; starting fresh")
         return Progress()
-    ckpt = load_checkpoint(ckpt_path, device, args, image_size)
+    ckpt = load_checkpoint(ckpt_path, r.device, args)
     try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
+        r.model.load_state_dict(ckpt["model"])
+        learner.optimizer.load_state_dict(ckpt["optimizer"])
+        learner.schedule.load_state_dict(ckpt["schedule"])
+        if learner.ema is not None and ckpt.get("ema") is not None:
+            learner.ema.load_state_dict(ckpt["ema"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise TrainError(f"--resume: {ckpt_path} does not fit this run's model/optimizer/schedule "
                          f"({str(e).splitlines()[0][:160]}); rerun with the flags it was written with, or "
@@ -343,13 +405,14 @@ def resume(args, ckpt_path: str, device, image_size: int, model, optimizer, sche
     return Progress(ckpt["epoch"] + 1, ckpt["best_val_mae"], ckpt["best_model"], ckpt["history"])
 
 
-def budget_spent(args, started: float, epoch: int, start_epoch: int, world: int, device) -> bool:
+def budget_spent(r: RunState, started: float, epoch: int) -> bool:
     """--max-minutes: True when no new epoch may start (the first epoch of a run always runs)."""
-    if args.max_minutes is None or epoch == start_epoch:
+    args = r.args
+    if args.max_minutes is None or epoch == r.progress.start_epoch:
         return False
     spent = time.time() - started > args.max_minutes * 60
-    if world > 1:  # rank 0's clock decides: ranks that disagree would wait for each other forever
-        spent = broadcast_row({"spent": spent}, device)["spent"]
+    if r.world > 1:  # rank 0's clock decides: ranks that disagree would wait for each other forever
+        spent = broadcast_row({"spent": spent}, r.device)["spent"]
     return spent
 
 
@@ -381,67 +444,69 @@ def run(args, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     rank, world, device = init_distributed(pick_device(args.device))
     if device.type == "cpu":
         torch.set_num_threads(args.threads or cpu_count(world))
-    main_rank = rank == 0
-    outputs = check_output(args, main_rank)
+    outputs = check_output(args, rank == 0)
     try:
-        return _run(args, on_epoch, rank, world, device, main_rank, outputs)
+        return _run(RunState(args, rank, world, device, outputs, on_epoch))
     finally:
         outputs.finish()
 
 
-def _run(args, on_epoch, rank, world, device, main_rank, outputs) -> dict:
+def _run(r: RunState) -> dict:
+    args = r.args
     try:
-        sources = {s: D.split_source(args.data, s, args.data_version) for s in ("train", "val", "test")}
+        r.sources = {s: split_source(args.data, s, args.data_version) for s in ("train", "val", "test")}
     except (layout.IncompleteTableError, FileNotFoundError, ValueError) as e:
         raise TrainError(str(e)) from None
     # read now, not after hours of training: the bundle must say how its crops were made
-    crop = layout.table_crop_settings(args.data).to_dict()
-    work = uri.WorkFolder(args.output)  # the run folder itself, or a local mirror of a remote one
-    work.outputs = outputs  # where the bundle and summary are committed (finish)
-    if main_rank:  # the folder is ours from now on: a killed run never blocks its rerun
-        outputs.record(RUN_FILES)
-    tracker = tracking.Run(args, f"train-{uri.basename(args.output)}", parent_run_id=args.mlflow_parent_run,
-                           active=main_rank)
-    args.mlflow_run_id = tracker.run_id  # recorded in the bundle: evaluate logs to this run
-    tracker.log_params({k: v for k, v in vars(args).items() if k not in ("resume", "no_progress", "mlflow_run_id")})
-    with tracker:  # ends the MLflow run FINISHED, KILLED (pruned, interrupted) or FAILED
+    r.crop = layout.table_crop_settings(args.data).to_dict()
+    r.work = uri.WorkFolder(args.output)  # the run folder itself, or a local mirror of a remote one
+    if r.main_rank:  # the folder is ours from now on: a killed run never blocks its rerun
+        r.outputs.record(layout.RUN_FILES)
+    r.tracker = tracking.Run(args, f"train-{uri.basename(args.output)}", parent_run_id=args.mlflow_parent_run,
+                             active=r.main_rank)
+    args.mlflow_run_id = r.tracker.run_id  # recorded in the bundle: evaluate logs to this run
+    r.tracker.log_params({k: v for k, v in vars(args).items() if k not in ("resume", "no_progress", "mlflow_run_id")})
+    with r.tracker:  # ends the MLflow run FINISHED, KILLED (pruned, interrupted) or FAILED
         try:
-            summary = _train(args, on_epoch, rank, world, device, main_rank, sources, crop, work, tracker)
+            summary = _train(r)
             # the chosen epoch's test metrics (val_* per epoch were logged with their steps)
-            tracker.log_metrics({k: v for k, v in summary.items() if k.startswith(("test_", "best_"))},
-                                step=summary["epochs_run"])
-            tracker.log_bundle(local_bundle(args, work), getattr(args, "register_model", None))
-            tracker.log_artifact(work.local("summary.json"))
+            r.tracker.log_metrics({k: v for k, v in summary.items() if k.startswith(("test_", "best_"))},
+                                  step=summary["epochs_run"])
+            r.tracker.log_bundle(local_bundle(args, r.work), getattr(args, "register_model", None))
+            r.tracker.log_artifact(r.work.local(layout.SUMMARY))
             return summary
         finally:
-            work.close()
+            r.work.close()
 
 
 def local_bundle(args, work) -> str:
     """Where the bundle is written on local disk (then copied to --bundle / OUTPUT when those are remote)."""
-    return work.local("model.pt") if args.bundle is None or uri.is_remote(args.bundle) else args.bundle
+    return work.local(layout.MODEL) if args.bundle is None or uri.is_remote(args.bundle) else args.bundle
 
 
-def _train(args, on_epoch, rank, world, device, main_rank, sources, crop, work, tracker) -> dict:
-    image_size = args.image_size or table_image_size(sources["train"])
-    loaders = build_loaders(args, sources, image_size, rank, world)
-    model, net, optimizer, schedule = build_training(args, device, world, len(loaders["train"]))
-    ema = build_ema(args, model)
-    judged = ema.module if ema is not None else model  # the weights validated, kept as best and bundled
-    ckpt_path, metrics_path = work.local("checkpoint.pt"), work.local("metrics.jsonl")
+def start_training(r: RunState) -> None:
+    """Loaders, model and learner into `r`; the checkpoint resumed (--resume); metrics.jsonl rewritten from its
+    history; every loader at the epoch to start (the same shuffles and augmentations as an uninterrupted run)."""
+    args, work = r.args, r.work
+    r.image_size = args.image_size or CropSettings.from_dict(r.crop, args.data).size  # the table's crop size
+    r.loaders = build_loaders(args, r.sources, r.image_size, r.rank, r.world)
+    build_learner(r)
     if args.resume:
-        work.pull("checkpoint.pt")
-    state = resume(args, ckpt_path, device, image_size, model, optimizer, schedule, ema)
-    if main_rank:
-        with open(metrics_path, "w") as f:  # rewritten from the checkpoint's history: no duplicate epochs
-            for row in state.history:
+        work.pull(layout.CHECKPOINT)
+    r.progress = resume(r, work.local(layout.CHECKPOINT))
+    if r.main_rank:
+        with open(work.local(layout.METRICS_LOG), "w") as f:  # from the checkpoint's history: no duplicate epochs
+            for row in r.progress.history:
                 f.write(json.dumps(row) + "\n")
-        work.push("metrics.jsonl")
-    for loader in loaders.values():
-        loader.epoch = state.start_epoch  # the same shuffles and augmentations as an uninterrupted run
+        work.push(layout.METRICS_LOG)
+    for loader in r.loaders.values():
+        loader.epoch = r.progress.start_epoch
+    r.writer = _tensorboard(work.local(layout.TENSORBOARD)) if r.main_rank else None
 
-    progress = _progress(args.no_progress or not main_rank)
-    writer = _tensorboard(work.local("tensorboard")) if main_rank else None
+
+def _train(r: RunState) -> dict:
+    start_training(r)
+    args, state = r.args, r.progress
     since_best = epochs_since_best(state.history)
     started = time.time()
     try:
@@ -449,102 +514,112 @@ def _train(args, on_epoch, rank, world, device, main_rank, sources, crop, work, 
             if since_best >= args.early_stop:
                 log.info(f"train: early stop after {epoch} epochs ({args.early_stop} without a better val MAE)")
                 break
-            if budget_spent(args, started, epoch, state.start_epoch, world, device):
+            if budget_spent(r, started, epoch):
                 log.info(f"train: --max-minutes {args.max_minutes} spent after {epoch} epochs")
                 break
-            size = epoch_size(args, epoch)
-            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_size": size or image_size}
-            epoch_start = time.time()
-            # augmentation drawn from (seed, epoch, rank): a resumed run augments as an uninterrupted one
-            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 1009 + rank)
-            row.update(train_one_epoch(net, loaders["train"], optimizer, schedule, args.head, args.loss, device,
-                                       progress, args.augment, generator, size, ema))
-            row.update(evaluate(judged, loaders["val"], args.head, device, progress, "val"))
-            if world > 1:  # every rank takes rank 0's numbers, so plateau cuts and early stops agree
-                row = broadcast_row(row, device)
-                row["world_size"] = world
-            check_finite(row)
-            row["lr_cut"] = schedule.step_epoch(row["val_mae"])
-            row["epoch_seconds"] = time.time() - epoch_start
-            row["elapsed_seconds"] = (state.history[-1]["elapsed_seconds"] if state.history else 0.0) + \
-                row["epoch_seconds"]
+            row = train_epoch(r, epoch)
             improved = row["val_mae"] < state.best
             if improved:
                 state.best = row["val_mae"]
-                state.best_state = {k: v.detach().cpu().clone() for k, v in judged.state_dict().items()}
+                state.best_state = {k: v.detach().cpu().clone() for k, v in r.judged.state_dict().items()}
             since_best = 0 if improved else since_best + 1
             state.history.append(row)
-            if main_rank:  # only rank 0 writes
-                record_epoch(args, ckpt_path, metrics_path, model, optimizer, schedule, epoch, state, row, writer,
-                             improved, ema)
-                work.push("checkpoint.pt", "metrics.jsonl")
-                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
-            if on_epoch is not None:
-                on_epoch(row)
+            if r.main_rank:  # only rank 0 writes
+                record_epoch(r, epoch, row, improved)
+            if r.on_epoch is not None:
+                r.on_epoch(row)
     finally:
-        if writer is not None:
-            writer.close()
-    summary = finish(args, model, loaders, sources, state, image_size, crop, device, world, main_rank, progress,
-                     work)
-    if main_rank:
-        work.push("summary.json", "tensorboard")
+        if r.writer is not None:
+            r.writer.close()
+    summary = finish(r)
+    if r.main_rank:
+        r.work.push(layout.SUMMARY, layout.TENSORBOARD)
     return summary
 
 
-def record_epoch(args, ckpt_path, metrics_path, model, optimizer, schedule, epoch, state: Progress, row, writer,
-                 improved: bool, ema=None) -> None:
+def train_epoch(r: RunState, epoch: int) -> dict:
+    """Epoch `epoch` (0-based) trained and validated: its metrics row, the same on every rank."""
+    args, state, learner = r.args, r.progress, r.learner
+    size = epoch_size(args, epoch)
+    row = {"epoch": epoch + 1, "lr": learner.optimizer.param_groups[0]["lr"], "train_size": size or r.image_size}
+    epoch_start = time.time()
+    # augmentation drawn from (seed, epoch, rank): a resumed run augments as an uninterrupted one
+    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 1009 + r.rank)
+    row.update(train_one_epoch(learner, r.loaders["train"], generator, size))
+    row.update(evaluate(r.judged, r.loaders["val"], args.head, r.device, learner.progress, "val"))
+    if r.world > 1:  # every rank takes rank 0's numbers, so plateau cuts and early stops agree
+        row = broadcast_row(row, r.device)
+        row["world_size"] = r.world
+    check_finite(row)
+    row["lr_cut"] = learner.schedule.step_epoch(row["val_mae"])
+    row["epoch_seconds"] = time.time() - epoch_start
+    row["elapsed_seconds"] = (state.history[-1]["elapsed_seconds"] if state.history else 0.0) + row["epoch_seconds"]
+    return row
+
+
+def record_epoch(r: RunState, epoch: int, row: dict, improved: bool) -> None:
     """Checkpoint first: a metrics line then always has its checkpoint (a kill between the two loses only
-    the line, which --resume rewrites from the checkpoint's history). Then TensorBoard and the console."""
-    save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "schedule": schedule.state_dict(), "epoch": epoch, "best_val_mae": state.best,
-                                "best_model": state.best_state, "history": state.history, "args": redacted(vars(args)),
-                                "torch_rng": torch.get_rng_state(),
-                                "ema": ema.state_dict() if ema is not None else None})
-    with open(metrics_path, "a") as f:
+    the line, which --resume rewrites from the checkpoint's history). Then TensorBoard, tracking, the console."""
+    args, state, learner, work = r.args, r.progress, r.learner, r.work
+    save_checkpoint(work.local(layout.CHECKPOINT), {
+        "model": r.model.state_dict(), "optimizer": learner.optimizer.state_dict(),
+        "schedule": learner.schedule.state_dict(), "epoch": epoch, "best_val_mae": state.best,
+        "best_model": state.best_state, "history": state.history, "args": redacted(vars(args)),
+        "torch_rng": torch.get_rng_state(), "ema": learner.ema.state_dict() if learner.ema is not None else None})
+    with open(work.local(layout.METRICS_LOG), "a") as f:
         f.write(json.dumps(row) + "\n")
-    if writer is not None:
+    if r.writer is not None:
         for key in ("train_loss", "val_mae", "val_cs5", "lr", "img_per_s"):
-            writer.add_scalar(key, row[key], epoch + 1)
-        writer.flush()
+            r.writer.add_scalar(key, row[key], epoch + 1)
+        r.writer.flush()
+    work.push(layout.CHECKPOINT, layout.METRICS_LOG)
+    r.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
     log.info(f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.3f} val MAE {row['val_mae']:.2f} "
-          f"lr {row['lr']:.2e} {row['img_per_s']:.0f} img/s" + (" (best)" if improved else ""))
+             f"lr {row['lr']:.2e} {row['img_per_s']:.0f} img/s" + (" (best)" if improved else ""))
 
 
-def finish(args, model, loaders, sources, state: Progress, image_size, crop, device, world, main_rank,
-           progress, work) -> dict:
-    """The best epoch's weights on test and val; rank 0 writes the bundle and summary.json."""
+def finish(r: RunState) -> dict:
+    """The best epoch's weights on test and val; rank 0 writes the bundle and summary.json (commit_run)."""
+    args, state, sources = r.args, r.progress, r.sources
     if state.best_state is None:
         raise TrainError("no epoch was trained (check --epochs, or the checkpoint already finished)")
-    model.load_state_dict(state.best_state)
-    test = evaluate(model, loaders["test"], args.head, device, progress, "test", args.tta)
-    val = evaluate(model, loaders["val"], args.head, device, progress, "val", args.tta)
-    summary = {"best_val_mae": state.best, **val, **test, "epochs_run": len(state.history), "image_size": image_size,
-               "device": str(device), "data": args.data, "data_version": sources["train"].version,
-               "rows": {s: src.rows for s, src in sources.items()}, "world_size": world, "tta": args.tta}
-    bundle_path = args.bundle or uri.join(args.output, "model.pt")
-    summary["bundle"] = bundle_path
-    if world > 1:
+    r.model.load_state_dict(state.best_state)
+    progress = r.learner.progress
+    test = evaluate(r.model, r.loaders["test"], args.head, r.device, progress, "test", args.tta)
+    val = evaluate(r.model, r.loaders["val"], args.head, r.device, progress, "val", args.tta)
+    summary = {"best_val_mae": state.best, **val, **test, "epochs_run": len(state.history),
+               "image_size": r.image_size, "device": str(r.device), "data": args.data,
+               "data_version": sources["train"].version, "rows": {s: src.rows for s, src in sources.items()},
+               "world_size": r.world, "tta": args.tta, "bundle": args.bundle or uri.join(args.output, layout.MODEL)}
+    if r.world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
-    if not main_rank:
-        return summary
-    # model.pt (when it is the run folder's) and summary.json: staged, then made current in ONE commit
-    outputs = work.outputs
+    if r.main_rank:
+        commit_run(r, summary)
+        log.info(f"train: test MAE {test['test_mae']:.2f}, CS@5 {test['test_cs5']:.3f}, RMSE {test['test_rmse']:.2f}; "
+                 f"bundle {summary['bundle']}")
+    return summary
+
+
+def commit_run(r: RunState, summary: dict) -> None:
+    """model.pt (when it is the run folder's) and summary.json: staged, then made current in ONE commit."""
+    args, work, outputs = r.args, r.work, r.outputs
     staged = outputs.staging_root if not work.remote else os.path.join(work.path, "_faceage_staged")
     os.makedirs(staged, exist_ok=True)
     in_run = args.bundle is None
-    local = os.path.join(staged, "model.pt") if in_run else local_bundle(args, work)
-    B.save_bundle(local, model, args.head, image_size, B.MEAN, B.STD, crop,
-                  {"uri": args.data, "version": sources["train"].version, "rows": summary["rows"]},
-                  {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress")},
-                  {k: summary[k] for k in ("best_val_mae", "val_mae", "test_mae", "test_rmse", "test_cs5")})
+    local = os.path.join(staged, layout.MODEL) if in_run else local_bundle(args, work)
+    save_bundle(local, r.model, args.head, r.image_size, r.crop, Provenance(
+        data={"uri": args.data, "version": r.sources["train"].version, "rows": summary["rows"]},
+        params={k: v for k, v in vars(args).items() if k not in ("resume", "no_progress")},
+        metrics={k: summary[k] for k in ("best_val_mae", "val_mae", "test_mae", "test_rmse", "test_cs5")}))
+    bundle_path = summary["bundle"]
     if not in_run and (uri.is_remote(bundle_path) or local != uri.local_path(bundle_path)):
         uri.put(local, bundle_path)
-    with open(os.path.join(staged, "summary.json"), "w") as f:
+    with open(os.path.join(staged, layout.SUMMARY), "w") as f:
         f.write(redact(dumps(summary)))
-    names = ["model.pt", "summary.json"] if in_run else ["summary.json"]
+    names = [layout.MODEL, layout.SUMMARY] if in_run else [layout.SUMMARY]
     if work.remote:
         for name in names:
             uri.put(os.path.join(staged, name), outputs.staging(name))
@@ -552,9 +627,6 @@ def finish(args, model, loaders, sources, state: Progress, image_size, crop, dev
     if work.remote:  # the local mirror holds them too (tracking logs them from there)
         for name in names:
             os.replace(os.path.join(staged, name), work.local(name))
-    test_line = f"test MAE {test['test_mae']:.2f}, CS@5 {test['test_cs5']:.3f}, RMSE {test['test_rmse']:.2f}"
-    log.info(f"train: {test_line}; bundle {bundle_path}")
-    return summary
 
 
 def init_distributed(device: torch.device):
@@ -591,7 +663,7 @@ def epochs_since_best(history) -> int:
     return count
 
 
-def load_checkpoint(path: str, device, args, image_size: int) -> dict:
+def load_checkpoint(path: str, device, args) -> dict:
     """A checkpoint to resume from, checked against this run's flags; TrainError otherwise."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)

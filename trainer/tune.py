@@ -23,9 +23,10 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
-from schemas import uri
-from schemas.cli import (Parser, UserError, log, dumps, entry_points, non_negative_int, number, path_arg,
-                         positive_int, redact)
+from schemas import layout
+from shell import uri
+from shell.cli import dumps, entry_points, log, non_negative_int, number, Parser, path_arg, positive_int, redact
+from shell.errors import UserError
 from trainer import tracking
 
 # ----------------------------------------------------------------------------- the search space
@@ -125,7 +126,7 @@ class TuneError(UserError):
 
 def work_dir(args) -> str:
     """The local folder of the tuner's own files (study database, logs, report): --output itself, or for a
-    remote --output the local mirror that run() uploads from (schemas.uri.WorkFolder)."""
+    remote --output the local mirror that run() uploads from (shell.uri.WorkFolder)."""
     return getattr(args, "work_dir", None) or uri.local_path(args.output)
 
 
@@ -181,7 +182,7 @@ def fail_orphaned_trials(args, holder: dict) -> None:
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
-    if not os.path.exists(os.path.join(work_dir(args), "optuna.db")):
+    if not os.path.exists(os.path.join(work_dir(args), layout.STUDY_DB)):
         return
     storage = make_storage(args)
     try:
@@ -213,15 +214,16 @@ def finished(study) -> int:
 def objective_factory(args, train_rows: int):
     import optuna
 
-    from trainer import train as T
+    from trainer.train import get_args_parser, run
 
     def objective(trial) -> float:
         values = suggest(trial)
         params = train_params(values, train_rows)
-        out = uri.join(args.output, "trials", f"{trial.number:04d}")  # local or a URI: the trainer writes either
+        # local or a URI: the trainer writes either
+        out = uri.join(args.output, layout.TRIALS_DIR, f"{trial.number:04d}")
         argv = ["--data", args.data, "--output", out, "--epochs", str(args.epochs), "--no-progress",
                 *shlex.split(args.train_args)]
-        parser = T.get_args_parser()
+        parser = get_args_parser()
         targs = parser.parse_args(argv)
         for key, value in params.items():
             setattr(targs, key, value)
@@ -240,7 +242,7 @@ def objective_factory(args, train_rows: int):
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val MAE {row['val_mae']:.2f} after epoch {row['epoch']}")
 
-        summary = T.run(targs, on_epoch=on_epoch)
+        summary = run(targs, on_epoch=on_epoch)
         for key in ("test_mae", "test_cs5", "test_rmse", "epochs_run"):
             trial.set_user_attr(key, summary[key])
         return summary["best_val_mae"]
@@ -254,11 +256,11 @@ def run_worker(args, worker: int) -> None:
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
-    from trainer import data as D
+    from trainer.data import split_source
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = load_study(args, args.seed + worker)
-    rows = D.split_source(args.data, "train").rows
+    rows = split_source(args.data, "train").rows
     if finished(study) >= args.n_trials:
         return
     study.optimize(objective_factory(args, rows), n_trials=None, timeout=args.timeout, catch=(),
@@ -276,13 +278,13 @@ def _worker_entry(args, worker: int) -> None:
 def check_data(args) -> int:
     """The training table's train rows, or TuneError before anything (a study database) is created;
     the fixed --train-args are parsed once here too, so a typo fails now, not in every trial."""
-    from trainer import data as D
-    from trainer import train as T
+    from trainer.data import split_source
+    from trainer.train import get_args_parser
 
     if not args.data:
         raise TuneError("--data is required (a prepare output)")
     try:
-        rows = D.split_source(args.data, "train").rows
+        rows = split_source(args.data, "train").rows
     except (FileNotFoundError, ValueError, OSError) as e:
         raise TuneError(f"--data {args.data}: {e}") from None
     except Exception as e:  # noqa: BLE001 - IncompleteTableError and reader errors: say which table
@@ -293,27 +295,25 @@ def check_data(args) -> int:
 
     with contextlib.redirect_stderr(io.StringIO()) as err:
         try:
-            T.get_args_parser().parse_args(train_argv)
+            get_args_parser().parse_args(train_argv)
         except SystemExit:
             raise TuneError(f"--train-args {args.train_args!r}: {err.getvalue().strip()}") from None
     return rows
 
 
-REPORT_FILES = ("best_params.json", "report.json", "optimization_history.png", "param_importances.png",
-                "best_trial_curve.png")
 
 
 def claim_output(args):
     """The report files tune writes may replace only what faceage wrote (refused otherwise, before any trial);
     the output is marked as faceage's (a remote one proves writable here, not after the first trial)."""
-    from schemas.outputs import Outputs, check_overlap
+    from shell.outputs import check_overlap, Outputs
 
     check_overlap([("--data", args.data)], args.output)
-    outputs = Outputs.at(args.output, "tune", manifest=("report.json", ("study", "best", "trials")))
+    outputs = Outputs.at(args.output, "tune", manifest=(layout.TUNE_REPORT, ("study", "best", "trials")))
     outputs.begin()  # one study writer per --output (run() releases it)
     try:
-        outputs.check(REPORT_FILES)
-        outputs.record(REPORT_FILES)
+        outputs.check(layout.TUNE_FILES)
+        outputs.record(layout.TUNE_FILES)
     except BaseException:
         outputs.finish()
         raise
@@ -344,21 +344,21 @@ def _study(args, launch: Optional[Callable]) -> dict:
     with tracker:  # ends the MLflow run FINISHED, KILLED (interrupted) or FAILED
         try:
             if not args.storage:
-                work.pull("optuna.db")  # a study to continue (remote --output)
+                work.pull(layout.STUDY_DB)  # a study to continue (remote --output)
             report = _run(args, launch)
-            work.push("optuna.db", "best_params.json", "report.json", *report["plots"], *logs)
+            work.push(layout.STUDY_DB, layout.BEST_PARAMS, layout.TUNE_REPORT, *report["plots"], *logs)
             best = report["best"]
             tracker.log_metrics({"best_val_mae": best["val_mae"], "best_test_mae": best.get("test_mae"),
                                  **{f"trials_{k}": v for k, v in report["trials"].items()}})
             tracker.set_tags({"best_trial": best["number"],
                               **{f"best.{k}": v for k, v in best["train_params"].items()}})
-            for name in ("best_params.json", "report.json", *report["plots"]):
+            for name in (layout.BEST_PARAMS, layout.TUNE_REPORT, *report["plots"]):
                 tracker.log_artifact(os.path.join(work.path, name))
             return report
         except BaseException:
             # a failed study's worker logs are what explains it: keep them beside a remote --output too
             with contextlib.suppress(Exception):
-                work.push("optuna.db", *logs)
+                work.push(layout.STUDY_DB, *logs)
             raise
         finally:
             work.close()
@@ -393,9 +393,9 @@ def report_only(args) -> dict:
     args.work_dir = work.path
     try:
         if not args.storage:
-            work.pull("optuna.db")
+            work.pull(layout.STUDY_DB)
         report = write_report(args)
-        work.push("best_params.json", "report.json", *report["plots"])
+        work.push(layout.BEST_PARAMS, layout.TUNE_REPORT, *report["plots"])
         return report
     finally:
         work.close()
@@ -413,9 +413,9 @@ def write_report(args, wall_seconds: Optional[float] = None) -> dict:
     best = study.best_trial
     best_params = dict(best.user_attrs["train_params"])
     best_params["epochs"] = args.epochs
-    with open(os.path.join(work_dir(args), "best_params.json"), "w") as f:
+    with open(os.path.join(work_dir(args), layout.BEST_PARAMS), "w") as f:
         f.write(dumps(best_params))
-    best_path = uri.join(args.output, "best_params.json")
+    best_path = uri.join(args.output, layout.BEST_PARAMS)
     report = {
         "study": args.study, "storage": redact(storage_url(args)), "sampler": args.sampler, "pruner": args.pruner,
         "epochs_per_trial": args.epochs, "trials": counts, "wall_seconds": wall_seconds,
@@ -428,7 +428,7 @@ def write_report(args, wall_seconds: Optional[float] = None) -> dict:
         "best_params_file": best_path,
     }
     report["plots"] = _plots(study, best, work_dir(args))
-    with open(os.path.join(work_dir(args), "report.json"), "w") as f:
+    with open(os.path.join(work_dir(args), layout.TUNE_REPORT), "w") as f:
         f.write(redact(dumps(report, default=str)))
     return report
 
@@ -457,8 +457,8 @@ def _plots(study, best, folder: str) -> List[str]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
-        save("optimization_history.png", lambda: ovm.plot_optimization_history(study))
-        save("param_importances.png", lambda: ovm.plot_param_importances(study))
+        save(layout.PLOT_HISTORY, lambda: ovm.plot_optimization_history(study))
+        save(layout.PLOT_IMPORTANCES, lambda: ovm.plot_param_importances(study))
 
     def curve():
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -467,7 +467,7 @@ def _plots(study, best, folder: str) -> List[str]:
         ax.set(xlabel="epoch", ylabel="val MAE (years)", title=f"best trial #{best.number}: learning curve")
         return ax
 
-    save("best_trial_curve.png", curve)
+    save(layout.PLOT_BEST_CURVE, curve)
     return written
 
 

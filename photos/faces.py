@@ -18,6 +18,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from schemas.crop import CropSettings
 from schemas.crop import TEMPLATE as TEMPLATE_POINTS
+from schemas.tables import REASONS
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is "corrupt", never half a face
 
@@ -33,6 +34,8 @@ class Reject(Exception):
     """An input that does not become a face: `reason` is a REASONS code, `detail` says why."""
 
     def __init__(self, reason: str, detail: str):
+        if reason not in REASONS:  # a code the rejects table does not define is this code's bug, not the input's
+            raise ValueError(f"reject reason {reason!r} is not one of schemas.tables.REASONS")
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail

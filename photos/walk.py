@@ -8,7 +8,7 @@ and depth (FACEAGE_MAX_LISTED, FACEAGE_MAX_DEPTH); past a bound it stops with on
 import os
 from typing import Iterator, NamedTuple, Optional
 
-from schemas.cli import UserError
+from shell.errors import UserError
 
 MAX_LISTED = 5_000_000  # entries per input; about 1 GB of listing held by the driver
 MAX_DEPTH = 100  # folders below an input

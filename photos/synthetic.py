@@ -7,6 +7,8 @@ File names follow UTKFace's pattern (age_gender_race_stamp.jpg), so `--labels ut
 """
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import os
 import re
@@ -19,24 +21,45 @@ SKIN = [(255, 224, 196), (234, 192, 160), (214, 164, 128), (178, 124, 88), (150,
 HAIR = [(40, 28, 20), (90, 60, 30), (160, 120, 60), (20, 20, 20), (120, 50, 20)]
 
 
+@dataclasses.dataclass
+class _Face:
+    """Where draw_face's features sit (in a 200-pixel frame, scaled by `s`) and their colours."""
+
+    age: int
+    s: float
+    child: float
+    cx: float
+    cy: float
+    head_w: float
+    head_h: float
+    skin: tuple
+    hair: tuple
+
+
 def draw_face(age: int, rng: np.random.Generator, size: int = 200, gender: int = 0,
               race: int = 0) -> Image.Image:
     """A frontal face filling most of a size x size RGB image; features depend on age."""
-    s = size / 200.0
-    bg = tuple(int(v) for v in rng.integers(60, 200, 3))
-    im = Image.new("RGB", (size, size), bg)
+    im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(60, 200, 3)))
     d = ImageDraw.Draw(im)
+    f = _head(d, age, rng, size / 200.0, gender, race)
+    eye_y, eye_r = _eyes(d, f, rng)
+    _nose_mouth_wrinkles(d, f, eye_y, eye_r)
+    im = im.filter(ImageFilter.GaussianBlur(radius=0.8 * f.s))
+    noise = rng.normal(0, 4, (size, size, 3))
+    return Image.fromarray(np.clip(np.asarray(im, float) + noise, 0, 255).astype(np.uint8))
+
+
+def _head(d, age: int, rng, s: float, gender: int, race: int) -> _Face:
+    """Neck and shoulders, hair behind, head, ears; the face's geometry and colours."""
     child = max(0.0, min(1.0, (16 - age) / 14))  # 1 at age 2, 0 from 16
     grey = max(0.0, min(1.0, (age - 40) / 40))  # 0 until 40, 1 at 80
     skin = np.array(SKIN[race % len(SKIN)], float) + rng.normal(0, 6, 3)
     hair = np.array(HAIR[int(rng.integers(len(HAIR)))], float) * (1 - grey) + np.array([200, 200, 200]) * grey
     skin_c, hair_c = tuple(int(v) for v in np.clip(skin, 0, 255)), tuple(int(v) for v in np.clip(hair, 0, 255))
-
     cx = 100 + rng.normal(0, 2)
     head_w = 62 + 6 * child + rng.normal(0, 2)
     head_h = head_w * (1.32 - 0.14 * child)
     cy = 104
-    # neck and shoulders, hair behind, head, ears
     d.rectangle([s * (cx - 20), s * (cy + head_h * 0.8), s * (cx + 20), s * 200], fill=skin_c)
     d.ellipse([s * (cx - 95), s * (cy + head_h * 1.0), s * (cx + 95), s * (cy + head_h * 1.9)],
               fill=tuple(int(v) for v in rng.integers(30, 220, 3)))
@@ -49,11 +72,16 @@ def draw_face(age: int, rng: np.random.Generator, size: int = 200, gender: int =
     d.ellipse([s * (cx - head_w), s * (cy - head_h), s * (cx + head_w), s * (cy + head_h)], fill=skin_c)
     d.chord([s * (cx - head_w), s * (cy - head_h - 2), s * (cx + head_w), s * (cy - head_h * 0.35)],
             180, 360, fill=hair_c)
+    return _Face(age, s, child, cx, cy, head_w, head_h, skin_c, hair_c)
 
-    eye_y = cy - head_h * (0.12 - 0.18 * child)
-    eye_dx = head_w * 0.42
+
+def _eyes(d, f: _Face, rng):
+    """Eyes, brows and (from 35) crow's feet; (eye line, eye radius)."""
+    s, child, cx = f.s, f.child, f.cx
+    eye_y = f.cy - f.head_h * (0.12 - 0.18 * child)
+    eye_dx = f.head_w * 0.42
     eye_r = 7.5 + 4.0 * child
-    brow_c = tuple(int(v * 0.6) for v in hair_c)
+    brow_c = tuple(int(v * 0.6) for v in f.hair)
     for side in (-1, 1):
         ex = cx + side * eye_dx
         d.ellipse([s * (ex - eye_r * 1.5), s * (eye_y - eye_r), s * (ex + eye_r * 1.5), s * (eye_y + eye_r)],
@@ -65,27 +93,29 @@ def draw_face(age: int, rng: np.random.Generator, size: int = 200, gender: int =
                    s * (eye_y + eye_r * 0.35)], fill=(10, 10, 10))
         d.line([s * (ex - eye_r * 1.7), s * (eye_y - eye_r * 1.9), s * (ex + eye_r * 1.7),
                 s * (eye_y - eye_r * 2.1)], fill=brow_c, width=max(1, int(s * (4 - 2 * child))))
-        if age > 35:  # crow's feet
-            for k in range(min(3, (age - 30) // 15 + 1)):
+        if f.age > 35:  # crow's feet
+            for k in range(min(3, (f.age - 30) // 15 + 1)):
                 ox = ex + side * eye_r * 1.9
                 d.line([s * ox, s * (eye_y - 3 + 4 * k), s * (ox + side * 7), s * (eye_y - 6 + 6 * k)],
-                       fill=tuple(int(v * 0.75) for v in skin_c), width=max(1, int(s)))
-    nose_y = eye_y + head_h * 0.38
+                       fill=tuple(int(v * 0.75) for v in f.skin), width=max(1, int(s)))
+    return eye_y, eye_r
+
+
+def _nose_mouth_wrinkles(d, f: _Face, eye_y: float, eye_r: float) -> None:
+    s, child, cx, head_w = f.s, f.child, f.cx, f.head_w
+    nose_y = eye_y + f.head_h * 0.38
     d.polygon([(s * cx, s * (eye_y + 6)), (s * (cx - 8 + 3 * child), s * nose_y),
-               (s * (cx + 8 - 3 * child), s * nose_y)], fill=tuple(int(v * 0.85) for v in skin_c))
-    mouth_y = nose_y + head_h * 0.25
+               (s * (cx + 8 - 3 * child), s * nose_y)], fill=tuple(int(v * 0.85) for v in f.skin))
+    mouth_y = nose_y + f.head_h * 0.25
     mouth_w = head_w * (0.42 - 0.1 * child)
     d.chord([s * (cx - mouth_w), s * (mouth_y - 8), s * (cx + mouth_w), s * (mouth_y + 8)], 0, 180,
             fill=(150, 50, 60))
     # forehead wrinkles from 30 on, more and darker with age
-    n_lines = max(0, (age - 25) // 12)
+    n_lines = max(0, (f.age - 25) // 12)
     for k in range(min(n_lines, 5)):
         y = eye_y - eye_r * 3 - 5 * k
         d.arc([s * (cx - head_w * 0.55), s * (y - 4), s * (cx + head_w * 0.55), s * (y + 4)], 200, 340,
-              fill=tuple(int(v * (0.8 - 0.03 * k)) for v in skin_c), width=max(1, int(s)))
-    im = im.filter(ImageFilter.GaussianBlur(radius=0.8 * s))
-    noise = rng.normal(0, 4, (size, size, 3))
-    return Image.fromarray(np.clip(np.asarray(im, float) + noise, 0, 255).astype(np.uint8))
+              fill=tuple(int(v * (0.8 - 0.03 * k)) for v in f.skin), width=max(1, int(s)))
 
 
 def paste_on_background(face: Image.Image, rng: np.random.Generator, canvas: Tuple[int, int] = (640, 480),

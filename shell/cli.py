@@ -1,4 +1,4 @@
-"""The command-line contract every stage shares: one user-error type, one error line, one exit code.
+"""The job shell every stage shares: one user-error type, one error line, one exit code.
 
 Every CLI (prepare, score, evaluate, train, tune, emr) builds its parser with `Parser` and runs its
 job inside `run_main`, so a user's mistake always ends as ONE line on stderr,
@@ -23,7 +23,9 @@ import sys
 import uuid
 from typing import Callable, Iterable, List, Optional, Sequence
 
-USAGE_EXIT = 2
+from shell.errors import DISK_FULL_EXIT, USAGE_EXIT, UserError, disk_full
+from shell.uri import check, describe_jvm_error
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 log = logging.getLogger("faceage")  # every stage's own lines: `log.info(...)`, shown at the chosen level
 
@@ -55,10 +57,6 @@ def configure_logging(level: Optional[str] = None) -> None:
     log.setLevel(level.upper())
     if level == "debug":
         os.environ.setdefault("FACEAGE_SPARK_LOG_LEVEL", "info")  # a JVM started from here on says more
-
-
-class UserError(Exception):
-    """Something the user gave (a flag, a file, a table) that they must fix; the message says what."""
 
 
 # ----------------------------------------------------------------------------- redaction
@@ -290,8 +288,6 @@ def run_main(stage: str, body: Callable[[], int], extra_user_errors: tuple = ())
         sys.stderr.write(f"{stage}: interrupted\n")
         return 130
     except Exception as e:  # noqa: BLE001 - a storage error from Spark's JVM (no bucket, no access) is the user's
-        from schemas.uri import describe_jvm_error
-
         full = disk_full(e)
         if full is not None:  # the machine's, not the user's input: its own exit code
             sys.stderr.write(f"{stage}: error: {redact(full)}\n")
@@ -301,61 +297,6 @@ def run_main(stage: str, body: Callable[[], int], extra_user_errors: tuple = ())
             raise
         sys.stderr.write(f"{stage}: error: {redact(text)}\n")
         return USAGE_EXIT
-
-
-DISK_FULL_EXIT = 5
-_NO_SPACE = re.compile(r"No space left on device|Disk quota exceeded|ENOSPC|EDQUOT")
-
-
-def _chain_text(e: BaseException) -> str:
-    """The messages of `e`, its causes and contexts, and of a Py4J error's Java cause chain, in one string."""
-    texts, seen, cur = [], set(), e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        texts.append(f"{type(cur).__name__}: {cur}")
-        java = getattr(cur, "java_exception", None)
-        if java is not None:
-            try:
-                cause = java
-                while cause is not None:
-                    texts.append(str(cause.toString()))
-                    cause = cause.getCause()
-            except Exception:  # noqa: BLE001 - a dead gateway: nothing more to learn
-                pass
-        cur = cur.__cause__ or cur.__context__
-    return " | ".join(texts)
-
-
-def disk_full(e: BaseException) -> Optional[str]:
-    """One line when `e` (anywhere in its chain, the JVM's included) says a disk is full; None otherwise."""
-    import errno
-
-    cur, seen, where = e, set(), ""
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
-            where = f" writing {cur.filename}" if cur.filename else ""
-            break
-        cur = cur.__cause__ or cur.__context__
-    else:
-        if not _NO_SPACE.search(_chain_text(e)):
-            return None
-    return (f"no space left on the device{where}: free some space (or write elsewhere) and rerun; what was "
-            f"committed before is intact (a commit cut short is finished by the next run)")
-
-
-def check_space(error: BaseException, path: str, least: int = 64 * 2**20) -> None:
-    """Raise ENOSPC for `error` (e.g. torch.save's `basic_ios::clear: iostream error`) when the folder of `path`
-    has less than `least` bytes free: the one line then says what happened. Returns otherwise."""
-    import errno
-    import shutil
-
-    try:
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or ".").free
-    except OSError:
-        return
-    if free < least:
-        raise OSError(errno.ENOSPC, "No space left on device", path) from error
 
 
 def pause_point(name: str) -> None:
@@ -390,8 +331,6 @@ def entry_points(stage: str, job: Callable[[Optional[List[str]]], int]):
 def path_arg(text):
     """argparse `type=` for every path flag: a local path, a file: URI or a well-formed remote URI
     (s3://, s3a://, gs://, hdfs://); a mistyped URI such as `s3:/bucket` is refused, never made a local folder."""
-    from schemas.uri import check
-
     try:
         return check(text, "value")
     except UserError as e:

@@ -1,7 +1,9 @@
 """One I/O layer for every path a stage reads or writes: local paths, file: URIs and remote URIs.
 
 Remote URIs (s3://, s3a://, gs://, hdfs://, ...) go through fsspec (s3fs for S3); Spark jobs use
-Hadoop's FileSystem for their tables (spark_jobs/storage.py), and both see the same objects. An
+Hadoop's FileSystem through their session (HadoopFS below), and both see the same objects. The one
+filesystem interface output safety is written against has three implementations here: LocalFS,
+RemoteFS (fsspec) and HadoopFS (a SparkSession's JVM). An
 S3-compatible endpoint other than AWS (a local test server, MinIO) is named the way every AWS SDK
 reads it: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL.
 
@@ -19,7 +21,7 @@ import re
 import shutil
 from typing import List, Optional, Tuple
 
-from schemas.cli import UserError
+from shell.errors import UserError
 
 _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*):(?P<rest>.*)$", re.S)
 ALIASES = {"s3a": "s3", "s3n": "s3"}  # Hadoop's names for S3; fsspec's is s3://
@@ -92,7 +94,8 @@ def join(uri: str, *parts: str) -> str:
 
 
 def parent(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[0]
+    """The folder `uri` is in ("." for a bare name)."""
+    return uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
 
 
 def basename(uri: str) -> str:
@@ -233,7 +236,7 @@ def _guarded(write: bool = False):
 # ----------------------------------------------------------------------------- the filesystem interface
 
 class RemoteFS:
-    """schemas.outputs' filesystem interface over fsspec (object stores have no folders: a prefix with
+    """shell.outputs' filesystem interface over fsspec (object stores have no folders: a prefix with
     objects under it is one; `mkdirs` makes nothing; a rename is a copy then a delete)."""
 
     def _p(self, uri: str):
@@ -331,10 +334,147 @@ class RemoteFS:
         fs.get_file(path, local)
 
 
-def fs_for(uri: str):
-    """The filesystem interface for `uri`: schemas.outputs.LocalFS for local paths, RemoteFS otherwise."""
-    from schemas.outputs import LocalFS
+class LocalFS:
+    """The filesystem interface on local paths (plain paths or file: URIs)."""
 
+    @staticmethod
+    def _p(uri: str) -> str:
+        return strip_file_scheme(uri)
+
+    def exists(self, uri: str) -> bool:
+        return os.path.lexists(self._p(uri))
+
+    def isdir(self, uri: str) -> bool:
+        return os.path.isdir(self._p(uri))
+
+    def listdir(self, uri: str) -> List[str]:
+        return sorted(os.listdir(self._p(uri)))
+
+    def read_text(self, uri: str) -> str:
+        with open(self._p(uri), encoding="utf-8") as f:
+            return f.read()
+
+    def write_text(self, uri: str, text: str) -> None:
+        path = self._p(uri)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.makedirs(os.path.dirname(self._p(dst)) or ".", exist_ok=True)
+        os.replace(self._p(src), self._p(dst))
+
+    def delete(self, uri: str) -> None:
+        path = self._p(uri)
+        if os.path.islink(path) or os.path.isfile(path):
+            os.remove(path)
+        elif os.path.isdir(path):
+            shutil.rmtree(path)
+
+    def mkdirs(self, uri: str) -> None:
+        os.makedirs(self._p(uri), exist_ok=True)
+
+    def walk_files(self, uri: str) -> List[str]:
+        root = self._p(uri)
+        found = []
+        for dirpath, _, filenames in os.walk(root):
+            found += [os.path.relpath(os.path.join(dirpath, n), root).replace(os.sep, "/") for n in filenames]
+        return sorted(found)
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def to_uri(path: str) -> str:
+    """A local path -> file:/abs/path; URIs with a scheme stay as they are."""
+    if "://" in path or path.startswith("file:"):
+        return path.rstrip("/") if not path.endswith(":///") else path
+    return "file:" + os.path.abspath(path)
+
+
+class HadoopFS:
+    """The filesystem interface over Hadoop's FileSystem (file:, s3a://, hdfs://, ...), through a running
+    SparkSession's JVM: what Spark jobs commit with, so their files and their tables go through one client.
+    Nothing here imports pyspark; `spark` is the session."""
+
+    def __init__(self, spark):
+        self.spark = spark
+
+    def _p(self, uri: str):
+        path = self.spark._jvm.org.apache.hadoop.fs.Path(to_uri(uri))
+        return path, path.getFileSystem(self.spark._jsc.hadoopConfiguration())
+
+    def qualify(self, uri: str) -> str:
+        """`uri` as Hadoop resolves it (scheme, authority, absolute path): the form to compare URIs in."""
+        path, fs = self._p(uri)
+        return str(fs.makeQualified(path).toString()).rstrip("/")
+
+    def exists(self, uri: str) -> bool:
+        path, fs = self._p(uri)
+        return bool(fs.exists(path))
+
+    def isdir(self, uri: str) -> bool:
+        path, fs = self._p(uri)
+        return bool(fs.exists(path)) and bool(fs.getFileStatus(path).isDirectory())
+
+    def listdir(self, uri: str):
+        path, fs = self._p(uri)
+        return sorted(str(s.getPath().getName()) for s in fs.listStatus(path))
+
+    def read_text(self, uri: str) -> str:
+        path, fs = self._p(uri)
+        if not fs.exists(path):
+            raise FileNotFoundError(uri)
+        stream = fs.open(path)
+        try:
+            chunks = []
+            buf = self.spark._jvm.java.io.ByteArrayOutputStream()
+            self.spark._jvm.org.apache.hadoop.io.IOUtils.copyBytes(stream, buf, 65536, False)
+            chunks.append(bytes(buf.toByteArray()))
+        finally:
+            stream.close()
+        return b"".join(chunks).decode("utf-8")
+
+    def write_text(self, uri: str, text: str) -> None:
+        """Write (replace) a small text file; parent folders are created."""
+        path, fs = self._p(uri)
+        stream = fs.create(path, True)
+        try:
+            stream.write(bytearray(text.encode("utf-8")))
+        finally:
+            stream.close()
+
+    def rename(self, src: str, dst: str) -> None:
+        s, fs = self._p(src)
+        d, _ = self._p(dst)
+        fs.mkdirs(d.getParent())
+        if fs.exists(d):
+            raise OSError(f"rename {src} -> {dst}: the target exists")
+        if not fs.rename(s, d):
+            raise OSError(f"rename {src} -> {dst} failed")
+
+    def delete(self, uri: str) -> None:
+        path, fs = self._p(uri)
+        if fs.exists(path):
+            fs.delete(path, True)
+
+    def mkdirs(self, uri: str) -> None:
+        path, fs = self._p(uri)
+        fs.mkdirs(path)
+
+    def walk_files(self, uri: str):
+        path, fs = self._p(uri)
+        root = str(fs.makeQualified(path).toString()).rstrip("/")
+        found, files = [], fs.listFiles(path, True)
+        while files.hasNext():
+            found.append(str(files.next().getPath().toString())[len(root) + 1:])
+        return sorted(found)
+
+
+def fs_for(uri: str):
+    """The filesystem interface for `uri`: LocalFS for local paths, RemoteFS otherwise."""
     return RemoteFS() if is_remote(uri) else LocalFS()
 
 
@@ -386,16 +526,6 @@ def get(uri: str, local: str) -> None:
         RemoteFS().get(uri, local)
     elif os.path.abspath(local) != os.path.abspath(path):
         shutil.copyfile(path, local)
-
-
-def local_copy(uri: str, folder: str) -> str:
-    """A local path holding the file at `uri`: the file itself when local, else a download into `folder`."""
-    path = local_path(uri)
-    if path is not None:
-        return path
-    target = os.path.join(folder, basename(uri) or "download")
-    RemoteFS().get(uri, target)
-    return target
 
 
 class WorkFolder:

@@ -22,8 +22,8 @@ train's bundle and summary, tune's report) goes through `Outputs`:
    instead of seeing half of one run and half of another.
 5. `finish()` removes this run's staging folder and releases the lock.
 
-The rules are written once here against a tiny filesystem interface (`LocalFS` below; Spark jobs
-use storage.HadoopFS for s3a://, hdfs:// and local alike). Paths are compared after resolving links
+The rules are written once here against a tiny filesystem interface (shell.uri.LocalFS; Spark jobs
+use shell.uri.HadoopFS for s3a://, hdfs:// and local alike). Paths are compared after resolving links
 (`canonical_local`) so a symlink cannot smuggle an input inside an output.
 """
 from __future__ import annotations
@@ -31,16 +31,21 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
+import posixpath
 import socket
 import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
-from schemas.cli import UserError, dumps, log, new_run_id, pause_point
-from schemas.layout import JOURNAL, LOCK, STAGING_PREFIX
+from shell.cli import dumps, log, new_run_id, pause_point
+from shell.errors import UserError
+from shell.uri import ALIASES, LocalFS, fs_for, is_remote, join, local_path, scheme
 
-MARKER = "_FACEAGE.json"
+# the bookkeeping entries of an output root (every reader skips names that start with "_faceage")
+MARKER = "_FACEAGE.json"  # which entries faceage wrote (and may replace)
+STAGING_PREFIX = "_faceage_staging_"  # + run id: a run's staged entries until its commit
+JOURNAL = "_faceage_commit.json"  # a commit's plan, while it is applied
+LOCK = "_faceage.lock"  # who writes the root now
 WRITER = "faceage"
 LOCK_STALE_SECONDS = 600.0  # FACEAGE_LOCK_STALE_S: a lock whose heartbeat is older than this is a dead holder's
 HEARTBEAT_SECONDS = 30.0
@@ -51,66 +56,6 @@ class OutputBusyError(UserError):
 
     exit_code = 4
 
-
-def join(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/")] + [p.strip("/") for p in parts])
-
-
-# ----------------------------------------------------------------------------- filesystems
-
-class LocalFS:
-    """The filesystem interface on local paths (plain paths or file: URIs)."""
-
-    @staticmethod
-    def _p(uri: str) -> str:
-        from schemas.uri import strip_file_scheme
-
-        return strip_file_scheme(uri)
-
-    def exists(self, uri: str) -> bool:
-        return os.path.lexists(self._p(uri))
-
-    def isdir(self, uri: str) -> bool:
-        return os.path.isdir(self._p(uri))
-
-    def listdir(self, uri: str) -> List[str]:
-        return sorted(os.listdir(self._p(uri)))
-
-    def read_text(self, uri: str) -> str:
-        with open(self._p(uri), encoding="utf-8") as f:
-            return f.read()
-
-    def write_text(self, uri: str, text: str) -> None:
-        path = self._p(uri)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-
-    def rename(self, src: str, dst: str) -> None:
-        os.makedirs(os.path.dirname(self._p(dst)) or ".", exist_ok=True)
-        os.replace(self._p(src), self._p(dst))
-
-    def delete(self, uri: str) -> None:
-        path = self._p(uri)
-        if os.path.islink(path) or os.path.isfile(path):
-            os.remove(path)
-        elif os.path.isdir(path):
-            shutil.rmtree(path)
-
-    def mkdirs(self, uri: str) -> None:
-        os.makedirs(self._p(uri), exist_ok=True)
-
-    def walk_files(self, uri: str) -> List[str]:
-        root = self._p(uri)
-        found = []
-        for dirpath, _, filenames in os.walk(root):
-            found += [os.path.relpath(os.path.join(dirpath, n), root).replace(os.sep, "/") for n in filenames]
-        return sorted(found)
-
-
-# ----------------------------------------------------------------------------- paths
 
 def canonical_local(path: str) -> str:
     """A local path or file: URI, absolute with every symlink resolved (what it really points at)."""
@@ -144,14 +89,10 @@ def dedupe_inputs(inputs: Sequence[str], canonical: Callable[[str], str], flag: 
 def canonical(uri: str) -> str:
     """A path or URI in the form to compare it in: local ones absolute with every link resolved; remote ones
     with s3a:// and s3n:// spelled s3:// (one bucket, three spellings) and the path normalised."""
-    import posixpath
-
-    from schemas.uri import local_path, scheme
-
     path = local_path(uri)
     if path is not None:
         return os.path.realpath(path)
-    kind = {"s3a": "s3", "s3n": "s3"}.get(scheme(uri) or "", scheme(uri) or "")
+    kind = ALIASES.get(scheme(uri) or "", scheme(uri) or "")
     return f"{kind}://{posixpath.normpath(uri.split('://', 1)[1])}"
 
 
@@ -376,8 +317,6 @@ class OutputLock:
 
 
 def _local_root(root: str) -> Optional[str]:
-    from schemas.uri import local_path
-
     return local_path(root)
 
 
@@ -416,13 +355,11 @@ class Outputs:
     @classmethod
     def at(cls, output: str, kind: str, run_id: Optional[str] = None, manifest: Optional[tuple] = None,
            flag: str = "--output") -> "Outputs":
-        """Outputs under `output` (a local path, file: URI or remote URI) on schemas.uri's filesystems;
+        """Outputs under `output` (a local path, file: URI or remote URI) on shell.uri's filesystems;
         `manifest` = (file name, keys): a JSON file there holding those keys (written by faceage before
         markers existed) makes the entries faceage's."""
-        from schemas import uri as uri_io
-
-        root = output if uri_io.is_remote(output) else uri_io.local_path(output)
-        fs = uri_io.fs_for(root)
+        root = output if is_remote(output) else local_path(output)
+        fs = fs_for(root)
         legacy = None
         if manifest is not None:
             name, keys = manifest
