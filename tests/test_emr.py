@@ -103,8 +103,8 @@ def test_transient_cluster_request_matches_the_service_model(tmp_path):
     # a local path on a cluster names one node's disk: refused for every data flag, = form too
     (["--code", "s3://b/x", "--cluster-id", "j-1", "--step", "train", "--data s3://b/p --output runs/t"],
      "--output runs/t is a local path"),
-    (["--code", "s3://b/x", "--cluster-id", "j-1", "--step", "prepare", "--input s3://b/a /home/me/b --output s3://b/o"],
-     "--input /home/me/b is a local path"),
+    (["--code", "s3://b/x", "--cluster-id", "j-1", "--step", "prepare", "--input s3://b/a /data/photos --output s3://b/o"],
+     "--input /data/photos is a local path"),
     (["--code", "s3://b/x", "--cluster-id", "j-1", "--step", "score", "--model=model.pt --input s3://b/i"],
      "--model model.pt is a local path"),
     (["chain", "--code", "s3://b/x", "--cluster-id", "j-1", "--photos", "photos", "--run", "s3://b/r"],
