@@ -16,7 +16,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 UTKFACE ?= ../shared/data/utkface
 OUT ?= out
 
-.PHONY: help install demo e2e test check-env bench-prepare prepare-utkface recipe lock clean dist
+.PHONY: help install demo e2e test check-env bench-prepare prepare-utkface recipe lock clean dist image
 .DEFAULT_GOAL := help
 
 help: ## list the targets (a bare `make` does this)
@@ -106,6 +106,11 @@ recipe: install ## UTKFace -> a 60-minute training on 2 CPU cores -> scored + ev
 
 bench-prepare: install ## the prepare benchmark (Spark vs a plain Pool, on UTKFace composites)
 	$(BIN)/python -m bench.prepare_bench --utkface $(UTKFACE)
+
+# the runtime image without a registry: Debian's packages (mmdebstrap) + the locked wheels, docker/image.txt's list
+IMAGE ?= build/image
+image: install ## the runtime image's root filesystem in build/image (root, mmdebstrap); run in it: docker/run-in-image.sh
+	bash docker/rootfs.sh $(IMAGE)
 
 lock: install ## rewrite requirements.lock from the installed environment
 	$(BIN)/pip freeze --exclude-editable | grep -v '^faceage' | \

@@ -52,14 +52,14 @@ def copy_splits(data: str, out: Path, rows: Dict[str, Optional[int]], seed: int 
 
 def split_pixels(data: str, splits, size: int):
     """(uint8 N x size x size x 3 crops, float64 ages) of every row of `splits` of a prepared table, decoded the way
-    a bundle's Predictor expects (trainer.bundle.decode_image); splits the table lacks are skipped."""
+    a bundle's Predictor expects (trainer.runtime.decode_image); splits the table lacks are skipped."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from schemas import layout
     from trainer.data import split_source
-    from trainer.bundle import decode_image
+    from trainer.runtime import decode_image
 
     parts = []
     for split in splits:

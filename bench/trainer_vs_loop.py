@@ -25,7 +25,8 @@ import torch
 from bench.common import copy_splits, machine
 from trainer.data import LoaderSettings, READERS, SplitLoader, layout, split_source
 from trainer.model import build_model, loss_fn
-from trainer.bundle import decode_image, normalize
+from trainer.bundle import normalize
+from trainer.runtime import decode_image
 from trainer.schedules import Constant
 from trainer.train import Learner, cpu_count, train_one_epoch
 

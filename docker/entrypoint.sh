@@ -4,7 +4,7 @@
 #                     client mode inside the pod, bound to the pod's address
 #   executor          an executor pod: Spark's KubernetesExecutorBackend, configured by the SPARK_* variables
 #                     the driver sets on the pod (driver URL, executor id, cores, memory, app id, pod IP/name)
-#   anything else     run as given (spark-submit ..., python -m trainer.train ..., bash)
+#   anything else     run as given (spark-submit ..., faceage-serve ..., bash)
 set -euo pipefail
 
 : "${SPARK_HOME:=$(python -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))')}"

@@ -48,6 +48,19 @@ BUNDLE_VERSION = 1  # its "format_version": a reader refuses a newer one
 BUNDLE_FIELDS = ("format", "format_version", "state_dict", "head", "input_size", "normalize", "crop", "data",
                  "params", "metrics", "torch_version")
 
+# ---- an exported model (python -m trainer.export): the model file and its preprocessing contract beside it
+EXPORT_FORMAT = "faceage-export"  # the contract's "format" field
+EXPORT_VERSION = 1
+EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts"}  # what each export format's file name ends in
+CONTRACT_SUFFIX = ".json"  # model.onnx -> model.onnx.json
+EXPORT_FIELDS = ("format", "format_version", "exported_as", "source_model_id", "head", "input_size", "normalize",
+                 "crop", "framing", "input", "outputs", "data", "params", "metrics", "exported_with")
+
+
+def contract_path(model_file: str) -> str:
+    """Where an exported model's contract lies: beside it, its name plus CONTRACT_SUFFIX."""
+    return model_file + CONTRACT_SUFFIX
+
 # ---- evaluate's report folder
 EVAL_METRICS = "metrics.json"
 EVAL_SLICES = "slices.csv"

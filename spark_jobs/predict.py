@@ -1,13 +1,13 @@
 """python -m spark_jobs.predict PHOTO|FOLDER ... --model MODEL: ages of the faces in a few photos, no Spark.
 
 The fast path for one photo or a folder: no JVM starts. It runs exactly what spark_jobs/score.py runs on
-each photo (prepare's crop function, aligned to the model's framing, the same bundle and batched
-inference), so both give the same numbers for the same photo. In a notebook:
+each photo (prepare's crop function, aligned to the model's framing, the same model file and batched
+inference), so both give the same numbers for the same photo. Estimator is that path loaded once; the
+Python API (`from faceage import Estimator`) and the HTTP service (faceage.serve) are it too:
 
-    from spark_jobs.predict import estimate_ages
-    estimate_ages("photo.jpg", "runs/train/model.pt")        # a path, a folder, a list, a PIL image, an array
-    -> [{"source": "photo.jpg", "face_index": 0, "bbox": [x0, y0, x1, y1], "age": 31.4, "uncertainty": 4.2,
-         "status": "ok", "detail": None}, ...]
+    from faceage import Estimator
+    Estimator.load("runs/train/model.pt").predict("photo.jpg")  # a path, a folder, a list, a PIL image, an array
+    -> [Face(source="photo.jpg", face_index=0, box=[x0, y0, x1, y1], age=31.4, uncertainty=4.2, status="ok"...)]
 
 A photo without a usable face gives one row with a status (no_face, face_too_small, not_an_image, ...)
 and no age.
@@ -15,6 +15,7 @@ and no age.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -23,7 +24,7 @@ from typing import Iterable, List, Optional, Union
 
 
 from shell import uri
-from shell.cli import entry_points, Parser, path_arg, positive_int
+from shell.cli import entry_points, Parser, path_arg, positive_int, redact
 from shell.errors import UserError
 from schemas.crop import DETECTORS
 
@@ -90,22 +91,104 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+@dataclasses.dataclass(frozen=True)
+class Face:
+    """One face found in a photo, or (status not "ok", age None) why a photo gave none.
+
+    box: x0, y0, x1, y1 in upright source pixels; landmarks: the detector's 5 points (x, y, ...) the crop was
+    aligned on, None when the face was aligned from its box (HOG) or the photo was an aligned chip."""
+
+    source: str
+    face_index: Optional[int]
+    box: Optional[List[float]]
+    age: Optional[float]
+    uncertainty: Optional[float]  # the std of the predicted age in years; None when the head gives none
+    det_score: Optional[float]
+    status: str  # "ok", or a reject reason (schemas.tables.REASONS): no_face, not_an_image, corrupt, ...
+    detail: Optional[str]
+    landmarks: Optional[List[float]] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Estimator:
+    """A model loaded once, predicting faces' ages in photos: the one path of score, predict and the service
+    (photos.faces.crop_faces aligned to the model's framing, the model's own preprocessing, its head).
+
+        est = Estimator.load("runs/train/model.pt")        # a bundle, or an .onnx export (no torch then)
+        faces = est.predict("photo.jpg")                    # or bytes, a PIL image, an HxWx3 array, a folder,
+        faces[0].age, faces[0].uncertainty, faces[0].box    # or a list of any of them
+
+    detector: auto (detect and align to the model's framing), yunet, hog, or none (aligned face chips).
+    tta "flip" averages each face and its mirror image."""
+
+    def __init__(self, model: str, detector: str = "auto", device: str = "cpu", batch_size: int = 64,
+                 tta: str = "none", threads: Optional[int] = None):
+        from spark_jobs import score_steps
+        from trainer import inference, runtime
+
+        model = str(model)
+        if not uri.isfile(model):
+            raise UserError(f"--model {model}: no such model file (python -m trainer.train writes a bundle, "
+                            f"python -m trainer.export an .onnx)")
+        if tta not in runtime.TTA:
+            raise UserError(f"tta {tta!r}: use one of {runtime.TTA}")
+        self.path = model
+        self.predictor = inference.load_predictor(model, device, threads, detector)
+        self.settings = score_steps.ScoreSettings(
+            bundle=model, model_id=runtime.model_id(model),
+            data_version=(self.predictor.bundle.get("data") or {}).get("version"), input_version=None,
+            run_id="predict", batch_size=batch_size, device=device, detector=detector, tta=tta)
+
+    @classmethod
+    def load(cls, model: str, **settings) -> "Estimator":
+        """Estimator(model, **settings): detector, device, batch_size, tta, threads."""
+        return cls(model, **settings)
+
+    def predict(self, photos: Union[Photo, Iterable[Photo]]) -> List[Face]:
+        """Faces of one photo or many (in their order; a folder: its image files), each a Face; a photo
+        without a usable face gives one Face with its status and no age."""
+        return [self._face(row) for row in self.score_records(_records(photos))]
+
+    def score_records(self, records) -> List[dict]:
+        """(source name, bytes[, skip reason, detail]) records -> prediction rows (schemas.tables.PREDICTIONS
+        fields, plus landmarks): what score writes for the same photos."""
+        from spark_jobs import score_steps
+
+        return score_steps.score_photos(records, self.predictor, self.settings)
+
+    def info(self) -> dict:
+        """What the model is: its id, format, head, input size, training data, crop settings and framing."""
+        from trainer import runtime
+
+        meta = self.predictor.bundle
+        return {"model_id": self.settings.model_id, "path": redact(self.path),
+                "format": "onnx" if runtime.is_export(self.path) else "bundle", "head": meta["head"],
+                "input_size": meta["input_size"], "uncertainty": meta["head"] == "distribution",
+                "data": meta.get("data"), "data_version": self.settings.data_version, "crop": meta["crop"],
+                "framing": runtime.framing(meta), "photo_crop": self.predictor.crop.to_dict(),
+                "tta": self.settings.tta, "metrics": meta.get("metrics")}
+
+    @staticmethod
+    def _face(row: dict) -> Face:
+        spread = row["uncertainty"]
+        return Face(source=row["source_path"], face_index=row["face_index"], box=row["bbox"],
+                    age=row["predicted_age"], uncertainty=None if spread is None or spread != spread else spread,
+                    det_score=row["det_score"], status=row["status"], detail=row["detail"],
+                    landmarks=row.get("landmarks"))
+
+
 def estimate_ages(photos: Union[Photo, Iterable[Photo]], model: str, detector: str = "auto",
                   device: str = "cpu", batch_size: int = 64, tta: str = "none") -> List[dict]:
-    """One dict per face found (bbox, age, uncertainty), or per photo without one (status, detail).
-
-    detector: auto (detect and align to the model's framing), yunet, hog, or none (the photos are already
-    aligned face chips). tta "flip" averages each face and its mirror image."""
-    from spark_jobs import score_steps
-    from trainer.bundle import Predictor, model_id
-
-    if not uri.isfile(model):
-        raise UserError(f"--model {model}: no such model bundle (python -m trainer.train writes one)")
-    predictor = Predictor(model, device, detector=detector)
-    settings = score_steps.ScoreSettings(bundle=model, model_id=model_id(model), data_version=None,
-                                         input_version=None, run_id="predict", batch_size=batch_size,
-                                         device=device, detector=detector, tta=tta)
-    rows = score_steps.score_photos(_records(photos), predictor, settings)
+    """One dict per face found (bbox, age, uncertainty), or per photo without one (status, detail): the rows
+    of Estimator(model, ...).predict(photos) as the CLI prints them."""
+    estimator = Estimator(model, detector, device, batch_size, tta)
+    rows = estimator.score_records(_records(photos))
     return [{"source": r["source_path"], "face_index": r["face_index"], "bbox": r["bbox"],
              "age": r["predicted_age"], "uncertainty": r["uncertainty"], "status": r["status"],
              "detail": r["detail"]} for r in rows]
@@ -114,7 +197,8 @@ def estimate_ages(photos: Union[Photo, Iterable[Photo]], model: str, detector: s
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("predict", prog="python -m spark_jobs.predict", description=__doc__.splitlines()[0])
     p.add_argument("photos", nargs="+", type=path_arg, help="photo files or folders")
-    p.add_argument("--model", default="runs/train/model.pt", type=path_arg, help="model bundle written by python -m trainer.train")
+    p.add_argument("--model", default="runs/train/model.pt", type=path_arg,
+                   help="model bundle written by python -m trainer.train, or an .onnx export (python -m trainer.export)")
     framing = p.add_mutually_exclusive_group()
     framing.add_argument("--detector", default="auto", choices=("auto",) + DETECTORS,
                          help="auto detects and aligns faces to the model's framing; none: already aligned chips")

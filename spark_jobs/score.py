@@ -41,7 +41,8 @@ NO_FACE = ("no_face", "face_too_small")  # a readable photo without a usable fac
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("score", prog="spark-submit spark_jobs/score.py", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, type=path_arg, help="model bundle written by python -m trainer.train")
+    p.add_argument("--model", required=True, type=path_arg,
+                   help="model bundle written by python -m trainer.train, or an .onnx export (python -m trainer.export)")
     p.add_argument("--input", required=True, action="extend", nargs="+", metavar="URI", type=path_arg,
                    help="photo folders, or a prepare output / faces table: --input A B or --input A --input B")
     p.add_argument("--output", required=True, type=path_arg, help="folder for predictions/ and score_manifest.json")
@@ -83,13 +84,13 @@ def _table_root(uri: str, explicit: bool = False) -> Optional[str]:
 
 
 def validate(args) -> dict:
-    from trainer.bundle import load_bundle
+    from trainer import inference
 
     if args.aligned:
         args.detector = "none"
     model_path = args.model if uri_io.is_remote(args.model) else uri_io.local_path(args.model)
-    try:
-        _, bundle = load_bundle(model_path)  # refuses a bundle whose weights, head or crop settings don't fit
+    try:  # refuses a bundle whose weights, head or crop settings don't fit; an .onnx export: its contract
+        bundle = inference.describe(model_path)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
     inputs = [to_uri(i) for i in args.input]
@@ -184,13 +185,18 @@ def _score(spark, args, resolved: dict, outputs, started: float) -> dict:
 def ship_bundle(spark, resolved: dict):
     """(the local copy shipped to every executor, the model id). Shipped once per executor and loaded once per
     Python worker, under a name unique to its content: SparkContext refuses a second file of the same name
-    with other bytes (two models, one session)."""
-    from trainer import bundle as bundle_io
+    with other bytes (two models, one session). An ONNX export travels with its contract beside it."""
+    from trainer import runtime
 
-    mid = bundle_io.model_id(resolved["model"])
-    shipped = os.path.join(resolved["ship_dir"], f"model-{mid}.pt")
+    mid = runtime.model_id(resolved["model"])
+    export = runtime.is_export(resolved["model"])
+    shipped = os.path.join(resolved["ship_dir"], f"model-{mid}" + (layout.EXPORT_SUFFIXES["onnx"] if export
+                                                                     else os.path.splitext(layout.MODEL)[1]))
     uri_io.get(resolved["model"], shipped)  # a local copy (downloaded when the bundle is on S3, ...)
     spark.sparkContext.addFile(shipped)
+    if export:
+        uri_io.get(layout.contract_path(resolved["model"]), layout.contract_path(shipped))
+        spark.sparkContext.addFile(layout.contract_path(shipped))
     return shipped, mid
 
 
@@ -235,10 +241,10 @@ def read_input(spark, args, resolved: dict):
 
 def new_manifest(args, resolved: dict, run_id: str, settings, started: float) -> dict:
     """The score manifest's settings and provenance (the counts are added once they are checked)."""
-    from trainer import bundle as bundle_io
+    from trainer import runtime
 
     bundle, kind = resolved["bundle"], resolved["kind"]
-    pred = bundle_io.Predictor.crop_for(bundle, args.detector) if kind == "photos" else None
+    pred = runtime.crop_for(bundle, args.detector) if kind == "photos" else None
     return {
         "run_id": run_id, "status": "succeeded",
         "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
@@ -246,7 +252,7 @@ def new_manifest(args, resolved: dict, run_id: str, settings, started: float) ->
         "argv": redact_all(sys.argv[1:]), "model": resolved["model"], "model_id": settings.model_id,
         "mlflow_run_id": (bundle.get("params") or {}).get("mlflow_run_id"),
         "model_data": bundle.get("data"), "model_metrics": bundle.get("metrics"),
-        "model_framing": bundle_io.framing(bundle), "tta": args.tta,
+        "model_framing": runtime.framing(bundle), "tta": args.tta,
         "photo_crop": pred.to_dict() if pred is not None else None,
         "input": {"uris": resolved["inputs"], "kind": kind, "split": args.split, "version": settings.input_version},
         "output": {"predictions": layout.join(resolved["output"], layout.PREDICTIONS_DIR), "format": args.format},

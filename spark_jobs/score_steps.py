@@ -1,8 +1,8 @@
 """score's steps: the per-partition work of spark_jobs/score.py, shared with the plain-Python benchmark loop.
 
-A Predictor holds one loaded model bundle; `predictor()` caches it per Python process (a Spark
-executor's reused Python worker), keyed by the bundle file, so a model is loaded once per worker,
-never per batch. Photos go through photos.faces.crop_faces with the bundle's crop settings (the
+A predictor holds one loaded model (a bundle in torch, or an ONNX export in ONNX Runtime: trainer.runtime);
+`predictor()` caches it per Python process (a Spark executor's reused Python worker), keyed by the model
+file, so a model is loaded once per worker, never per batch. Photos go through photos.faces.crop_faces with the bundle's crop settings (the
 exact function prepare used), every face is kept, and the crops are decoded exactly as the trainer's
 loader decodes them before batched inference.
 """
@@ -19,7 +19,8 @@ import numpy as np
 from schemas import ids
 from schemas.tables import PREDICTIONS
 from photos.faces import Reject, crop_faces, get_detector
-from trainer.bundle import Predictor, decode_image
+from trainer.inference import load_predictor  # no torch import here: an ONNX export runs without it
+from trainer.runtime import decode_image
 
 NAMES = [f.name for f in PREDICTIONS]
 
@@ -43,11 +44,11 @@ class ScoreSettings:
 
 
 @functools.lru_cache(maxsize=8)  # once per Python worker and model: Spark reuses its workers across tasks
-def _load(path: str, model_id: str, device: str, threads: Optional[int], detector: str) -> Predictor:
-    return Predictor(path, device, threads, detector)
+def _load(path: str, model_id: str, device: str, threads: Optional[int], detector: str):
+    return load_predictor(path, device, threads, detector)
 
 
-def predictor(settings: ScoreSettings) -> Predictor:
+def predictor(settings: ScoreSettings):
     """The loaded bundle of `settings` (shipped to the executors when spark_file), loaded once per process."""
     path = settings.bundle
     if settings.spark_file:
@@ -65,7 +66,7 @@ def _row(settings: ScoreSettings, **values) -> dict:
     return row
 
 
-def score_photos(records, pred: Predictor, settings: ScoreSettings, detector=None,
+def score_photos(records, pred, settings: ScoreSettings, detector=None,
                  timings: Optional[dict] = None) -> List[dict]:
     """(path, bytes) photos -> prediction rows: one per face, or one with a status when none."""
     detector = detector if detector is not None else (
@@ -93,13 +94,14 @@ def score_photos(records, pred: Predictor, settings: ScoreSettings, detector=Non
             pixels.append(decode_image(crop.image, pred.size))
             rows.append(_row(settings, source_path=path, face_index=crop.face_index,
                              face_id=ids.face_id(digest, crop.face_index), bbox=crop.bbox,
-                             det_score=crop.det_score, n_faces=crop.n_faces, status="ok"))
+                             det_score=crop.det_score, n_faces=crop.n_faces, status="ok",
+                             landmarks=crop.landmarks))  # not a table column: for predict and the service
         timings["align"] = timings.get("align", 0.0) + time.perf_counter() - t0
     _infer(rows, pixels, pred, settings, timings)
     return rows
 
 
-def score_faces(records, pred: Predictor, settings: ScoreSettings, timings: Optional[dict] = None) -> List[dict]:
+def score_faces(records, pred, settings: ScoreSettings, timings: Optional[dict] = None) -> List[dict]:
     """Rows of a prepared faces table (already cropped by prepare) -> prediction rows."""
     timings = timings if timings is not None else {}
     rows, pixels = [], []
@@ -114,7 +116,7 @@ def score_faces(records, pred: Predictor, settings: ScoreSettings, timings: Opti
     return rows
 
 
-def _infer(rows, pixels, pred: Predictor, settings: ScoreSettings, timings: dict) -> None:
+def _infer(rows, pixels, pred, settings: ScoreSettings, timings: dict) -> None:
     if not pixels:
         return
     t0 = time.perf_counter()

@@ -37,7 +37,7 @@ def test_dockerfile_is_well_formed_and_follows_the_rules():
     for name, args in steps:
         if name == "RUN" and "apt-get install" in args:
             assert "--no-install-recommends" in args and "rm -rf /var/lib/apt/lists" in args
-            assert "openjdk-17" in args  # Spark needs Java 17
+            assert "/tmp/image.txt" in args  # the Debian packages of docker/image.txt, the list make image reads
         if name == "COPY":
             words = [w for w in shlex.split(args) if not w.startswith("--")]
             for src in words[:-1]:
@@ -48,8 +48,8 @@ def test_dockerfile_is_well_formed_and_follows_the_rules():
             assert args.startswith("/")
     users = [args for name, args in steps if name == "USER"]
     assert users and users[-1] not in ("root", "0")  # runs as a normal user
-    installs = [args for name, args in steps if name == "RUN" and "make install" in args]
-    assert installs and re.search(r"^install:", (REPO / "Makefile").read_text(), re.M)
+    installs = [args for name, args in steps if name == "RUN" and "docker/install.sh" in args]
+    assert installs and (REPO / "docker" / "install.sh").exists()  # the install step docker/rootfs.sh runs too
     assert names.index("USER") < names.index("RUN", names.index("USER"))  # installs as that user
 
 
@@ -58,19 +58,34 @@ def test_dockerignore_keeps_local_state_out_of_the_image():
     assert {".git", ".venv", "demo_out", "dist"} <= ignored
 
 
-def test_the_runtime_image_installs_no_test_tools():
-    import configparser
+def _image_list(key: str) -> str:
+    (line,) = [l for l in (REPO / "docker" / "image.txt").read_text().splitlines() if l.startswith(f"{key}:")]
+    return line.split(":", 1)[1].strip()
 
+
+def test_the_dockerfile_and_make_image_share_one_list():
     steps = parse((REPO / "docker" / "Dockerfile").read_text())
-    (install,) = [args for name, args in steps if name == "RUN" and "make install" in args]
-    extras = re.search(r"EXTRAS=(\S+)", install).group(1)
-    cfg = configparser.ConfigParser()
-    cfg.read(REPO / "setup.cfg")
-    chosen = {line.split("==")[0].split("[")[0].strip() for e in extras.split(",")
-              for line in cfg["options.extras_require"][e].splitlines() if line.strip() and not line.startswith("#")}
-    assert chosen and not chosen & {"pytest", "moto"}, chosen
-    assert 'TORCH_INDEX="$TORCH_INDEX"' in install  # the CPU torch build unless a CUDA image is asked for
-    assert ("ARG", "TORCH_INDEX=https://download.pytorch.org/whl/cpu") in steps
+    assert "openjdk-17-jre-headless" in _image_list("debian").split()  # Spark needs Java 17
+    env = [args for name, args in steps if name == "ENV"]
+    assert env == [_image_list("env")]  # the Dockerfile's environment is the list's, word for word
+    assert steps[0][1].startswith("debian:bookworm")  # make image's base (mmdebstrap bookworm) too
+    assert "bookworm" in (REPO / "docker" / "rootfs.sh").read_text()
+    copied = " ".join(args for name, args in steps if name == "COPY")
+    for package in ("faceage", "photos", "schemas", "shell", "spark_jobs", "trainer"):  # setup.cfg's packages
+        assert f"{package}/ src/{package}/" in copied
+
+
+def test_the_runtime_image_installs_no_test_tools_and_no_torch():
+    import subprocess
+    import sys
+
+    printed = subprocess.run([sys.executable, str(REPO / "docker" / "requirements.py"), str(REPO)],
+                             capture_output=True, text=True, check=True).stdout.split()
+    names = {re.split(r"[\[=]", r)[0] for r in printed}
+    assert {"pyspark", "onnxruntime", "fastapi", "uvicorn"} <= names
+    assert not names & {"torch", "torchvision", "pytest", "moto", "nbclient", "ipykernel", "mlflow-skinny"}, names
+    steps = parse((REPO / "docker" / "Dockerfile").read_text())
+    assert ("ARG", "TORCH_INDEX=") in steps  # a training image only when a CPU torch index is given
     entry = [json.loads(args) for name, args in steps if name == "ENTRYPOINT"]
     assert entry == [["/opt/faceage/entrypoint.sh"]]
 

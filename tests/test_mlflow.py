@@ -158,3 +158,52 @@ def test_a_password_in_the_tracking_uri_reaches_no_line_and_no_file(tables, tmp_
     assert len(lines) == 1 and lines[0].startswith("train: error: --mlflow http://alice:***@127.0.0.1:"), lines
     assert "did not answer within 3 s" in lines[0] and "Traceback" not in dead.stderr
     assert secret not in dead.stdout + dead.stderr
+
+
+def test_mlflow_models_serve_answers_with_the_bundles_ages(tables, store, tmp_path):
+    """`mlflow models serve` of the logged pyfunc (a real uvicorn on loopback): face crops sent as base64 in a
+    JSON request get the ages the bundle gives the same crops."""
+    import base64
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pandas as pd
+    import pyarrow.parquet as pq
+    import requests
+
+    from trainer.bundle import Predictor
+    from trainer.runtime import decode_image
+
+    root, _, _ = tables
+    assert train.main(["--data", str(root / "pq"), "--output", str(tmp_path / "run"), "--epochs", "1",
+                       "--mlflow", store, "--register-model", "faceage-served", *TINY.split()]) == 0
+    port = _free_port()
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve", "-m",
+                               "models:/faceage-served/1", "--env-manager", "local", "-h", "127.0.0.1", "-p",
+                               str(port)], cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": store},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert server.poll() is None and time.time() < deadline, "mlflow models serve did not start"
+            time.sleep(0.5)
+        crops = pd.concat(pq.read_table(p, columns=["image"]).to_pandas()
+                          for p in sorted((root / "pq" / "faces").rglob("*.parquet")))["image"][:5].map(bytes)
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(c).decode()] for c in crops]}}
+        r = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
+        assert r.status_code == 200, r.text[:500]
+        served = r.json()["predictions"]
+        reference = Predictor(str(tmp_path / "run" / "model.pt"), device="cpu")
+        want, _ = reference.predict(np.stack([decode_image(c, reference.size) for c in crops]))
+        assert np.allclose(served, want, atol=1e-3) and len(served) == 5
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

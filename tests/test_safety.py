@@ -22,7 +22,7 @@ from conftest import REPO, encode, synthetic_face, synthetic_photo
 from schemas import layout
 from shell import cli, outputs
 from spark_jobs import evaluate, prepare, score
-from trainer.bundle import framing
+from trainer.runtime import framing
 from trainer import train, tune
 
 

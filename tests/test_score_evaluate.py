@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import REPO, encode, spark_submit, synthetic_face, synthetic_photo, venv_env
 from schemas import layout
 from spark_jobs import evaluate, evaluate_steps, score, score_steps
-from trainer import bundle as bundle_io
+from trainer import runtime
 from trainer import data
 
 
@@ -70,7 +70,7 @@ def test_scoring_a_mixed_folder_accounts_for_every_photo(bundles, tmp_path):
     assert statuses[".hidden.jpg"] == "hidden_file"
     no_pred = rows[rows.status != "ok"]
     assert no_pred.predicted_age.isna().all() and no_pred.face_index.isna().all() and no_pred.detail.notna().all()
-    assert set(rows.model_id) == {bundle_io.model_id(str(detecting))}
+    assert set(rows.model_id) == {runtime.model_id(str(detecting))}
     # --mode error refuses an output that holds predictions; the default replaces faceage's own
     assert score.main(["--model", str(detecting), "--input", str(tmp_path / "photos"), "--output", str(out),
                        "--mode", "error"]) == 2
@@ -125,7 +125,7 @@ def test_score_a_table_split_then_evaluate_it(bundles, tables, tmp_path):
     assert true_groups.tolist() == [int(((joined.age >= lo) & (joined.age < hi)).sum()) for lo, hi in
                                     zip(evaluate_steps.AGE_GROUP_BOUNDS, evaluate_steps.AGE_GROUP_BOUNDS[1:] + (999,))]
     page = (report / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == len(metrics["plots"]) and bundle_io.model_id(str(plain)) in page
+    assert page.count("data:image/png;base64,") == len(metrics["plots"]) and runtime.model_id(str(plain)) in page
     assert {"confusion.png", "mae_by_age_group.png", "pred_vs_true.png", "uncertainty.png",
             "training_curves.png"} == set(metrics["plots"])  # distribution head: a std; its metrics.jsonl found
     assert 0 <= metrics["uncertainty"]["within_1sd"] <= metrics["uncertainty"]["within_2sd"] <= 1

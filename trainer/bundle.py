@@ -4,14 +4,13 @@ scoring (spark_jobs/score.py, which reads them) both import.
 - The bundle is one file: a plain dict of tensors, numbers and strings saved with torch.save, so it loads
   with torch.load(weights_only=True): opening a model file never runs code. It records the head, the input
   size, the normalisation, the crop settings of its training table and how those crops are framed.
-- The preprocessing every model input goes through: decode_image (JPEG -> pixels at the input size) and
-  normalize (uint8 batch -> the float input, on its device).
+- The preprocessing every model input goes through: decode_image (JPEG -> pixels at the input size; in
+  trainer.runtime, which runs exported models without torch) and normalize (uint8 batch -> the float input).
 - Predictor: a loaded bundle ready for batched inference, and how photos are cropped for it.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import math
 import os
@@ -22,33 +21,17 @@ import torch
 from torch import nn
 
 from shell.cli import redacted
-from shell.errors import check_space, UserError
+from shell.errors import check_space
 from schemas import layout
-from schemas.crop import SIZE_RANGE, CropSettings, scoring_settings
-from trainer.model import HEADS, build_model, predict_ages
+from trainer.model import build_model, predict_ages
+# the torch-free pieces every predictor shares (BundleError is raised, and caught, under this module's name too)
+from trainer.runtime import BundleError, check_fields, crop_for
 
 BUNDLE_FORMAT, BUNDLE_VERSION = layout.BUNDLE_FORMAT, layout.BUNDLE_VERSION
 
 # ImageNet statistics: torchvision's ResNet weights expect them, and they do no harm from scratch.
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-
-
-class BundleError(UserError, ValueError):
-    """A file that is not a usable model bundle; the message says what it is instead."""
-
-
-def decode_image(jpeg: bytes, size: int) -> np.ndarray:
-    """JPEG bytes -> HxWx3 uint8 at size x size (decoded straight to >= size when that is 2x smaller)."""
-    from PIL import Image
-
-    im = Image.open(io.BytesIO(jpeg))
-    if im.format == "JPEG" and min(im.size) >= 2 * size:
-        im.draft("RGB", (size, size))  # the JPEG decoder scales by 1/2, 1/4 or 1/8 itself: far less work
-    im = im.convert("RGB")
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(im)
 
 
 def normalize(images):
@@ -122,12 +105,6 @@ def save_bundle(path: str, model: nn.Module, head: str, input_size: int, crop: d
     os.replace(tmp, path)
 
 
-def framing(bundle: dict) -> dict:
-    """How the bundle's training crops are framed (schemas.crop.CropSettings.framing): scoring detects and
-    aligns photos to it. Derived from the bundle's crop settings, the one place they are stored."""
-    return CropSettings.from_dict(dict(bundle["crop"]), "model bundle").framing()
-
-
 def _read(path: str) -> bytes:
     """The bytes of a bundle at a local path or URI (shell.uri)."""
     from shell import uri
@@ -182,40 +159,6 @@ def load_bundle(path: str) -> Tuple[nn.Module, dict]:
     return model, bundle
 
 
-def check_fields(bundle: dict, path: str) -> None:
-    """BundleError naming `path` when a faceage bundle's fields are not usable (format version, head, input
-    size, normalisation, crop settings)."""
-    if bundle.get("format_version", 0) > BUNDLE_VERSION:
-        raise BundleError(f"model bundle {path}: format version {bundle['format_version']} is newer than this "
-                          f"code ({BUNDLE_VERSION}); update the project")
-    if bundle.get("head") not in HEADS:
-        raise BundleError(f"model bundle {path}: head {bundle.get('head')!r} is not one of {HEADS}")
-    size = bundle.get("input_size")
-    if not isinstance(size, int) or not SIZE_RANGE[0] <= size <= SIZE_RANGE[1]:
-        raise BundleError(f"model bundle {path}: input_size {size!r} is not a pixel size "
-                          f"{SIZE_RANGE[0]}..{SIZE_RANGE[1]}")
-    normalize = bundle.get("normalize") or {}
-    if not all(isinstance(normalize.get(k), list) and len(normalize[k]) == 3 for k in ("mean", "std")):
-        raise BundleError(f"model bundle {path}: normalize needs 3 mean and 3 std values")
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in normalize["mean"] + normalize["std"]) \
-            or not all(v > 0 for v in normalize["std"]):
-        raise BundleError(f"model bundle {path}: normalize holds {normalize}; mean and std must be finite numbers, "
-                          f"std above 0")
-    crop = bundle.get("crop")
-    if not crop:
-        raise BundleError(f"model bundle {path}: no crop settings; it cannot say how to crop faces for it "
-                          f"(retrain with python -m trainer.train on a prepared table)")
-    try:
-        CropSettings.from_dict(crop, f"model bundle {path}")
-    except UserError as e:
-        raise BundleError(str(e)) from None
-
-
-def model_id(path: str) -> str:
-    """The first 16 hex digits of the bundle's SHA-256 (local path or URI)."""
-    return hashlib.sha256(_read(path)).hexdigest()[:16]
-
-
 class Predictor:
     """One model bundle, ready for batched inference on CPU or CUDA.
 
@@ -237,11 +180,7 @@ class Predictor:
         self.std = torch.tensor(self.bundle["normalize"]["std"], device=self.device).view(1, 3, 1, 1)
         self.crop = self.crop_for(self.bundle, detector)
 
-    @staticmethod
-    def crop_for(bundle: dict, detector: str = "auto") -> CropSettings:
-        """How photos are cropped for `bundle` with the --detector choice (see the class docstring)."""
-        trained = CropSettings.from_dict(dict(bundle["crop"]), "model bundle")
-        return scoring_settings(trained, detector, size=trained.size)
+    crop_for = staticmethod(crop_for)  # how photos are cropped for a bundle with a --detector choice
 
     def predict(self, pixels: np.ndarray, batch_size: int = 64, tta: str = "none"):
         """uint8 N x H x W x 3 -> (ages, stds) float32 arrays; std is NaN for a regression head.

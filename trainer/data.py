@@ -21,7 +21,7 @@ import numpy as np
 from schemas import layout
 from schemas.crop import DEFAULT_SIZE
 from schemas.tables import SPLITS
-from trainer.bundle import decode_image
+from trainer.runtime import decode_image
 
 class ShortEpochError(RuntimeError):
     """An epoch yielded a different number of rows than its split holds."""

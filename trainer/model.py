@@ -17,7 +17,7 @@ from torch import nn
 from schemas.tables import MAX_AGE, MIN_AGE
 from shell.errors import UserError
 
-HEADS = ("regression", "distribution")
+from trainer.runtime import HEADS, TTA  # noqa: F401 - the heads and TTA modes, named once (torch-free)
 
 
 def build_model(head: str = "distribution", init_weights: Optional[str] = None) -> nn.Module:
@@ -80,9 +80,6 @@ def decode(outputs: torch.Tensor, head: str) -> Tuple[torch.Tensor, torch.Tensor
     return mean, var.clamp_min(0).sqrt()
 
 
-TTA = ("none", "flip")
-
-
 def predict_ages(model, x: torch.Tensor, head: str, tta: str = "none") -> Tuple[torch.Tensor, torch.Tensor]:
     """(age, std) of a normalised N x 3 x H x W batch. tta "flip" also runs the mirrored batch and averages:
     the two predicted distributions (distribution head: then decoded) or the two ages (regression).
@@ -94,15 +91,18 @@ def predict_ages(model, x: torch.Tensor, head: str, tta: str = "none") -> Tuple[
         raise ValueError(f"tta {tta!r}: use one of {TTA}")
     out = model(x)
     if tta == "none":
-        age, std = decode(out, head)
-    elif head == "regression":
-        mirrored = model(torch.flip(x, dims=[3]))
-        age = (out.float().squeeze(1) + mirrored.float().squeeze(1)) / 2
-        std = torch.full_like(age, float("nan"))
-    else:
-        mirrored = model(torch.flip(x, dims=[3]))
-        probs = (torch.softmax(out.float(), dim=1) + torch.softmax(mirrored.float(), dim=1)) / 2
-        return decode(torch.log(probs.clamp_min(1e-12)), head)
+        return ages_of(out, head)
+    mirrored = model(torch.flip(x, dims=[3]))
+    if head == "regression":
+        return ages_of((out.float() + mirrored.float()) / 2, head)
+    probs = (torch.softmax(out.float(), dim=1) + torch.softmax(mirrored.float(), dim=1)) / 2
+    return decode(torch.log(probs.clamp_min(1e-12)), head)
+
+
+def ages_of(outputs: torch.Tensor, head: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass's outputs -> (age, std): decoded, a regression age clipped into MIN_AGE..MAX_AGE.
+    An exported model computes exactly this in its graph (trainer.export)."""
+    age, std = decode(outputs, head)
     if head == "regression":
         age = age.clamp(MIN_AGE, MAX_AGE)
     return age, std

@@ -19,7 +19,7 @@ class FaceAgeModel(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor(context.artifacts["bundle"], device="cpu")
 
     def predict(self, context, model_input, params=None):
-        from trainer.bundle import decode_image
+        from trainer.runtime import decode_image
 
         column = model_input["image"] if "image" in model_input else model_input.iloc[:, 0]
         pixels = [decode_image(bytes(raw), self.predictor.size) for raw in column]

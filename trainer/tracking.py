@@ -205,14 +205,19 @@ class Run:
         if not self.on:
             return None
         import schemas
+        import shell
         import trainer
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, Schema
 
-        code = [os.path.dirname(trainer.__file__), os.path.dirname(schemas.__file__)]
+        code = [os.path.dirname(package.__file__) for package in (trainer, schemas, shell)]  # what trainer imports
+        # image: binary, so `mlflow models serve` decodes the base64 strings of a JSON request into bytes
+        signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]), outputs=Schema([ColSpec("double")]))
         with self.mlflow.start_run(run_id=self.run_id):
             info = self.mlflow.pyfunc.log_model(
                 name=PYFUNC_NAME, python_model=os.path.join(os.path.dirname(__file__), "pyfunc_model.py"),
                 artifacts={"bundle": bundle_path}, code_paths=code, registered_model_name=register,
-                pip_requirements=["torch", "torchvision", "numpy", "pillow", "pandas"])
+                signature=signature, pip_requirements=["torch", "torchvision", "numpy", "pillow", "pandas"])
         return info.model_uri
 
     @_kept_going
