@@ -44,9 +44,9 @@ RUN_FILES = (CHECKPOINT, METRICS_LOG, MODEL, SUMMARY, TENSORBOARD)
 
 # ---- the model bundle (MODEL): one torch file, these fields (trainer.bundle writes and reads it)
 BUNDLE_FORMAT = "faceage-model-bundle"  # the value of its "format" field
-BUNDLE_VERSION = 1  # its "format_version": a reader refuses a newer one
+BUNDLE_VERSION = 2  # its "format_version": a reader refuses a newer one (2: the std's calibration)
 BUNDLE_FIELDS = ("format", "format_version", "state_dict", "head", "input_size", "normalize", "crop", "data",
-                 "params", "metrics", "torch_version")
+                 "params", "metrics", "calibration", "torch_version")
 
 # ---- an exported model (python -m trainer.export): the model file and its preprocessing contract beside it
 EXPORT_FORMAT = "faceage-export"  # the contract's "format" field
@@ -54,7 +54,7 @@ EXPORT_VERSION = 1
 EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts"}  # what each export format's file name ends in
 CONTRACT_SUFFIX = ".json"  # model.onnx -> model.onnx.json
 EXPORT_FIELDS = ("format", "format_version", "exported_as", "source_model_id", "head", "input_size", "normalize",
-                 "crop", "framing", "input", "outputs", "data", "params", "metrics", "exported_with")
+                 "crop", "framing", "calibration", "input", "outputs", "data", "params", "metrics", "exported_with")
 
 
 def contract_path(model_file: str) -> str:
@@ -70,9 +70,11 @@ PLOT_CONFUSION = "confusion.png"
 PLOT_MAE_BY_AGE = "mae_by_age_group.png"
 PLOT_PRED_VS_TRUE = "pred_vs_true.png"
 PLOT_UNCERTAINTY = "uncertainty.png"
+PLOT_RELIABILITY = "reliability.png"
+PLOT_RISK_COVERAGE = "risk_coverage.png"
 PLOT_TRAINING_CURVES = "training_curves.png"
 EVAL_FILES = (EVAL_METRICS, EVAL_SLICES, EVAL_CONFUSION, PLOT_CONFUSION, PLOT_MAE_BY_AGE, PLOT_PRED_VS_TRUE,
-              PLOT_UNCERTAINTY, PLOT_TRAINING_CURVES, EVAL_HTML)
+              PLOT_UNCERTAINTY, PLOT_RELIABILITY, PLOT_RISK_COVERAGE, PLOT_TRAINING_CURVES, EVAL_HTML)
 
 # ---- a tuning study's folder (--output of trainer.tune)
 STUDY_DB = "optuna.db"  # the default storage, a SQLite file

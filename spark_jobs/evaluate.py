@@ -116,6 +116,8 @@ def measure(spark, args) -> dict:
         "predictions": to_uri(args.predictions), "labels": label_info, "join_key": key,
         "models": [{"model_id": r["model_id"], "data_version": r["data_version"], "faces": r["count"]}
                    for r in models],
+        # the std's calibration the scoring applied (the bundle's, via the score run's manifest)
+        "model_calibration": steps.score_manifest(to_uri(args.predictions)).get("model_calibration"),
         "rows": bookkeeping, "excluded": excluded, "no_prediction_by_reason": no_prediction,
         "overall": aggregated["overall"], "slices": aggregated["slices"], "uncertainty": aggregated["uncertainty"],
         "density": aggregated["density"], "curves": curves,

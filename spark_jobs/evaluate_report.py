@@ -47,7 +47,9 @@ def write_plots(folder: str, matrix, normalized, slices, density, uncertainty, c
                (layout.PLOT_MAE_BY_AGE, plot_mae_by_age(plt, slices)),
                (layout.PLOT_PRED_VS_TRUE, plot_pred_vs_true(plt, density))]
     if uncertainty:
-        figures.append((layout.PLOT_UNCERTAINTY, plot_uncertainty(plt, uncertainty)))
+        figures += [(layout.PLOT_UNCERTAINTY, plot_uncertainty(plt, uncertainty)),
+                    (layout.PLOT_RELIABILITY, plot_reliability(plt, uncertainty["reliability"])),
+                    (layout.PLOT_RISK_COVERAGE, plot_risk_coverage(plt, uncertainty["risk_coverage"]))]
     if curves:
         figures.append((layout.PLOT_TRAINING_CURVES, plot_training_curves(plt, curves)))
     for name, fig in figures:
@@ -127,6 +129,24 @@ def plot_uncertainty(plt, uncertainty):
     return fig
 
 
+def plot_reliability(plt, levels):
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.plot([0, 1], [0, 1], color="#999999", ls="--", label="calibrated")
+    ax.plot([r["nominal"] for r in levels], [r["observed"] for r in levels], marker="o", label="this model")
+    ax.set(xlabel="nominal coverage of the central z x std interval", ylabel="share of true ages inside it",
+           xlim=(0, 1), ylim=(0, 1), title="Reliability of the predicted std")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_risk_coverage(plt, curve):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([100 * r["coverage"] for r in curve], [r["mae"] for r in curve], marker="o")
+    ax.set(xlabel="% of faces kept, most confident (smallest std) first", ylabel="MAE of the faces kept (years)",
+           xlim=(0, 102), title="Risk-coverage: MAE of the most confident faces")
+    return fig
+
+
 def plot_training_curves(plt, curves):
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [r["epoch"] for r in curves]
@@ -185,8 +205,12 @@ def html_parts(metrics: dict, folder: str) -> dict:
             f"<td>{num(s['cs5'], 3)}</td><td>{num(s['bias'])}</td></tr>" for s in metrics["slices"]),
         "uncertainty": (f"<p>{u['rows']:,} predictions carry a std. {u['within_1sd']:.1%} of errors lie within 1 std "
                         f"and {u['within_2sd']:.1%} within 2 (a calibrated Gaussian: 68 % and 95 %); the correlation "
-                        f"of |error| with the std is {num(u['corr_abs_error_std'])}.</p>"
+                        f"of |error| with the std is {num(u['corr_abs_error_std'])}. The most confident tenth of the "
+                        f"faces has MAE {num(u['risk_coverage'][0]['mae'])}, all of them "
+                        f"{num(u['risk_coverage'][-1]['mae'])}.{_calibration_text(metrics)}</p>"
                         f"{_img(folder, layout.PLOT_UNCERTAINTY, 'mean error by predicted std')}"
+                        f"{_img(folder, layout.PLOT_RELIABILITY, 'reliability diagram')}"
+                        f"{_img(folder, layout.PLOT_RISK_COVERAGE, 'risk-coverage curve')}"
                         if u else "<p>This model gives no uncertainty (regression head).</p>"),
         "curves": (_img(folder, layout.PLOT_TRAINING_CURVES, "training curve") if metrics.get("training_curve")
                    else "<p>The model's training metrics (metrics.jsonl beside its bundle) were not found.</p>"),
@@ -194,6 +218,14 @@ def html_parts(metrics: dict, folder: str) -> dict:
         "pred_vs_true": _img(folder, layout.PLOT_PRED_VS_TRUE, "predicted vs true age"),
         "confusion": _img(folder, layout.PLOT_CONFUSION, "age-group confusion matrix"),
     }
+
+
+def _calibration_text(metrics: dict) -> str:
+    c = metrics.get("model_calibration") or {}
+    if c.get("std_scale") is None:
+        return " The model's std is uncalibrated (no scale was fitted on its val split)."
+    return (f" The std carries the model's calibration: x {c['std_scale']:.3f}, fitted on its {c['fitted_on']} split "
+            f"({c['rows']:,} faces: within 1 std {c['within_1sd_before']:.1%} before, {c['within_1sd_after']:.1%} after).")
 
 
 def write_html(path: str, metrics: dict, folder: str) -> None:

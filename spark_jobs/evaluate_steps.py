@@ -252,7 +252,38 @@ def uncertainty_calibration(errors) -> dict:
         sf.count("*").alias("n"), sf.avg("uncertainty").alias("std"), sf.avg("abs_err").alias("mae")).collect())
     return {"rows": total["n"], "within_1sd": total["within_1sd"], "within_2sd": total["within_2sd"],
             "corr_abs_error_std": total["corr"],
-            "bins": [{"std_from": b, "count": n, "mean_std": sd, "mae": m} for b, n, sd, m in bins]}
+            "bins": [{"std_from": b, "count": n, "mean_std": sd, "mae": m} for b, n, sd, m in bins],
+            "reliability": reliability(rows), "risk_coverage": risk_coverage(rows, total["n"])}
+
+
+RELIABILITY_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+RISK_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def reliability(rows) -> list:
+    """For each nominal level p: the share of |error| inside the Gaussian's central p interval, z_p x std
+    (a calibrated std gives p back). One aggregation."""
+    from pyspark.sql import functions as sf
+    from scipy import stats
+
+    z = {p: float(stats.norm.ppf((1 + p) / 2)) for p in RELIABILITY_LEVELS}
+    got = rows.agg(*[sf.avg((sf.col("abs_err") <= z[p] * sf.col("uncertainty")).cast("double")).alias(f"p{i}")
+                     for i, p in enumerate(RELIABILITY_LEVELS)]).first()
+    return [{"nominal": p, "z": z[p], "observed": got[f"p{i}"]} for i, p in enumerate(RELIABILITY_LEVELS)]
+
+
+def risk_coverage(rows, n: int) -> list:
+    """The MAE of the most confident faces: for each fraction x, the faces whose std is at most the x-quantile
+    of the stds (Spark's percentile_approx, exact up to 1/10,000 of the rows), their share and their MAE.
+    A useful std makes the curve rise from left to right: confident faces are the accurate ones."""
+    from pyspark.sql import functions as sf
+
+    cuts = rows.agg(sf.percentile_approx("uncertainty", list(RISK_FRACTIONS), 10000).alias("q")).first()["q"]
+    got = rows.agg(*[agg for i, cut in enumerate(cuts) for agg in (
+        sf.sum((sf.col("uncertainty") <= cut).cast("long")).alias(f"n{i}"),
+        sf.avg(sf.when(sf.col("uncertainty") <= cut, sf.col("abs_err"))).alias(f"m{i}"))]).first()
+    return [{"fraction": x, "max_std": float(cut), "coverage": got[f"n{i}"] / n, "mae": got[f"m{i}"]}
+            for i, (x, cut) in enumerate(zip(RISK_FRACTIONS, cuts))]
 
 
 def confusion(cells):

@@ -70,7 +70,33 @@ def cross_section(cross: List[tuple], test_mae: float) -> List[str]:
         o = m["overall"]
         lines.append(f"| {name} | {m['rows']['matched']} | {_mae(o)} | {_f(o['cs5'], 3)} | {_f(o['bias'])} | "
                      f"{_f(o['mae'] / test_mae if test_mae else None)}× |")
+    for name, m in cross:  # where the error goes: bias by true age group, the ages read toward the mean
+        lines += ["", f"### {name}: by age group", "", "| group | faces | MAE (95 % CI) | CS@5 | bias |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {s['value']}{' (small)' if s.get('small') else ''} | {s['count']} | {_mae(s)} | "
+                  f"{_f(s['cs5'], 3)} | {_f(s['bias'])} |" for s in m["slices"] if s["slice"] == "age_group"]
     return lines + [""]
+
+
+def uncertainty_lines(fitted: Optional[dict], unc: dict, cross: List[tuple]) -> List[str]:
+    """The std's calibration (fitted on val, applied by every predictor), the risk-coverage curve, and the
+    coverage on the other sets."""
+    lines = []
+    if fitted and fitted.get("std_scale") is not None:
+        lines += [f"- Calibration: every std is multiplied by {_f(fitted['std_scale'], 3)}, the scale that makes "
+                  f"+-1 std cover 68.3 % of the {fitted['rows']} val faces' errors (before: "
+                  f"{_f(100 * fitted['within_1sd_before'], 1)} %). The test numbers above are after it."]
+    curve = unc.get("risk_coverage") or []
+    if curve:
+        lines += ["- Risk-coverage (MAE of the most confident faces): " + ", ".join(
+            f"{round(100 * r['fraction'])} %: {_f(r['mae'])}" for r in curve if round(100 * r["fraction"]) in
+            (10, 25, 30, 50, 70, 90, 100)) + "."]
+    for name, m in cross:
+        u = m.get("uncertainty") or {}
+        if u:
+            lines += [f"- {name}: within 1 std {_f(100 * u['within_1sd'], 1)} %, within 2 std "
+                      f"{_f(100 * u['within_2sd'], 1)} %."]
+    return lines + ([""] if lines else [])
 
 
 class TrainingRun(NamedTuple):
@@ -125,7 +151,8 @@ def render(run: TrainingRun, metrics: dict, command: str, title: str, notes: Lis
     if unc:
         lines += [f"The predicted std covers the error within 1 std for {_f(100 * unc['within_1sd'], 1)} % of faces "
                   f"and within 2 std for {_f(100 * unc['within_2sd'], 1)} % (a calibrated Gaussian: 68 % and 95 %); "
-                  f"correlation of |error| with the std: {_f(unc.get('corr'))}.", ""]
+                  f"correlation of |error| with the std: {_f(unc.get('corr_abs_error_std'))}.", ""]
+        lines += uncertainty_lines(bundle.get("calibration"), unc, cross or [])
     else:
         lines += ["This head predicts no uncertainty (regression head).", ""]
     lines += ["## Limits", "",

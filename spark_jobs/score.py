@@ -252,7 +252,7 @@ def new_manifest(args, resolved: dict, run_id: str, settings, started: float) ->
         "argv": redact_all(sys.argv[1:]), "model": resolved["model"], "model_id": settings.model_id,
         "mlflow_run_id": (bundle.get("params") or {}).get("mlflow_run_id"),
         "model_data": bundle.get("data"), "model_metrics": bundle.get("metrics"),
-        "model_framing": runtime.framing(bundle), "tta": args.tta,
+        "model_framing": runtime.framing(bundle), "model_calibration": bundle.get("calibration"), "tta": args.tta,
         "photo_crop": pred.to_dict() if pred is not None else None,
         "input": {"uris": resolved["inputs"], "kind": kind, "split": args.split, "version": settings.input_version},
         "output": {"predictions": layout.join(resolved["output"], layout.PREDICTIONS_DIR), "format": args.format},

@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, venv_env
 from trainer.bundle import BUNDLE_FORMAT, load_bundle
 from trainer import train
-from trainer.schedules import CyclicPlateau, Plateau
+from trainer.schedules import BudgetOneCycle, CyclicPlateau, Plateau
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--workers", "1", "--no-progress", "--plateau-patience", "20"]
 
@@ -128,10 +128,60 @@ def test_max_minutes_stops_after_the_epoch_that_spends_it(tables, tmp_path):
     root, _, _ = tables
     out = tmp_path / "budget"
     assert train.main(["--data", str(root / "pq"), "--output", str(out), "--epochs", "5", "--max-minutes", "0",
-                      "--reader", "pyarrow"] + TINY) == 0
+                      "--schedule", "cyclic_plateau", "--reader", "pyarrow"] + TINY) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1]  # one epoch always runs; no new one once the budget is spent
     assert json.loads((out / "summary.json").read_text())["epochs_run"] == 1
+
+
+class Clock:
+    """Seconds that move only when the test says (the schedule's own clock argument)."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_the_budget_schedule_follows_the_fraction_of_the_budget_spent():
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+    clock = Clock()
+    schedule = BudgetOneCycle(optimizer, max_lr=0.01, seconds=600, clock=clock)
+    seen = []
+    for second in range(0, 601, 30):  # a batch every 30 s of a 10-minute budget
+        clock.now = 100.0 + second
+        schedule.step_batch()
+        seen.append((second, optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["betas"][0]))
+    assert seen[0][1] == pytest.approx(0.01 / 25)  # warm-up starts at max_lr / div_factor
+    assert max(lr for _, lr, _ in seen) == pytest.approx(0.01) and seen[6][1] == pytest.approx(0.01)  # peak at 30 %
+    after = [lr for second, lr, _ in seen if second >= 180]
+    assert all(a > b for a, b in zip(after, after[1:]))  # then it only anneals
+    assert seen[-1][1] == pytest.approx(0.01 / 25 / 1e4) and schedule.spent()  # 1e-6 of the peak at the budget
+    assert seen[6][2] == pytest.approx(0.85) and seen[-1][2] == pytest.approx(0.95)  # beta1 the other way round
+    # a resumed run goes on with the time its checkpoint had spent
+    clock.now = 100.0 + 300
+    state = schedule.state_dict()
+    again = BudgetOneCycle(torch.optim.AdamW(model.parameters(), lr=1.0), max_lr=0.01, seconds=600, clock=Clock())
+    again.load_state_dict(state)
+    assert again.fraction() == pytest.approx(0.5) and not again.spent()
+    # fewer --epochs left than the budget holds: the horizon comes sooner
+    schedule.plan(epochs_left=2, seconds_per_epoch=50)
+    assert schedule.horizon == pytest.approx(400) and schedule.fraction() == pytest.approx(300 / 400)
+
+
+def test_a_fraction_of_a_minute_budget_anneals_within_it_and_writes_a_bundle(tables, tmp_path):
+    root, _, _ = tables
+    out = tmp_path / "minutes"
+    assert train.main(["--data", str(root / "pq"), "--output", str(out), "--epochs", "1000", "--max-minutes",
+                       "0.2", "--lr", "0.003", "--reader", "pyarrow"] + TINY) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 1 < len(rows) < 1000  # the budget, not --epochs, ended it
+    assert rows[-1]["lr_end"] < 0.01 * 0.003  # the last steps ran annealed: under 1 % of the peak
+    assert max(r["lr"] for r in rows) > 0.5 * 0.003  # after warming up to near the peak
+    assert sum(r["train_seconds"] for r in rows) <= 0.2 * 60 + 1  # training itself stayed inside the budget
+    assert load_bundle(str(out / "model.pt"))[1]["format"] == BUNDLE_FORMAT
 
 
 def test_ema_weights_are_the_ones_validated_and_bundled(tables, tmp_path):

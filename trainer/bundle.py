@@ -23,6 +23,7 @@ from torch import nn
 from shell.cli import redacted
 from shell.errors import check_space
 from schemas import layout
+from trainer import calibration
 from trainer.model import build_model, predict_ages
 # the torch-free pieces every predictor shares (BundleError is raised, and caught, under this module's name too)
 from trainer.runtime import BundleError, check_fields, crop_for
@@ -74,6 +75,7 @@ class Provenance:
     data: dict
     params: dict
     metrics: dict
+    calibration: Optional[dict] = None  # what the val split fitted (trainer.calibration): the std's scale
 
 
 def save_bundle(path: str, model: nn.Module, head: str, input_size: int, crop: dict, provenance: Provenance,
@@ -91,6 +93,7 @@ def save_bundle(path: str, model: nn.Module, head: str, input_size: int, crop: d
         "data": redacted(_plain(provenance.data)),  # a credential in a URI or setting never reaches the file
         "params": redacted(_plain(provenance.params)),
         "metrics": _plain(provenance.metrics),
+        "calibration": _plain(provenance.calibration),
         "torch_version": str(torch.__version__),
     }
     assert tuple(bundle) == layout.BUNDLE_FIELDS, "schemas.layout.BUNDLE_FIELDS is the bundle's one field list"
@@ -183,7 +186,8 @@ class Predictor:
     crop_for = staticmethod(crop_for)  # how photos are cropped for a bundle with a --detector choice
 
     def predict(self, pixels: np.ndarray, batch_size: int = 64, tta: str = "none"):
-        """uint8 N x H x W x 3 -> (ages, stds) float32 arrays; std is NaN for a regression head.
+        """uint8 N x H x W x 3 -> (ages, stds) float32 arrays; std is NaN for a regression head, else scaled by
+        the bundle's calibration (trainer.calibration).
         tta "flip": the mirrored faces too, averaged (trainer.model.predict_ages)."""
         import torch
 
@@ -197,4 +201,4 @@ class Predictor:
                 stds.append(std.float().cpu().numpy())
         if not ages:
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        return np.concatenate(ages), np.concatenate(stds)
+        return np.concatenate(ages), calibration.apply(np.concatenate(stds), self.bundle.get("calibration"))

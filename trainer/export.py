@@ -3,10 +3,11 @@ as a file that runs outside this environment (ONNX Runtime, a browser, a C++ or 
 preprocessing contract beside it (model.onnx.json).
 
 The graph takes `input`: float32 N x 3 x S x S, RGB, (pixel / 255 - mean) / std, batch axis dynamic; it gives
-`age` (N, years; a regression age clipped into 0..120), `std` (N, the distribution head's std; NaN for
-regression) and `raw` (the network's outputs: logits over ages 0..120, or N x 1 ages). The contract says S,
-mean, std, the crop settings and framing faces must be cropped with (photos.faces.crop_faces does it), the
-head, the source bundle's id and its training data. Before the files are kept, the export is run on a batch
+`age` (N, years; a regression age clipped into 0..120), `std` (N, the distribution head's std before its
+calibration; NaN for regression) and `raw` (the network's outputs: logits over ages 0..120, or N x 1 ages). The
+contract says S, mean, std, the crop settings and framing faces must be cropped with (photos.faces.crop_faces
+does it), the calibration (multiply `std` by its std_scale), the head, the source bundle's id and its training
+data. Before the files are kept, the export is run on a batch
 of the bundle's kind of crops and must give the bundle's own ages within --tolerance years.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 from schemas import layout
 from shell.cli import dumps, entry_points, log, number, Parser, path_arg
 from shell.errors import UserError
-from trainer import runtime
+from trainer import calibration, runtime
 from trainer.bundle import load_bundle
 from trainer.model import ages_of
 
@@ -55,6 +56,7 @@ def contract(bundle: dict, source: str, exported_as: str) -> dict:
         "format": layout.EXPORT_FORMAT, "format_version": layout.EXPORT_VERSION, "exported_as": exported_as,
         "source_model_id": runtime.model_id(source), "head": bundle["head"], "input_size": size,
         "normalize": bundle["normalize"], "crop": bundle["crop"], "framing": runtime.framing(bundle),
+        "calibration": bundle.get("calibration"),  # multiply the graph's std by its std_scale
         "input": {"name": "input", "dtype": "float32", "shape": ["batch", 3, size, size],
                   "layout": "NCHW, RGB, (pixel / 255 - mean) / std"},
         "outputs": {"age": "N, years", "std": "N, years (NaN: regression head)",
@@ -123,8 +125,9 @@ def run_export(path: str, fmt: str, pixels: np.ndarray, tta: str = "none"):
         age, spread, raw = scripted(x)
         if tta == "flip":
             mirrored = scripted(torch.flip(x, dims=[3]))[2]
-            return runtime.average_outputs(raw.numpy(), mirrored.numpy(), meta["head"])
-    return age.numpy(), spread.numpy()
+            age, spread = runtime.average_outputs(raw.numpy(), mirrored.numpy(), meta["head"])
+            return age, calibration.apply(spread, meta.get("calibration"))
+    return age.numpy(), calibration.apply(spread.numpy(), meta.get("calibration"))
 
 
 def export(bundle_path: str, fmt: str, output: str, tolerance: float = 1e-3) -> dict:

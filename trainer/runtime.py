@@ -23,6 +23,7 @@ from schemas.crop import SIZE_RANGE, CropSettings, scoring_settings
 from schemas.tables import MAX_AGE, MIN_AGE
 from shell import uri
 from shell.errors import UserError
+from trainer import calibration
 
 HEADS = ("regression", "distribution")
 TTA = ("none", "flip")
@@ -89,6 +90,9 @@ def check_fields(meta: dict, path: str) -> None:
             or not all(v > 0 for v in normalize["std"]):
         raise BundleError(f"model bundle {path}: normalize holds {normalize}; mean and std must be finite numbers, "
                           f"std above 0")
+    wrong = calibration.check(meta.get("calibration"), f"model bundle {path}")
+    if wrong:
+        raise BundleError(wrong)
     crop = meta.get("crop")
     if not crop:
         raise BundleError(f"model bundle {path}: no crop settings; it cannot say how to crop faces for it "
@@ -175,7 +179,8 @@ class OnnxPredictor:
 
     def predict(self, pixels: np.ndarray, batch_size: int = 64, tta: str = "none"):
         """uint8 N x H x W x 3 -> (ages, stds) float32 arrays; std is NaN for a regression head.
-        tta "flip": the mirrored faces too; their distributions (or regression ages) averaged, as in torch."""
+        tta "flip": the mirrored faces too; their distributions (or regression ages) averaged, as in torch. The
+        stds are scaled by the contract's calibration, as trainer.bundle.Predictor scales a bundle's."""
         if tta not in TTA:
             raise ValueError(f"tta {tta!r}: use one of {TTA}")
         ages, stds = [], []
@@ -189,4 +194,4 @@ class OnnxPredictor:
             stds.append(np.asarray(std, np.float32))
         if not ages:
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        return np.concatenate(ages), np.concatenate(stds)
+        return np.concatenate(ages), calibration.apply(np.concatenate(stds), self.bundle.get("calibration"))

@@ -1,5 +1,6 @@
 """Learning-rate schedules: CyclicLR stepped per batch, with ReduceLROnPlateau-style cuts of its bounds.
 
+`BudgetOneCycle` is `--schedule onecycle` with `--max-minutes`: OneCycle's shape over wall-clock time.
 `CyclicPlateau` is what `--schedule cyclic_plateau` uses: the cycle runs per batch between base_lr and
 max_lr; after each epoch the validation MAE feeds a plateau rule (mode min, relative threshold,
 patience, cooldown, min_lr, as in torch's ReduceLROnPlateau) that multiplies BOTH bounds by `factor`,
@@ -8,7 +9,9 @@ so later cycles run lower instead of being overwritten on the next batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import math
+import time
+from typing import Callable, Optional
 
 import torch
 
@@ -90,6 +93,71 @@ class PerBatch:
         self.scheduler.load_state_dict(state)
 
 
+def _cos(start: float, end: float, pct: float) -> float:
+    """torch's OneCycleLR annealing: start at pct 0, end at pct 1, along half a cosine."""
+    return end + (start - end) / 2.0 * (math.cos(math.pi * min(max(pct, 0.0), 1.0)) + 1)
+
+
+class BudgetOneCycle:
+    """OneCycle's rate over a wall-clock budget instead of a count of batches: before every batch the rate (and
+    beta1 or momentum, inversely) follows the fraction of the budget spent - warm-up over the first pct_start,
+    then cosine annealing to max_lr / (div_factor * final_div_factor) at its end - so whatever the machine's
+    speed, the last minutes anneal. The horizon is the budget, or sooner when the --epochs left would end first
+    (plan(), after each epoch); spent() says when training must stop (trainer.train ends the epoch there)."""
+
+    def __init__(self, optimizer, max_lr: float, seconds: float, pct_start: float = 0.3, div_factor: float = 25.0,
+                 final_div_factor: float = 1e4, clock: Callable[[], float] = time.monotonic):
+        self.optimizer, self.max_lr, self.budget, self.pct_start = optimizer, max_lr, float(seconds), pct_start
+        self.initial = max_lr / div_factor
+        self.final = self.initial / final_div_factor
+        self.clock, self.started, self.before = clock, clock(), 0.0
+        self.horizon = self.budget
+        self.step_batch()
+
+    def elapsed(self) -> float:
+        return self.before + self.clock() - self.started
+
+    def fraction(self) -> float:
+        return min(1.0, self.elapsed() / self.horizon) if self.horizon > 0 else 1.0
+
+    def spent(self) -> bool:
+        return self.fraction() >= 1.0
+
+    def rate(self, fraction: float) -> float:
+        if fraction < self.pct_start:
+            return _cos(self.initial, self.max_lr, fraction / self.pct_start)
+        return _cos(self.max_lr, self.final, (fraction - self.pct_start) / (1 - self.pct_start))
+
+    def momentum(self, fraction: float, low: float = 0.85, high: float = 0.95) -> float:
+        if fraction < self.pct_start:
+            return _cos(high, low, fraction / self.pct_start)
+        return _cos(low, high, (fraction - self.pct_start) / (1 - self.pct_start))
+
+    def step_batch(self) -> None:
+        fraction = self.fraction()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.rate(fraction)
+            if "betas" in group:
+                group["betas"] = (self.momentum(fraction), group["betas"][1])
+            elif group.get("momentum"):
+                group["momentum"] = self.momentum(fraction)
+
+    def plan(self, epochs_left: int, seconds_per_epoch: float) -> None:
+        """After an epoch: end at the budget, or when the epochs left (at this pace) end, if that comes first."""
+        self.horizon = min(self.budget, self.elapsed() + epochs_left * seconds_per_epoch)
+
+    def step_epoch(self, val_mae: float) -> bool:
+        return False
+
+    def state_dict(self) -> dict:
+        return {"elapsed": self.elapsed(), "horizon": self.horizon, "budget": self.budget}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A resumed run goes on with the time its checkpoint had spent (its budget is the one it started with)."""
+        self.before, self.started, self.horizon = float(state["elapsed"]), self.clock(), float(state["horizon"])
+        self.step_batch()
+
+
 class Constant:
     def step_batch(self) -> None:
         pass
@@ -114,12 +182,14 @@ class ScheduleSettings:
     base_lr: Optional[float] = None  # cyclic_plateau: the cycle's low end (default lr / 10)
     step_size_up: Optional[int] = None  # cyclic_plateau: batches from low to high (default two epochs)
     plateau: Plateau = Plateau()
+    seconds: Optional[float] = None  # onecycle: plan over this wall-clock budget instead of epochs x batches
 
     @classmethod
     def from_args(cls, args, batches_per_epoch: int) -> "ScheduleSettings":
-        """From trainer.train's flags (--lr, --epochs, --base-lr, --step-size-up, --plateau-*)."""
+        """From trainer.train's flags (--lr, --epochs, --base-lr, --step-size-up, --plateau-*, --max-minutes)."""
+        seconds = args.max_minutes * 60 if getattr(args, "max_minutes", None) is not None else None
         return cls(args.lr, args.epochs, batches_per_epoch, args.base_lr, args.step_size_up,
-                   Plateau(factor=args.plateau_factor, patience=args.plateau_patience))
+                   Plateau(factor=args.plateau_factor, patience=args.plateau_patience), seconds)
 
 
 def build_schedule(name: str, optimizer, settings: ScheduleSettings):
@@ -128,6 +198,8 @@ def build_schedule(name: str, optimizer, settings: ScheduleSettings):
     if name == "cyclic_plateau":
         return CyclicPlateau(optimizer, base_lr=s.base_lr if s.base_lr is not None else s.lr / 10, max_lr=s.lr,
                              step_size_up=s.step_size_up or 2 * s.batches_per_epoch, plateau=s.plateau)
+    if name == "onecycle" and s.seconds is not None:
+        return BudgetOneCycle(optimizer, max_lr=s.lr, seconds=s.seconds)
     if name == "onecycle":
         return PerBatch(torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=s.lr,
                                                             total_steps=max(1, s.epochs * s.batches_per_epoch)))

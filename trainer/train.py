@@ -35,8 +35,8 @@ from trainer.augment import augment_batch
 from trainer.bundle import Provenance, is_bundle, normalize, save_bundle
 from trainer.data import LoaderSettings, READERS, SplitLoader, split_source
 from trainer.model import HEADS, TTA, build_model, loss_fn, predict_ages
-from trainer import tracking
-from trainer.schedules import SCHEDULES, ScheduleSettings, build_schedule
+from trainer import calibration, tracking
+from trainer.schedules import SCHEDULES, BudgetOneCycle, ScheduleSettings, build_schedule
 
 OPTIMIZERS = {
     "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
@@ -129,10 +129,13 @@ def _schedule_flags(p) -> None:
 def _run_flags(p) -> None:
     """When the run stops, where it runs, how it reports."""
     p.add_argument("--early-stop", type=positive_int, default=8,
-                   help="stop after this many epochs without a better val MAE")
+                   help="stop after this many epochs without a better val MAE (not with a --max-minutes "
+                        "OneCycle: its plan is the budget, and stopping early would leave the rate high)")
     p.add_argument("--max-minutes", type=number(0.0), default=None,
-                   help="start no new epoch after this much training time (a wall-clock budget; the first "
-                        "epoch of a run always runs)")
+                   help="a wall-clock budget. With --schedule onecycle it plans the rate: OneCycle over the "
+                        "budget's time, not over --epochs, and training ends when the budget does (mid-epoch), "
+                        "so the last minutes anneal on any machine (--epochs then only caps the run). Other "
+                        "schedules: start no new epoch after it (the first epoch of a run always runs)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads on CPU (default: the CPUs this process may use)")
     p.add_argument("--seed", type=non_negative_int, default=0)
@@ -255,23 +258,38 @@ def _train_batches(learner: Learner, loader, generator, size):
             learner.ema.update_parameters(learner.net.module if hasattr(learner.net, "module") else learner.net)
         total += loss.item() * len(y)
         rows += len(y)
+        if _budget_over(learner.schedule):  # --max-minutes planned the rate: training ends where the budget does
+            break
     return total, rows, skipped
 
 
+def _budget_over(schedule) -> bool:
+    return isinstance(schedule, BudgetOneCycle) and schedule.spent()
+
+
 @torch.no_grad()
-def evaluate(model, loader, head, device, progress, prefix: str, tta: str = "none") -> Dict[str, float]:
+def predict_split(model, loader, head, device, progress, prefix: str, tta: str = "none"):
+    """(errors, stds) of every row of `loader`: predicted minus true age, and the head's std (NaN: regression)."""
     model.eval()
-    errors = []
+    errors, stds = [], []
     for batch in progress(loader, desc=prefix, leave=False):
         x = normalize(batch["image"].to(device))
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            age, _ = predict_ages(model, x, head, tta)
-        errors.append((age.cpu() - batch["age"].float()).numpy())
-    err = np.concatenate(errors) if errors else np.array([])
+            age, std = predict_ages(model, x, head, tta)
+        errors.append((age.float().cpu() - batch["age"].float()).numpy())
+        stds.append(std.float().cpu().numpy())
+    return (np.concatenate(errors), np.concatenate(stds)) if errors else (np.array([]), np.array([]))
+
+
+def split_metrics(err: np.ndarray, prefix: str) -> Dict[str, float]:
     return {f"{prefix}_mae": float(np.abs(err).mean()), f"{prefix}_rmse": float(np.sqrt((err**2).mean())),
             f"{prefix}_cs5": float((np.abs(err) <= 5).mean()), f"{prefix}_rows": int(err.size)}
+
+
+def evaluate(model, loader, head, device, progress, prefix: str, tta: str = "none") -> Dict[str, float]:
+    return split_metrics(predict_split(model, loader, head, device, progress, prefix, tta)[0], prefix)
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -317,6 +335,7 @@ class RunState:
     learner: Optional[Learner] = None
     progress: Progress = dataclasses.field(default_factory=Progress)
     writer: object = None  # TensorBoard, rank 0
+    calibration: Optional[dict] = None  # fitted on val by finish() (trainer.calibration), written into the bundle
 
     @property
     def main_rank(self) -> bool:
@@ -408,9 +427,10 @@ def resume(r: RunState, ckpt_path: str) -> Progress:
 def budget_spent(r: RunState, started: float, epoch: int) -> bool:
     """--max-minutes: True when no new epoch may start (the first epoch of a run always runs)."""
     args = r.args
-    if args.max_minutes is None or epoch == r.progress.start_epoch:
+    if args.max_minutes is None or (epoch == r.progress.start_epoch and not _budget_over(r.learner.schedule)):
         return False
-    spent = time.time() - started > args.max_minutes * 60
+    schedule = r.learner.schedule  # a budget-planned OneCycle keeps its own clock (resumes included)
+    spent = schedule.spent() if isinstance(schedule, BudgetOneCycle) else time.time() - started > args.max_minutes * 60
     if r.world > 1:  # rank 0's clock decides: ranks that disagree would wait for each other forever
         spent = broadcast_row({"spent": spent}, r.device)["spent"]
     return spent
@@ -511,7 +531,7 @@ def _train(r: RunState) -> dict:
     started = time.time()
     try:
         for epoch in range(state.start_epoch, args.epochs):
-            if since_best >= args.early_stop:
+            if since_best >= args.early_stop and not isinstance(r.learner.schedule, BudgetOneCycle):
                 log.info(f"train: early stop after {epoch} epochs ({args.early_stop} without a better val MAE)")
                 break
             if budget_spent(r, started, epoch):
@@ -552,7 +572,10 @@ def train_epoch(r: RunState, epoch: int) -> dict:
         row["world_size"] = r.world
     check_finite(row)
     row["lr_cut"] = learner.schedule.step_epoch(row["val_mae"])
+    row["lr_end"] = learner.optimizer.param_groups[0]["lr"]  # the rate of the epoch's last step
     row["epoch_seconds"] = time.time() - epoch_start
+    if isinstance(learner.schedule, BudgetOneCycle):  # end at the budget, or with the last --epochs if sooner
+        learner.schedule.plan(args.epochs - epoch - 1, row["epoch_seconds"])
     row["elapsed_seconds"] = (state.history[-1]["elapsed_seconds"] if state.history else 0.0) + row["epoch_seconds"]
     return row
 
@@ -585,9 +608,18 @@ def finish(r: RunState) -> dict:
         raise TrainError("no epoch was trained (check --epochs, or the checkpoint already finished)")
     r.model.load_state_dict(state.best_state)
     progress = r.learner.progress
-    test = evaluate(r.model, r.loaders["test"], args.head, r.device, progress, "test", args.tta)
-    val = evaluate(r.model, r.loaders["val"], args.head, r.device, progress, "val", args.tta)
-    summary = {"best_val_mae": state.best, **val, **test, "epochs_run": len(state.history),
+    test_err, test_std = predict_split(r.model, r.loaders["test"], args.head, r.device, progress, "test", args.tta)
+    val_err, val_std = predict_split(r.model, r.loaders["val"], args.head, r.device, progress, "val", args.tta)
+    # the std's scale that makes +-1 std cover 68 % of val errors; the test split says how well it carries over
+    r.calibration = {**calibration.fit_std_scale(val_err, val_std), "tta": args.tta}
+    scale = calibration.std_scale(r.calibration)
+    test, val = split_metrics(test_err, "test"), split_metrics(val_err, "val")
+    if r.calibration["std_scale"] is not None:
+        test.update(test_within_1sd=calibration.coverage(test_err, test_std * scale),
+                    test_within_2sd=calibration.coverage(test_err, test_std * scale, 2.0),
+                    test_within_1sd_uncalibrated=calibration.coverage(test_err, test_std))
+    summary = {"best_val_mae": state.best, **val, **test, "calibration": r.calibration,
+               "epochs_run": len(state.history),
                "image_size": r.image_size, "device": str(r.device), "data": args.data,
                "data_version": sources["train"].version, "rows": {s: src.rows for s, src in sources.items()},
                "world_size": r.world, "tta": args.tta, "bundle": args.bundle or uri.join(args.output, layout.MODEL)}
@@ -613,7 +645,8 @@ def commit_run(r: RunState, summary: dict) -> None:
     save_bundle(local, r.model, args.head, r.image_size, r.crop, Provenance(
         data={"uri": args.data, "version": r.sources["train"].version, "rows": summary["rows"]},
         params={k: v for k, v in vars(args).items() if k not in ("resume", "no_progress")},
-        metrics={k: summary[k] for k in ("best_val_mae", "val_mae", "test_mae", "test_rmse", "test_cs5")}))
+        metrics={k: summary[k] for k in ("best_val_mae", "val_mae", "test_mae", "test_rmse", "test_cs5")},
+        calibration=r.calibration))
     bundle_path = summary["bundle"]
     if not in_run and (uri.is_remote(bundle_path) or local != uri.local_path(bundle_path)):
         uri.put(local, bundle_path)

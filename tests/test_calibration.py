@@ -1,0 +1,128 @@
+"""The predicted std's calibration: coverage, reliability and risk-coverage computed right on cases with known
+answers; the scale fitted on val; and one calibrated number from every way of asking (predict, the Python API,
+score, an ONNX export, evaluate)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import encode, synthetic_photo
+from schemas import layout
+from trainer import calibration
+
+
+def test_coverage_counts_errors_within_k_stds():
+    errors = np.array([0.5, -1.5, 2.5, -3.5, 0.0, np.nan])
+    stds = np.array([1.0, 1.0, 1.0, 1.0, np.nan, 1.0])  # the NaN std and the NaN error are left out
+    assert calibration.coverage(errors, stds) == pytest.approx(1 / 4)
+    assert calibration.coverage(errors, stds, 2.0) == pytest.approx(2 / 4)
+    assert calibration.coverage(errors, np.full(6, np.nan)) is None  # a regression head: no std
+
+
+def test_the_fitted_scale_makes_one_std_cover_68_percent():
+    rng = np.random.default_rng(0)
+    true_std = rng.uniform(2, 10, 20000)
+    errors = rng.normal(0, true_std)
+    fitted = calibration.fit_std_scale(errors, 2.0 * true_std)  # a model twice too unsure
+    assert fitted["std_scale"] == pytest.approx(0.5, rel=0.03)
+    assert fitted["within_1sd_before"] == pytest.approx(math.erf(2 / math.sqrt(2)), abs=0.01)  # 95 %: too wide
+    assert fitted["within_1sd_after"] == pytest.approx(calibration.ONE_SIGMA, abs=0.002)
+    assert calibration.fit_std_scale(errors[:10], true_std[:10])["std_scale"] is None  # too few rows to fit
+    assert calibration.apply(np.array([2.0, np.nan]), fitted)[0] == pytest.approx(2.0 * fitted["std_scale"])
+    assert np.isnan(calibration.apply(np.array([2.0, np.nan]), fitted)[1])
+
+
+def test_reliability_and_risk_coverage_on_a_known_case(spark):
+    from spark_jobs import evaluate_steps
+
+    # 1,000 faces: std s_i = 1..10 (100 each), error exactly 0.5 s_i for the first half of each std, 3 s_i after
+    rows = []
+    for i in range(1000):
+        std = 1 + i // 100
+        err = 0.5 * std if i % 100 < 50 else 3.0 * std
+        rows.append((float(err), float(abs(err)), float(std)))
+    errors = spark.createDataFrame(rows, "err double, abs_err double, uncertainty double")
+    u = evaluate_steps.uncertainty_calibration(errors)
+    assert u["within_1sd"] == pytest.approx(0.5) and u["within_2sd"] == pytest.approx(0.5)
+    levels = {round(r["nominal"], 2): r["observed"] for r in u["reliability"]}
+    assert levels[0.3] == pytest.approx(0.0)  # z = 0.385: not even the 0.5 std errors
+    assert levels[0.4] == pytest.approx(0.5)  # z = 0.524: the 0.5 std errors, not the 3 std ones
+    assert levels[0.99] == pytest.approx(0.5)  # z = 2.576: the 3 std errors stay out
+    curve = u["risk_coverage"]
+    assert [round(r["coverage"], 3) for r in curve] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    # MAE of the faces with std <= k: mean over s = 1..k of (0.5 s + 3 s) / 2 = 1.75 x mean(1..k)
+    assert [r["mae"] for r in curve] == pytest.approx([1.75 * (k + 1) / 2 for k in range(1, 11)])
+    assert all(a["mae"] < b["mae"] for a, b in zip(curve, curve[1:]))  # confident faces are more accurate
+
+
+@pytest.fixture(scope="module")
+def calibrated(bundles, tmp_path_factory):
+    """The fixture's detecting bundle with a calibration scale of 2.5, and its uncalibrated original."""
+    _, detecting = bundles
+    folder = tmp_path_factory.mktemp("calibrated")
+    bundle = torch.load(detecting, weights_only=True)
+    bundle["calibration"] = {"std_scale": 2.5, "fitted_on": "val", "rows": 100, "within_1sd_before": 0.3,
+                             "within_1sd_after": 0.68, "tta": "none"}
+    torch.save(bundle, folder / "model.pt")
+    photos = folder / "photos"
+    photos.mkdir()
+    for i, age in enumerate((11, 38, 64)):
+        photo, _ = synthetic_photo(age, seed=150 + i)
+        (photos / f"{age}_0_0_2026010100{i:05d}.jpg").write_bytes(encode(photo))
+    return folder / "model.pt", detecting, photos
+
+
+def test_every_predictor_applies_the_bundles_calibration(calibrated, tmp_path):
+    from faceage import Estimator
+    from spark_jobs import predict
+    from trainer import export
+
+    model, plain, photos = calibrated
+    raw = predict.estimate_ages(str(photos), str(plain))
+    scaled = predict.estimate_ages(str(photos), str(model))
+    assert [r["age"] for r in scaled] == [r["age"] for r in raw]  # the ages do not change
+    assert [r["uncertainty"] for r in scaled] == pytest.approx([2.5 * r["uncertainty"] for r in raw], rel=1e-6)
+    api = Estimator.load(str(model)).predict(str(photos))
+    assert [f.uncertainty for f in api] == pytest.approx([r["uncertainty"] for r in scaled], rel=1e-6)
+    onnx = tmp_path / "model.onnx"
+    assert export.main(["--model", str(model), "--output", str(onnx)]) == 0
+    assert json.loads(open(layout.contract_path(str(onnx))).read())["calibration"]["std_scale"] == 2.5
+    from_onnx = predict.estimate_ages(str(photos), str(onnx))
+    assert [r["uncertainty"] for r in from_onnx] == pytest.approx([r["uncertainty"] for r in scaled], abs=1e-3)
+
+
+def test_score_writes_and_evaluate_reports_the_calibrated_std(calibrated, tmp_path):
+    from spark_jobs import evaluate, predict, score
+
+    model, _, photos = calibrated
+    out = tmp_path / "scored"
+    assert score.main(["--model", str(model), "--input", str(photos), "--output", str(out)]) == 0
+    rows = pd.concat(pq.read_table(p).to_pandas() for p in (out / layout.PREDICTIONS_DIR).glob("*.parquet"))
+    by_name = {p.split("/")[-1]: u for p, u in zip(rows.source_path, rows.uncertainty)}
+    want = {r["source"].split("/")[-1]: r["uncertainty"] for r in predict.estimate_ages(str(photos), str(model))}
+    assert by_name == pytest.approx(want, abs=1e-4)  # score and predict: the same calibrated std
+    manifest = json.loads((out / layout.SCORE_MANIFEST).read_text())
+    assert manifest["model_calibration"]["std_scale"] == 2.5
+    labels = tmp_path / "labels.csv"
+    names = sorted(p.name for p in photos.iterdir())
+    pd.DataFrame({"path": [str(photos / n) for n in names], "age": [int(n.split("_")[0]) for n in names]}).to_csv(
+        labels, index=False)
+    report = tmp_path / "report"
+    assert evaluate.main(["--predictions", str(out), "--labels", str(labels), "--output", str(report)]) == 0
+    metrics = json.loads((report / layout.EVAL_METRICS).read_text())
+    errors = {p.split("/")[-1]: abs(a - int(p.split("/")[-1].split("_")[0]))
+              for p, a in zip(rows.source_path, rows.predicted_age)}
+    within = np.mean([errors[k] <= by_name[k] for k in errors])
+    assert metrics["uncertainty"]["within_1sd"] == pytest.approx(within)  # evaluate reads the same std
+    assert metrics["model_calibration"]["std_scale"] == 2.5
+    for plot in (layout.PLOT_RELIABILITY, layout.PLOT_RISK_COVERAGE):
+        assert (report / plot).exists()
+    assert "carries the model's calibration: x 2.500" in (report / layout.EVAL_HTML).read_text()
+    shutil.rmtree(report)
