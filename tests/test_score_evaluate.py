@@ -126,8 +126,8 @@ def test_score_a_table_split_then_evaluate_it(bundles, tables, tmp_path):
                                     zip(evaluate_steps.AGE_GROUP_BOUNDS, evaluate_steps.AGE_GROUP_BOUNDS[1:] + (999,))]
     page = (report / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(metrics["plots"]) and runtime.model_id(str(plain)) in page
-    assert {"confusion.png", "mae_by_age_group.png", "pred_vs_true.png", "uncertainty.png",
-            "training_curves.png"} == set(metrics["plots"])  # distribution head: a std; its metrics.jsonl found
+    assert {"confusion.png", "mae_by_age_group.png", "pred_vs_true.png", "uncertainty.png", "reliability.png",
+            "risk_coverage.png", "training_curves.png"} == set(metrics["plots"])  # a std; its metrics.jsonl found
     assert 0 <= metrics["uncertainty"]["within_1sd"] <= metrics["uncertainty"]["within_2sd"] <= 1
     assert all(s["mae_low"] <= s["mae"] <= s["mae_high"] for s in metrics["slices"] if s["count"] > 1)
     assert "file:" not in page.split("<h2>")[1]  # the header shows paths, not raw URIs
