@@ -103,15 +103,21 @@ class BudgetOneCycle:
     beta1 or momentum, inversely) follows the fraction of the budget spent - warm-up over the first pct_start,
     then cosine annealing to max_lr / (div_factor * final_div_factor) at its end - so whatever the machine's
     speed, the last minutes anneal. The horizon is the budget, or sooner when the --epochs left would end first
-    (plan(), after each epoch); spent() says when training must stop (trainer.train ends the epoch there)."""
+    (plan(), after each epoch); spent() says when training must stop (trainer.train ends the epoch there).
+    The clock is wall-clock time, so ranks that share one start (start_at: rank 0's) compute the same rate."""
 
     def __init__(self, optimizer, max_lr: float, seconds: float, pct_start: float = 0.3, div_factor: float = 25.0,
-                 final_div_factor: float = 1e4, clock: Callable[[], float] = time.monotonic):
+                 final_div_factor: float = 1e4, clock: Callable[[], float] = time.time):
         self.optimizer, self.max_lr, self.budget, self.pct_start = optimizer, max_lr, float(seconds), pct_start
         self.initial = max_lr / div_factor
         self.final = self.initial / final_div_factor
         self.clock, self.started, self.before = clock, clock(), 0.0
         self.horizon = self.budget
+        self.step_batch()
+
+    def start_at(self, started: float) -> None:
+        """Count from `started` (the clock's time): every rank of a run uses rank 0's."""
+        self.started = started
         self.step_batch()
 
     def elapsed(self) -> float:
