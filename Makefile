@@ -16,7 +16,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 UTKFACE ?= ../shared/data/utkface
 OUT ?= out
 
-.PHONY: help install demo e2e test check-env bench-prepare prepare-utkface recipe lock clean dist image
+.PHONY: help install demo e2e test check-env bench-prepare prepare-utkface recipe recipe-report lock clean dist image
 .DEFAULT_GOAL := help
 
 help: ## list the targets (a bare `make` does this)
@@ -86,16 +86,28 @@ RECIPE ?= runs/recipe
 RECIPE_DATA ?= $(OUT)/utkface_parquet
 AAF ?= ../shared/data/aaf
 AAF_DATA ?= $(OUT)/aaf_parquet
-RECIPE_TRAIN ?= --image-size 64 --epochs 30 --schedule onecycle --head regression --cache --tta flip \
-	--max-minutes 58 --no-progress
+RECIPE_TRAIN ?= --image-size 64 --epochs 80 --schedule onecycle --head distribution --cache --tta flip \
+	--max-minutes 58 --age-calibration debias --no-progress
 recipe: install ## UTKFace -> a 60-minute training on 2 CPU cores -> scored + evaluated test split -> MODEL_CARD.md
 	test -f $(RECIPE_DATA)/manifest.json || $(BIN)/spark-submit spark_jobs/prepare.py --input $(UTKFACE) \
 		--labels utkface --detector none --output $(RECIPE_DATA) --format parquet
 	$(BIN)/python -m trainer.train --data $(RECIPE_DATA) --output $(RECIPE)/train $(RECIPE_TRAIN)
-	$(BIN)/spark-submit spark_jobs/score.py --model $(RECIPE)/train/model.pt --input $(RECIPE_DATA) --split test \
-		--tta flip --output $(RECIPE)/scored
-	$(BIN)/spark-submit spark_jobs/evaluate.py --predictions $(RECIPE)/scored --labels $(RECIPE_DATA) --split test \
-		--output $(RECIPE)/report
+	$(MAKE) --no-print-directory recipe-report RECIPE=$(RECIPE) RECIPE_DATA=$(RECIPE_DATA) AAF=$(AAF) AAF_DATA=$(AAF_DATA) \
+		RECIPE_TRAIN="$(RECIPE_TRAIN)"
+
+# everything after the training, for a trained $(RECIPE)/train: the test split and All-Age-Faces scored and evaluated
+# with the bundle as it ships and, when it has an age map, with a copy without it (the card's bias before/after)
+recipe-report: install ## the recipe's scoring, evaluation and model card for an already trained $(RECIPE)/train
+	$(BIN)/python -m trainer.recalibrate --model $(RECIPE)/train/model.pt --drop age_map \
+		--output $(RECIPE)/model_unmapped.pt
+	for m in model unmapped; do \
+	  bundle=$(RECIPE)/train/model.pt; test $$m = model || bundle=$(RECIPE)/model_unmapped.pt; \
+	  sfx=; test $$m = model || sfx=_unmapped; \
+	  $(BIN)/spark-submit spark_jobs/score.py --model $$bundle --input $(RECIPE_DATA) --split test --tta flip \
+	    --output $(RECIPE)/scored$$sfx && \
+	  $(BIN)/spark-submit spark_jobs/evaluate.py --predictions $(RECIPE)/scored$$sfx --labels $(RECIPE_DATA) \
+	    --split test --output $(RECIPE)/report$$sfx || exit 1; \
+	done
 	# faces unlike the training set: the test split's photos pasted into generated scenes, found by the detector
 	$(BIN)/python -m bench.shift_data --data $(RECIPE_DATA) --work $(RECIPE)/shift --kinds pasted --photos-only
 	$(BIN)/spark-submit spark_jobs/score.py --model $(RECIPE)/train/model.pt --input $(RECIPE)/shift/pasted \
@@ -104,18 +116,24 @@ recipe: install ## UTKFace -> a 60-minute training on 2 CPU cores -> scored + ev
 		--labels $(RECIPE)/shift/pasted_labels.csv --output $(RECIPE)/shift/report
 	# real photos it never saw: All-Age-Faces (another population, head-and-shoulders framing), labels from its
 	# CSV through a table prepared with the detector on; the photos scored as photos (framed like the model's
-	# training crops) and joined to those labels by face id. Skipped when $(AAF) is absent.
+	# training crops) and joined to those labels by face id, with and without the age map. Skipped when $(AAF)
+	# is absent.
 	if [ -d "$(AAF)/images" ]; then \
 	  { test -f $(AAF_DATA)/manifest.json || $(BIN)/spark-submit spark_jobs/prepare.py --input $(AAF)/images \
-	      --labels manifest:$(AAF)/labels.csv --dataset aaf --splits 0,0,1 --output $(AAF_DATA); } && \
-	  $(BIN)/spark-submit spark_jobs/score.py --model $(RECIPE)/train/model.pt --input $(AAF)/images --tta flip \
-	      --output $(RECIPE)/aaf/scored && \
-	  $(BIN)/spark-submit spark_jobs/evaluate.py --predictions $(RECIPE)/aaf/scored --labels $(AAF_DATA) \
-	      --split test --output $(RECIPE)/aaf/report; \
+	      --labels manifest:$(AAF)/labels.csv --dataset aaf --splits 0,0,1 --output $(AAF_DATA); } || exit 1; \
+	  for m in model unmapped; do \
+	    bundle=$(RECIPE)/train/model.pt; test $$m = model || bundle=$(RECIPE)/model_unmapped.pt; \
+	    sfx=; test $$m = model || sfx=_unmapped; \
+	    $(BIN)/spark-submit spark_jobs/score.py --model $$bundle --input $(AAF)/images --tta flip \
+	      --output $(RECIPE)/aaf/scored$$sfx && \
+	    $(BIN)/spark-submit spark_jobs/evaluate.py --predictions $(RECIPE)/aaf/scored$$sfx --labels $(AAF_DATA) \
+	      --split test --output $(RECIPE)/aaf/report$$sfx || exit 1; \
+	  done; \
 	fi
-	aaf=(); test ! -f $(RECIPE)/aaf/report/metrics.json || \
-	  aaf=(--cross "All-Age-Faces photos, held out (detector on)=$(RECIPE)/aaf/report"); \
+	aaf=(); name="All-Age-Faces photos, held out (detector on)"; test ! -f $(RECIPE)/aaf/report/metrics.json || \
+	  aaf=(--cross "$$name=$(RECIPE)/aaf/report" --cross-unmapped "$$name=$(RECIPE)/aaf/report_unmapped"); \
 	$(BIN)/python -m spark_jobs.model_card --run $(RECIPE)/train --report $(RECIPE)/report \
+		--unmapped $(RECIPE)/report_unmapped \
 		--cross "test photos pasted into generated scenes (detector on)=$(RECIPE)/shift/report" "$${aaf[@]}" \
 		--command "make recipe RECIPE_TRAIN='$(strip $(RECIPE_TRAIN))'" --output $(RECIPE)/MODEL_CARD.md
 

@@ -13,7 +13,10 @@
 #      128 px, batch 128, bf16, channels_last; 1b. the trainer vs a plain loop (bench.trainer_vs_loop);
 #   2. python -m trainer.train with CyclicLR + ReduceLROnPlateau, OneCycle and a constant LR, same split, same
 #      wall-clock budget each: val/test MAE, epochs, seconds, img/s (summary.json, metrics.jsonl); then the
-#      OneCycle run again with weight averaging (--ema) and progressive resizing (96 px, the last quarter 128 px).
+#      OneCycle run again with weight averaging (--ema) and progressive resizing (96 px, the last quarter 128 px);
+#   3. the reference recipe's training (make recipe's RECIPE_TRAIN: distribution head, OneCycle planned over a
+#      wall-clock budget, the age map and the std's scale fitted on val, flip TTA) in GPU_RECIPE_MINUTES at 64 px
+#      and at 128 px: test MAE, +-1/2 std coverage, bias by decade before/after the age map.
 set -euo pipefail
 DATA=${GPU_DATA:-bench/out/gpu}
 RESULTS=${OUT:-bench/out/gpu-results}
@@ -70,4 +73,22 @@ others = {n: [json.loads(l) for l in open(os.path.join(results, n, "metrics.json
           for n in ("cyclic_plateau", "onecycle")}
 print(f"constant LR best val MAE {target:.2f}: reached by constant at {reach(const)}, "
       + ", ".join(f"by {n} at {reach(h)}" for n, h in others.items()) + " (epoch, seconds)")
+EOF
+
+RECIPE_MINUTES=${GPU_RECIPE_MINUTES:-6}
+echo "== 3. the reference recipe's training, ${RECIPE_MINUTES} min each at 64 and 128 px"
+for size in 64 128; do
+  "$PY" -m trainer.train --data "$DATA/data" --reader pyarrow --workers "$WORKERS" --device "$DEVICE" \
+    --image-size "$size" --epochs 80 --schedule onecycle --head distribution --tta flip \
+    --max-minutes "$RECIPE_MINUTES" --age-calibration debias --output "$RESULTS/recipe_$size" --no-progress | tail -3
+done
+"$PY" - "$RESULTS" <<'EOF'
+import json, sys, os
+for size in (64, 128):
+    s = json.load(open(os.path.join(sys.argv[1], f"recipe_{size}", "summary.json")))
+    print(f"recipe {size} px: epochs {s['epochs_run']}, test MAE {s['test_mae']:.2f} (without the age map "
+          f"{s.get('test_mae_unmapped', float('nan')):.2f}), CS@5 {s['test_cs5']:.3f}, within 1 std "
+          f"{s.get('test_within_1sd')}, within 2 std {s.get('test_within_2sd')}")
+    print(f"  bias by decade before {s.get('test_bias_by_decade_unmapped')}")
+    print(f"  bias by decade after  {s.get('test_bias_by_decade_mapped')}")
 EOF

@@ -33,7 +33,53 @@ def get_args_parser() -> Parser:
     p.add_argument("--cross", action="append", default=[], metavar="NAME=REPORT",
                    help="evaluate.py's output folder for faces from elsewhere (another dataset, other cameras), with "
                         "a name for the card (repeatable): the card compares its MAE with the test split's")
+    p.add_argument("--unmapped", type=path_arg,
+                   help="evaluate.py's output folder for the test split scored by the bundle WITHOUT its age map "
+                        "(python -m trainer.recalibrate --drop age_map): the card shows bias by age before and after")
+    p.add_argument("--cross-unmapped", action="append", default=[], metavar="NAME=REPORT",
+                   help="the same for a --cross set of the same NAME (repeatable)")
     return p
+
+
+BIAS_GOAL = {"in-domain": 3.0, "elsewhere": 5.0}  # issue 24: |bias| of an age group with >= 30 faces at most this
+GOAL_FACES = 30
+
+
+def _groups(metrics: dict) -> dict:
+    return {s["value"]: s for s in metrics["slices"] if s["slice"] == "age_group"}
+
+
+def _off_goal(metrics: dict, limit: float) -> List[str]:
+    """The age groups of >= GOAL_FACES faces whose |bias| exceeds `limit`, as 'group (+b)'."""
+    return [f"{g} ({s['bias']:+.1f})" for g, s in _groups(metrics).items()
+            if s["count"] >= GOAL_FACES and s.get("bias") is not None and abs(s["bias"]) > limit]
+
+
+def age_map_section(fitted: Optional[dict], pairs: List[tuple]) -> List[str]:
+    """Bias and MAE by true age group before (the bundle without its age map) and after (as it ships), for each
+    (name, before metrics, after metrics, goal) set; the groups off the issue's goal."""
+    age_map = (fitted or {}).get("age_map")
+    if not pairs or not age_map:
+        return []
+    lines = ["## Ages read toward the mean: the age map", "",
+             f"Every predicted age goes through an age map fitted on the val split ({age_map.get('fitted_on_rows')} "
+             f"faces, {len(age_map['predicted'])} knots; trainer.calibration): the inverse of the mean predicted age "
+             f"per true age, so each true age is read at that age on average. Before = the same weights without the "
+             f"map (`python -m trainer.recalibrate --drop age_map`), scored and evaluated by the same jobs.", ""]
+    for name, before, after, limit in pairs:
+        b, a = _groups(before), _groups(after)
+        lines += [f"### {name}", "", "| group | faces | bias before | bias after | MAE before | MAE after |",
+                  "|---|---|---|---|---|---|"]
+        for group, s in a.items():
+            old = b.get(group) or {}
+            lines.append(f"| {group}{' (small)' if s.get('small') else ''} | {s['count']} | {_f(old.get('bias'))} | "
+                         f"{_f(s['bias'])} | {_f(old.get('mae'))} | {_f(s['mae'])} |")
+        lines.append(f"| all | {after['rows']['matched']} | {_f(before['overall']['bias'])} | "
+                     f"{_f(after['overall']['bias'])} | {_f(before['overall']['mae'])} | {_f(after['overall']['mae'])} |")
+        lines += ["", f"Groups of {GOAL_FACES}+ faces biased by more than {limit:g} years: before "
+                      f"{', '.join(_off_goal(before, limit)) or 'none'}; after {', '.join(_off_goal(after, limit)) or 'none'}.",
+                  ""]
+    return lines
 
 
 def _json(path: str) -> dict:
@@ -60,16 +106,30 @@ def _version(version) -> str:
     return "a Parquet table: no version" if version is None else f"Delta version {version}"
 
 
-def cross_section(cross: List[tuple], test_mae: float) -> List[str]:
-    """The card's cross-dataset table: (name, evaluate metrics) pairs against the test split's MAE."""
+def at_age_mix(metrics: dict, mix: dict) -> Optional[float]:
+    """`metrics`' MAE had its faces the age mix of `mix` (another report): the MAE of each age group weighted by
+    that group's share in `mix`, over the groups both have (None when they share none)."""
+    groups, weights = _groups(metrics), {g: s["count"] for g, s in _groups(mix).items()}
+    shared = [g for g in weights if g in groups and groups[g].get("mae") is not None]
+    total = sum(weights[g] for g in shared)
+    return sum(weights[g] * groups[g]["mae"] for g in shared) / total if total else None
+
+
+def cross_section(cross: List[tuple], test: dict) -> List[str]:
+    """The card's cross-dataset table: (name, evaluate metrics) pairs against the test split's report: the MAE,
+    its ratio to the test MAE, and the same at the test split's age mix (what is left of the gap when the sets'
+    age distributions are made alike: per-age difficulty, not composition)."""
     if not cross:
         return []
+    test_mae = test["overall"]["mae"]
     lines = ["## Faces unlike the training set", "",
-             "| set | faces | MAE (95 % CI) | CS@5 | bias | MAE / test MAE |", "|---|---|---|---|---|---|"]
+             "| set | faces | MAE (95 % CI) | CS@5 | bias | MAE / test MAE | MAE at the test split's age mix (ratio) |",
+             "|---|---|---|---|---|---|---|"]
     for name, m in cross:
-        o = m["overall"]
+        o, mixed = m["overall"], at_age_mix(m, test)
         lines.append(f"| {name} | {m['rows']['matched']} | {_mae(o)} | {_f(o['cs5'], 3)} | {_f(o['bias'])} | "
-                     f"{_f(o['mae'] / test_mae if test_mae else None)}× |")
+                     f"{_f(o['mae'] / test_mae if test_mae else None)}× | {_f(mixed)} "
+                     f"({_f(mixed / test_mae if mixed is not None and test_mae else None)}×) |")
     for name, m in cross:  # where the error goes: bias by true age group, the ages read toward the mean
         lines += ["", f"### {name}: by age group", "", "| group | faces | MAE (95 % CI) | CS@5 | bias |",
                   "|---|---|---|---|---|"]
@@ -84,7 +144,8 @@ def uncertainty_lines(fitted: Optional[dict], unc: dict, cross: List[tuple]) -> 
     lines = []
     if fitted and fitted.get("std_scale") is not None:
         lines += [f"- Calibration: every std is multiplied by {_f(fitted['std_scale'], 3)}, the scale that makes "
-                  f"+-1 std cover 68.3 % of the {fitted['rows']} val faces' errors (before: "
+                  f"+-1 std cover 68.3 % of the {fitted['rows']} val faces' errors"
+                  f"{' (after the age map)' if fitted.get('age_map') else ''} (before: "
                   f"{_f(100 * fitted['within_1sd_before'], 1)} %). The test numbers above are after it."]
     curve = unc.get("risk_coverage") or []
     if curve:
@@ -108,8 +169,9 @@ class TrainingRun(NamedTuple):
 
 
 def render(run: TrainingRun, metrics: dict, command: str, title: str, notes: List[str],
-           cross: Optional[List[tuple]] = None) -> str:
-    """The card's markdown: the run, its evaluation report (`metrics`), other datasets' reports (`cross`)."""
+           cross: Optional[List[tuple]] = None, unmapped: Optional[dict] = None) -> str:
+    """The card's markdown: the run, its evaluation report (`metrics`), other datasets' reports (`cross`), and
+    the reports of the bundle without its age map (`unmapped`: "test" and cross names -> metrics)."""
     summary, curve, bundle = run
     overall = metrics["overall"]
     params = bundle.get("params") or {}
@@ -124,6 +186,9 @@ def render(run: TrainingRun, metrics: dict, command: str, title: str, notes: Lis
              f"lr {params.get('lr')}, batch {params.get('batch_size')}, augmentation {params.get('augment')}"
              + (f", weight EMA {params['ema']}" if params.get("ema") else "")
              + (f", progressive resizing from {params['start_size']} px" if params.get("start_size") else "")
+             + (", ages through an age map fitted on val" if ((bundle.get("calibration") or {}).get("age_map"))
+                else "")
+             + (f", a {params['max_minutes']:g}-minute budget planning the rate" if params.get("max_minutes") else "")
              + f"; best epoch by val MAE; test-time augmentation `{summary.get('tta')}`.",
              f"- Command: `{command}`",
              f"- Training time: {_f(sum(r.get('epoch_seconds', 0) for r in curve) / 60, 1)} min of epochs on "
@@ -145,7 +210,11 @@ def render(run: TrainingRun, metrics: dict, command: str, title: str, notes: Lis
             flag = " (small)" if s.get("small") else ""
             lines.append(f"| {s['value']}{flag} | {s['count']} | {_mae(s)} | {_f(s['cs5'], 3)} | {_f(s['bias'])} |")
         lines.append("")
-    lines += cross_section(cross or [], overall["mae"])
+    lines += cross_section(cross or [], metrics)
+    unmapped = unmapped or {}
+    pairs = [("UTKFace test split", unmapped["test"], metrics, BIAS_GOAL["in-domain"])] if "test" in unmapped else []
+    pairs += [(name, unmapped[name], m, BIAS_GOAL["elsewhere"]) for name, m in cross or [] if name in unmapped]
+    lines += age_map_section(bundle.get("calibration"), pairs)
     unc = metrics.get("uncertainty") or {}
     lines += ["## Uncertainty", ""]
     if unc:
@@ -166,12 +235,10 @@ def render(run: TrainingRun, metrics: dict, command: str, title: str, notes: Lis
 
 def _job(argv: Optional[list]) -> int:
     args = get_args_parser().parse_args(argv)
-    named = []
-    for item in args.cross:  # checked before anything is read
-        name, sep, folder = item.partition("=")
-        if not sep or not name.strip() or not folder.strip():
-            raise UserError(f"--cross {item!r}: give NAME=REPORT_FOLDER (an evaluate.py output folder)")
-        named.append((name.strip(), uri.check(folder.strip(), "--cross")))
+    named, named_unmapped = _named(args.cross, "--cross"), _named(args.cross_unmapped, "--cross-unmapped")
+    stray = sorted(set(n for n, _ in named_unmapped) - set(n for n, _ in named))
+    if stray:
+        raise UserError(f"--cross-unmapped {stray[0]!r}: no --cross of that name (give both with the same NAME)")
     summary = _json(uri.join(args.run, layout.SUMMARY))
     curve = [json.loads(line) for line in uri.read_text(uri.join(args.run, layout.METRICS_LOG)).splitlines()
              if line.strip()]
@@ -180,10 +247,24 @@ def _job(argv: Optional[list]) -> int:
     _, bundle = load_bundle(summary.get("bundle") or uri.join(args.run, layout.MODEL))
     metrics = _json(uri.join(args.report, layout.EVAL_METRICS))
     cross = [(name, _json(uri.join(folder, layout.EVAL_METRICS))) for name, folder in named]
-    text = render(TrainingRun(summary, curve, bundle), metrics, args.command, args.title, args.note, cross)
+    unmapped = {name: _json(uri.join(folder, layout.EVAL_METRICS)) for name, folder in named_unmapped}
+    if args.unmapped:
+        unmapped["test"] = _json(uri.join(args.unmapped, layout.EVAL_METRICS))
+    text = render(TrainingRun(summary, curve, bundle), metrics, args.command, args.title, args.note, cross, unmapped)
     uri.write_text(args.output, text)
     log.info(f"model_card: wrote {args.output} (test MAE {metrics['overall']['mae']:.2f})")
     return 0
+
+
+def _named(items: List[str], flag: str) -> List[tuple]:
+    """NAME=REPORT_FOLDER items -> (name, folder) pairs, checked before anything is read."""
+    named = []
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise UserError(f"{flag} {item!r}: give NAME=REPORT_FOLDER (an evaluate.py output folder)")
+        named.append((name.strip(), uri.check(folder.strip(), flag)))
+    return named
 
 
 main, console_main = entry_points("model_card", _job)

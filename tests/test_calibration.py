@@ -62,14 +62,57 @@ def test_reliability_and_risk_coverage_on_a_known_case(spark):
     assert all(a["mae"] < b["mae"] for a, b in zip(curve, curve[1:]))  # confident faces are more accurate
 
 
+AGE_MAP = {"predicted": [0.0, 50.0, 120.0], "age": [10.0, 40.0, 110.0]}
+
+
+def mapped(age: float) -> float:
+    """AGE_MAP by hand: 0..50 -> 10..40 (slope 0.6), 50..120 -> 40..110 (slope 1)."""
+    return 10 + 0.6 * age if age <= 50 else age - 10
+
+
+def test_the_age_map_undoes_a_known_pull_toward_the_mean():
+    rng = np.random.default_rng(1)
+    true = rng.uniform(1, 90, 8000)
+    pulled = 40 + 0.7 * (true - 40) + rng.normal(0, 3, true.size)  # children read older, the elderly younger
+    age_map = calibration.fit_age_map(pulled[:4000], true[:4000])  # fitted on one half ("val")
+    assert calibration.check({"age_map": age_map}, "x") is None
+    # the inverse of p = 40 + 0.7 (t - 40) is t = 40 + (p - 40) / 0.7, within the fit's noise
+    probe = np.array([20.0, 30.0, 40.0, 55.0, 70.0])
+    assert calibration.map_ages(probe, age_map) == pytest.approx(40 + (probe - 40) / 0.7, abs=1.5)
+    before = calibration.bias_by_decade(pulled[4000:] - true[4000:], true[4000:])  # the other half ("test")
+    after = calibration.bias_by_decade(calibration.map_ages(pulled[4000:], age_map) - true[4000:], true[4000:])
+    assert before["0-9"] > 8 and before["70+"] < -8  # the known pull: +10.4 and -11.9 expected
+    assert max(abs(v) for v in after.values()) < 1.0
+    # beyond the knots: the end's offset (slope 1), clipped into 0..120; NaN stays NaN
+    ends = calibration.map_ages(np.array([-50.0, 500.0, np.nan]), AGE_MAP)
+    assert ends[0] == 0 and ends[1] == 120 and np.isnan(ends[2])
+    assert calibration.map_ages(np.array([130.0 - 200]), {"predicted": [0, 10], "age": [5, 15]})[0] == 0
+    assert calibration.fit_age_map(pulled[:30], true[:30]) is None  # too few faces for two bins
+
+
+def test_a_malformed_age_map_is_refused_in_one_line(calibrated, tmp_path):
+    from trainer.bundle import load_bundle
+    from trainer.runtime import BundleError
+
+    for bad in ({"predicted": [1, 1], "age": [1, 2]}, {"predicted": [1, 2], "age": [3, 2]},
+                {"predicted": [1, 2, 3], "age": [1, 2]}, {"predicted": [1, float("nan")], "age": [1, 2]},
+                {"age": [1, 2]}, "0..120"):
+        bundle = torch.load(calibrated[0], weights_only=True)
+        bundle["calibration"]["age_map"] = bad
+        torch.save(bundle, tmp_path / "bad.pt")
+        with pytest.raises(BundleError, match="age_map") as e:
+            load_bundle(str(tmp_path / "bad.pt"))
+        assert "\n" not in str(e.value)
+
+
 @pytest.fixture(scope="module")
 def calibrated(bundles, tmp_path_factory):
-    """The fixture's detecting bundle with a calibration scale of 2.5, and its uncalibrated original."""
+    """The fixture's detecting bundle with a calibration (std scale 2.5, the age map AGE_MAP), and its original."""
     _, detecting = bundles
     folder = tmp_path_factory.mktemp("calibrated")
     bundle = torch.load(detecting, weights_only=True)
     bundle["calibration"] = {"std_scale": 2.5, "fitted_on": "val", "rows": 100, "within_1sd_before": 0.3,
-                             "within_1sd_after": 0.68, "tta": "none"}
+                             "within_1sd_after": 0.68, "tta": "none", "age_map": AGE_MAP}
     torch.save(bundle, folder / "model.pt")
     photos = folder / "photos"
     photos.mkdir()
@@ -87,15 +130,44 @@ def test_every_predictor_applies_the_bundles_calibration(calibrated, tmp_path):
     model, plain, photos = calibrated
     raw = predict.estimate_ages(str(photos), str(plain))
     scaled = predict.estimate_ages(str(photos), str(model))
-    assert [r["age"] for r in scaled] == [r["age"] for r in raw]  # the ages do not change
+    assert [r["age"] for r in scaled] == pytest.approx([mapped(r["age"]) for r in raw], abs=1e-4)
     assert [r["uncertainty"] for r in scaled] == pytest.approx([2.5 * r["uncertainty"] for r in raw], rel=1e-6)
     api = Estimator.load(str(model)).predict(str(photos))
     assert [f.uncertainty for f in api] == pytest.approx([r["uncertainty"] for r in scaled], rel=1e-6)
+    assert [f.age for f in api] == pytest.approx([r["age"] for r in scaled], abs=1e-4)
     onnx = tmp_path / "model.onnx"
     assert export.main(["--model", str(model), "--output", str(onnx)]) == 0
     assert json.loads(open(layout.contract_path(str(onnx))).read())["calibration"]["std_scale"] == 2.5
     from_onnx = predict.estimate_ages(str(photos), str(onnx))
     assert [r["uncertainty"] for r in from_onnx] == pytest.approx([r["uncertainty"] for r in scaled], abs=1e-3)
+    assert [r["age"] for r in from_onnx] == pytest.approx([r["age"] for r in scaled], abs=1e-3)
+    script = tmp_path / "model.ts"
+    # the TorchScript export is kept only when its ages (mapped in Python after the graph) match the bundle's
+    assert export.main(["--model", str(model), "--format", "torchscript", "--output", str(script)]) == 0
+
+
+def test_recalibrate_drops_the_age_map_from_a_copy_and_nothing_else(calibrated, tmp_path, capsys):
+    from spark_jobs import predict
+    from trainer import recalibrate
+
+    model, plain, photos = calibrated
+    before = model.read_bytes()
+    copy = tmp_path / "unmapped.pt"
+    assert recalibrate.main(["--model", str(model), "--drop", "age_map", "--output", str(copy)]) == 0
+    assert model.read_bytes() == before  # the original is untouched
+    raw = predict.estimate_ages(str(photos), str(plain))
+    unmapped = predict.estimate_ages(str(photos), str(copy))
+    assert [r["age"] for r in unmapped] == pytest.approx([r["age"] for r in raw], abs=1e-5)  # no age map
+    assert [r["uncertainty"] for r in unmapped] == pytest.approx([2.5 * r["uncertainty"] for r in raw], rel=1e-6)
+    assert torch.load(copy, weights_only=True)["calibration"]["dropped"] == ["age_map"]
+    capsys.readouterr()
+    assert recalibrate.main(["--model", str(model), "--drop", "age_map", "--output", str(model)]) == 2
+    (tmp_path / "notes.txt").write_text("mine")
+    assert recalibrate.main(["--model", str(model), "--drop", "age_map", "--output",
+                             str(tmp_path / "notes.txt")]) == 2
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "the bundle itself" in err[0] and "not a faceage model bundle" in err[1]
 
 
 def test_score_writes_and_evaluate_reports_the_calibrated_std(calibrated, tmp_path):
@@ -108,6 +180,9 @@ def test_score_writes_and_evaluate_reports_the_calibrated_std(calibrated, tmp_pa
     by_name = {p.split("/")[-1]: u for p, u in zip(rows.source_path, rows.uncertainty)}
     want = {r["source"].split("/")[-1]: r["uncertainty"] for r in predict.estimate_ages(str(photos), str(model))}
     assert by_name == pytest.approx(want, abs=1e-4)  # score and predict: the same calibrated std
+    ages = {p.split("/")[-1]: a for p, a in zip(rows.source_path, rows.predicted_age)}
+    want = {r["source"].split("/")[-1]: r["age"] for r in predict.estimate_ages(str(photos), str(model))}
+    assert ages == pytest.approx(want, abs=1e-3)  # and the same mapped ages
     manifest = json.loads((out / layout.SCORE_MANIFEST).read_text())
     assert manifest["model_calibration"]["std_scale"] == 2.5
     labels = tmp_path / "labels.csv"

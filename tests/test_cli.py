@@ -11,10 +11,10 @@ from conftest import REPO
 from schemas.crop import DETECTORS
 from schemas.tables import SPLITS
 from spark_jobs import distributed, emr, evaluate, predict, prepare, score
-from trainer import train, tune
+from trainer import recalibrate, train, tune
 
 PARSERS = {"prepare": prepare, "score": score, "evaluate": evaluate, "predict": predict, "train": train,
-           "tune": tune, "distributed": distributed, "emr": emr}
+           "tune": tune, "distributed": distributed, "emr": emr, "recalibrate": recalibrate}
 
 
 def options(module):

@@ -69,6 +69,46 @@ def test_a_tiny_recipe_ends_in_a_model_card_with_the_reports_numbers(tables, tmp
     assert held["rows"]["matched"] == table["counts"]["faces"] > 0
     assert f"All-Age-Faces photos, held out (detector on) | {held['rows']['matched']} | " in card
     assert "All-Age-Faces photos, held out (detector on): by age group" in card
+    # the same faces scored by a copy without an age map: a regression run fits none, so the same numbers
+    for report in ("report", "aaf/report"):
+        unmapped = json.loads((out / f"{report}_unmapped" / "metrics.json").read_text())
+        mapped = json.loads((out / report / "metrics.json").read_text())
+        assert unmapped["overall"]["mae"] == pytest.approx(mapped["overall"]["mae"], abs=1e-4)
+    assert "## Ages read toward the mean" not in card  # no age map: no before/after section
+
+
+def _metrics(groups, matched=None):
+    """An evaluate metrics.json's parts the card reads: age_group slices of (name, count, bias, mae)."""
+    slices = [{"slice": "age_group", "value": g, "count": n, "bias": b, "mae": m, "cs5": 0.5} for g, n, b, m in groups]
+    overall = {"mae": sum(n * m for _, n, _, m in groups) / sum(n for _, n, _, _ in groups),
+               "bias": sum(n * b for _, n, b, _ in groups) / sum(n for _, n, _, _ in groups), "cs5": 0.5}
+    return {"slices": slices, "overall": overall, "rows": {"matched": matched or sum(n for _, n, _, _ in groups)}}
+
+
+def test_a_cross_sets_mae_at_the_test_splits_age_mix():
+    test = _metrics([("3-9", 100, 0.0, 2.0), ("20-29", 300, 0.0, 4.0), ("70+", 100, 0.0, 9.0)])
+    # the other set is mostly 20-29, MAE 6 there: its own MAE is 6.5, at the test split's mix (1:3:1 of 3, 6, 12) 6.6
+    held = _metrics([("3-9", 10, 0.0, 3.0), ("20-29", 170, 0.0, 6.0), ("70+", 20, 0.0, 12.0), ("80+", 5, 0, 20.0)])
+    assert model_card.at_age_mix(held, test) == pytest.approx((100 * 3 + 300 * 6 + 100 * 12) / 500)
+    assert model_card.at_age_mix(_metrics([("0-2", 9, 0.0, 1.0)]), test) is None  # no group in common
+    line = next(x for x in model_card.cross_section([("held", held)], test) if x.startswith("| held"))
+    assert line.endswith(f"| {6.6:.2f} ({6.6 / test['overall']['mae']:.2f}×) |")
+
+
+def test_the_age_map_section_shows_bias_before_and_after_and_the_groups_off_the_goal():
+    fitted = {"age_map": {"predicted": [5.0, 50.0], "age": [1.0, 60.0], "fitted_on_rows": 2157}}
+    before = _metrics([("10-19", 146, 3.98, 6.1), ("70+", 109, -6.79, 9.08), ("80+", 12, -9.0, 11.0)])
+    after = _metrics([("10-19", 146, 0.5, 6.3), ("70+", 109, -3.2, 8.7), ("80+", 12, -7.0, 10.0)])
+    held_before = _metrics([("10-19", 597, 5.9, 8.0)])
+    held_after = _metrics([("10-19", 597, 4.1, 7.0)])
+    lines = model_card.age_map_section(fitted, [("test", before, after, 3.0), ("AAF", held_before, held_after, 5.0)])
+    text = "\n".join(lines)
+    assert "2157 faces, 2 knots" in text
+    assert "| 10-19 | 146 | 3.98 | 0.50 | 6.10 | 6.30 |" in text
+    # goal 3 years in-domain: 10-19 and 70+ before, 70+ after; the 12-face group never counts (under 30 faces)
+    assert "before 10-19 (+4.0), 70+ (-6.8); after 70+ (-3.2)." in text
+    assert "before 10-19 (+5.9); after none." in text  # goal 5 years on the other set
+    assert model_card.age_map_section({"age_map": None}, [("test", before, after, 3.0)]) == []
 
 
 @pytest.mark.parametrize("bad", ["no-equals-sign", "=folder", "name=", "name=s3:/bucket/report"])

@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO, venv_env
 from trainer.bundle import BUNDLE_FORMAT, load_bundle
-from trainer import train
+from trainer import calibration, train
 from trainer.schedules import BudgetOneCycle, CyclicPlateau, Plateau
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--workers", "1", "--no-progress", "--plateau-patience", "20"]
@@ -166,6 +166,12 @@ def test_the_budget_schedule_follows_the_fraction_of_the_budget_spent():
     again = BudgetOneCycle(torch.optim.AdamW(model.parameters(), lr=1.0), max_lr=0.01, seconds=600, clock=Clock())
     again.load_state_dict(state)
     assert again.fraction() == pytest.approx(0.5) and not again.spent()
+    # two ranks that share rank 0's start compute the same rate at the same moment, whenever each was built
+    clock.now = 100.0 + 120
+    late = BudgetOneCycle(torch.optim.AdamW(model.parameters(), lr=1.0), max_lr=0.01, seconds=600, clock=clock)
+    late.start_at(100.0)
+    assert late.optimizer.param_groups[0]["lr"] == pytest.approx(schedule.rate(120 / 600))
+    clock.now = 100.0 + 300
     # fewer --epochs left than the budget holds: the horizon comes sooner
     schedule.plan(epochs_left=2, seconds_per_epoch=50)
     assert schedule.horizon == pytest.approx(400) and schedule.fraction() == pytest.approx(300 / 400)
@@ -182,6 +188,59 @@ def test_a_fraction_of_a_minute_budget_anneals_within_it_and_writes_a_bundle(tab
     assert max(r["lr"] for r in rows) > 0.5 * 0.003  # after warming up to near the peak
     assert sum(r["train_seconds"] for r in rows) <= 0.2 * 60 + 1  # training itself stayed inside the budget
     assert load_bundle(str(out / "model.pt"))[1]["format"] == BUNDLE_FORMAT
+
+
+def test_age_calibration_fits_the_map_on_val_then_the_std_on_the_mapped_errors(tables, tmp_path, caplog):
+    import argparse
+
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    true = rng.uniform(1, 90, 3000)
+    pred = 40 + 0.7 * (true - 40) + rng.normal(0, 4, true.size)  # read toward the mean
+    std = np.full(true.size, 8.0)  # twice too unsure of the mapped errors (about 4 / 0.7)
+    args = argparse.Namespace(tta="flip", age_calibration="debias")
+    fitted, before = train.fit_calibration(args, (pred[:2000] - true[:2000], std[:2000], true[:2000]),
+                                           (pred[2000:] - true[2000:], true[2000:]))
+    assert fitted["age_map"] is not None and fitted["tta"] == "flip"
+    mapped = calibration.map_ages(pred[2000:], fitted["age_map"]) - true[2000:]
+    # the scale is fitted on the mapped errors: +-1 scaled std covers about 68 % of the held-out mapped errors
+    assert calibration.coverage(mapped, std[2000:] * fitted["std_scale"]) == pytest.approx(0.683, abs=0.04)
+    assert before["test_bias_by_decade_unmapped"]["70+"] < -8 < -1 < before["test_bias_by_decade_mapped"]["70+"]
+    assert before["test_mae_unmapped"] == pytest.approx(np.abs(pred[2000:] - true[2000:]).mean())
+    none, nothing = train.fit_calibration(argparse.Namespace(tta="none", age_calibration="none"),
+                                          (pred - true, std, true), (pred - true, true))
+    assert none["age_map"] is None and nothing == {}
+    # a real run on a table whose val split is too small for the map: trained, said, no map stored
+    out = tmp_path / "debias"
+    assert train.main(["--data", str(tables[0] / "pq"), "--output", str(out), "--epochs", "1",
+                       "--head", "distribution", "--age-calibration", "debias", "--reader", "pyarrow"] + TINY) == 0
+    assert "too few val faces to fit an age map" in caplog.text
+    bundle = load_bundle(str(out / "model.pt"))[1]
+    assert bundle["calibration"]["age_map"] is None
+    assert bundle["params"]["age_calibration"] == "debias"
+
+
+def test_the_ema_decay_warms_up_then_holds_at_the_given_decay():
+    import argparse
+
+    assert train.ema_decay(0.998, 0, True) == 0.0  # the first update takes the model's weights
+    assert train.ema_decay(0.998, 1, True) == pytest.approx(1 - 2 ** -0.75)  # 0.405
+    assert train.ema_decay(0.998, 100, True) == pytest.approx(1 - 101 ** -0.75)  # 0.969
+    assert train.ema_decay(0.998, 100_000, True) == 0.998 and train.ema_decay(0.998, 1, False) == 0.998
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = train.build_ema(argparse.Namespace(ema=0.998, ema_warmup=True), model)
+    for value in (1.0, 2.0, 3.0):  # the weight after each step; the first update copies it
+        model.weight.data.fill_(value)
+        ema.update_parameters(model)
+    d1, d2 = 1 - 2 ** -0.75, 1 - 3 ** -0.75
+    want = (1.0 * d1 + 2.0 * (1 - d1)) * d2 + 3.0 * (1 - d2)  # about 2.1; without warm-up it would stay near 1.0
+    assert ema.module.weight.item() == pytest.approx(want, rel=1e-6)
+    plain = train.build_ema(argparse.Namespace(ema=0.998, ema_warmup=False), model)
+    for value in (1.0, 2.0, 3.0):
+        model.weight.data.fill_(value)
+        plain.update_parameters(model)
+    assert plain.module.weight.item() == pytest.approx((1.0 * 0.998 + 2.0 * 0.002) * 0.998 + 3.0 * 0.002)
 
 
 def test_ema_weights_are_the_ones_validated_and_bundled(tables, tmp_path):

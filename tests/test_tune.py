@@ -35,14 +35,27 @@ def test_space_is_printed_and_maps_onto_train_flags():
                          capture_output=True, text=True, check=True).stdout
     helptext = subprocess.run([sys.executable, "-m", "trainer.tune", "--help"], cwd=REPO, env=venv_env(),
                               capture_output=True, text=True, check=True).stdout
-    for name in tune.SPACE:
-        assert name in out and name in helptext
+    for space, dims in tune.SPACES.items():
+        assert f"--space {space}" in out and f"--space {space}" in helptext
+        for name in dims:
+            assert name in out and name in helptext
     values = {"lr": 1e-3, "base_lr_ratio": 0.1, "step_size_epochs": 2.0, "plateau_factor": 0.5,
               "plateau_patience": 2, "weight_decay": 1e-4, "batch_size": 64, "augment": 1.0, "head": "regression"}
     params = tune.train_params(values, train_rows=640)
     dests = {a.dest for a in train.get_args_parser()._actions}
     assert set(params) <= dests  # every tuned value is a trainer.train flag
     assert params["step_size_up"] == 20 and params["base_lr"] == pytest.approx(1e-4)
+    assert params["schedule"] == "cyclic_plateau"
+    # the default space tunes the trainer's default schedule: OneCycle's peak rate and the EMA among them
+    assert tune.DEFAULT_SPACE == "onecycle" and train.get_args_parser().get_default("schedule") == "onecycle"
+    onecycle = tune.train_params({"lr": 5e-3, "weight_decay": 1e-4, "batch_size": 128, "augment": 0.5,
+                                  "head": "distribution", "ema": 0.998}, train_rows=640)
+    assert set(onecycle) <= dests
+    assert onecycle == {"schedule": "onecycle", "lr": 5e-3, "weight_decay": 1e-4, "batch_size": 128, "augment": 0.5,
+                        "head": "distribution", "ema": 0.998}
+    args = train.get_args_parser().parse_args(["--data", "t"])
+    for key, value in onecycle.items():  # each value is one the trainer's own flag accepts
+        assert type(getattr(args, key)) is type(value) or getattr(args, key) is None, key
 
 
 def test_sqlite_study_prunes_reports_and_retrains(tables, tmp_path):
@@ -53,6 +66,8 @@ def test_sqlite_study_prunes_reports_and_retrains(tables, tmp_path):
     assert tune.main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["storage"].startswith("sqlite:///") and (out / "optuna.db").exists()
+    assert report["space"] == "onecycle" and report["best"]["train_params"]["schedule"] == "onecycle"
+    assert set(report["best"]["params"]) == set(tune.SPACES["onecycle"])
     assert report["trials"]["complete"] + report["trials"]["pruned"] == 5
     assert {p for p in report["plots"]} == {"optimization_history.png", "param_importances.png",
                                             "best_trial_curve.png"}

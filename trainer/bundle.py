@@ -186,8 +186,8 @@ class Predictor:
     crop_for = staticmethod(crop_for)  # how photos are cropped for a bundle with a --detector choice
 
     def predict(self, pixels: np.ndarray, batch_size: int = 64, tta: str = "none"):
-        """uint8 N x H x W x 3 -> (ages, stds) float32 arrays; std is NaN for a regression head, else scaled by
-        the bundle's calibration (trainer.calibration).
+        """uint8 N x H x W x 3 -> (ages, stds) float32 arrays, through the bundle's calibration (trainer.calibration:
+        the age map when it has one, the std scale); std is NaN for a regression head.
         tta "flip": the mirrored faces too, averaged (trainer.model.predict_ages)."""
         import torch
 
@@ -201,4 +201,4 @@ class Predictor:
                 stds.append(std.float().cpu().numpy())
         if not ages:
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        return np.concatenate(ages), calibration.apply(np.concatenate(stds), self.bundle.get("calibration"))
+        return calibration.calibrated(np.concatenate(ages), np.concatenate(stds), self.bundle.get("calibration"))

@@ -1,9 +1,16 @@
-"""The predicted std made honest: fitted on the val split when a run ends (trainer.train), stored in the bundle
-(and an export's contract), applied by every predictor (trainer.bundle.Predictor, trainer.runtime.OnnxPredictor)
-so score, predict, the Python API and the service give one calibrated number. numpy only: no torch here.
+"""A model's calibration: fitted on the val split when a run ends (trainer.train), stored in the bundle (and an
+export's contract), applied by every predictor (trainer.bundle.Predictor, trainer.runtime.OnnxPredictor, the
+TorchScript check) through calibrated(), so score, predict, the Python API and the service give one number.
+numpy only: no torch here.
 
-A Gaussian's |error| lies within 1 std 68.27 % of the time. The scale fitted is the one that makes that true on
-the val split: the 68.27th percentile of |error| / std. It changes no age, only the std.
+Two parts, each optional:
+- the age map (--age-calibration debias): a model trained on a skewed age distribution reads ages toward its
+  mean (children older, the elderly younger). The map fitted is the inverse of a monotone fit of the mean
+  predicted age per true age on val, so that, on val, each true age's faces are on average read at that age:
+  bias by true age removed, not error minimised (a fit of true age on predicted age would do that and pull
+  toward the mean further). It is a piecewise-linear, increasing function of the predicted age.
+- the std scale: a Gaussian's |error| lies within 1 std 68.27 % of the time. The scale fitted is the one that
+  makes that true on the val split (after the age map): the 68.27th percentile of |error| / std.
 """
 from __future__ import annotations
 
@@ -12,8 +19,11 @@ from typing import Optional
 
 import numpy as np
 
+from schemas.tables import MAX_AGE, MIN_AGE
+
 ONE_SIGMA = math.erf(1 / math.sqrt(2))  # 0.6827: the share of a Gaussian within 1 std of its mean
 MIN_ROWS = 20  # fewer val rows with a std than this: no scale is fitted (it would be noise)
+MIN_BIN = 25  # the age map: consecutive true ages pooled until each bin holds this many val faces
 
 
 def coverage(errors: np.ndarray, stds: np.ndarray, k: float = 1.0) -> Optional[float]:
@@ -37,6 +47,91 @@ def fit_std_scale(errors: np.ndarray, stds: np.ndarray, split: str = "val") -> d
             "within_1sd_before": coverage(errors, stds), "within_1sd_after": coverage(errors, stds * scale)}
 
 
+def _pool_adjacent_violators(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to `values` in weighted least squares (one value per input)."""
+    blocks: list = []  # [value, weight, count]
+    for v, w in zip(values.tolist(), weights.tolist()):
+        blocks.append([v, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] >= blocks[-1][0]:
+            v2, w2, n2 = blocks.pop()
+            v1, w1, n1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return np.repeat([b[0] for b in blocks], [b[2] for b in blocks])
+
+
+def fit_age_map(predicted: np.ndarray, true: np.ndarray, min_bin: int = MIN_BIN) -> Optional[dict]:
+    """The age map fitted on (predicted, true) ages of val: {"predicted": [...], "age": [...]} knots, both strictly
+    increasing (a predicted age at a knot becomes its age; between knots linear; beyond the ends shifted by the
+    end's offset), or None when fewer than two bins of min_bin faces exist.
+
+    True ages are pooled into bins of consecutive ages holding at least min_bin faces each; the mean predicted age
+    per bin is made non-decreasing (pool adjacent violators, weighted by faces); bins that pooling left with one
+    value are merged. Each knot pairs a bin's (monotone) mean prediction with its mean true age."""
+    predicted, true = np.asarray(predicted, np.float64), np.asarray(true, np.float64)
+    usable = np.isfinite(predicted) & np.isfinite(true)
+    predicted, true = predicted[usable], true[usable]
+    if predicted.size < 2 * min_bin:
+        return None
+    order = np.argsort(true, kind="stable")
+    predicted, true = predicted[order], true[order]
+    ages, starts = np.unique(np.round(true), return_index=True)
+    bins, start = [], 0  # [first row, end row) of each bin; a bin never splits one true age
+    for i in range(1, len(ages) + 1):
+        end = starts[i] if i < len(ages) else len(true)
+        if end - start >= min_bin:
+            bins.append((start, end))
+            start = end
+    if start < len(true):  # the oldest ages, too few for a bin of their own: into the last bin
+        if not bins:
+            return None
+        bins[-1] = (bins[-1][0], len(true))
+    if len(bins) < 2:
+        return None
+    weights = np.array([e - s for s, e in bins], np.float64)
+    mean_pred = np.array([predicted[s:e].mean() for s, e in bins])
+    mean_true = np.array([true[s:e].mean() for s, e in bins])
+    fitted = _pool_adjacent_violators(mean_pred, weights)
+    knots_pred, knots_age = [], []
+    for value in np.unique(fitted):  # bins pooled to one value become one knot: their faces' mean true age
+        same = fitted == value
+        knots_pred.append(float(value))
+        knots_age.append(float(np.average(mean_true[same], weights=weights[same])))
+    if len(knots_pred) < 2:
+        return None
+    return {"predicted": knots_pred, "age": knots_age, "fitted_on_rows": int(predicted.size)}
+
+
+def map_ages(ages: np.ndarray, age_map: Optional[dict]) -> np.ndarray:
+    """Ages through the age map (unchanged without one), clipped into MIN_AGE..MAX_AGE; NaN stays NaN."""
+    ages = np.asarray(ages, np.float32)
+    if not age_map:
+        return ages
+    x, y = np.asarray(age_map["predicted"], np.float64), np.asarray(age_map["age"], np.float64)
+    a = ages.astype(np.float64)
+    mapped = np.interp(a, x, y)
+    mapped = np.where(a < x[0], a + (y[0] - x[0]), mapped)  # beyond the ends: the end's offset, slope 1
+    mapped = np.where(a > x[-1], a + (y[-1] - x[-1]), mapped)
+    return np.clip(mapped, MIN_AGE, MAX_AGE).astype(np.float32)
+
+
+def bias_by_decade(errors: np.ndarray, true: np.ndarray) -> dict:
+    """{"0-9": mean signed error, "10-19": ..., "70+": ...} over the faces of each true-age decade (ages 70 and
+    up in one group); decades without faces are left out."""
+    errors, true = np.asarray(errors, np.float64), np.asarray(true, np.float64)
+    decade = np.minimum(np.floor(true / 10), 7)
+    out = {}
+    for d in np.unique(decade[np.isfinite(decade)]).astype(int):
+        rows = (decade == d) & np.isfinite(errors)
+        if rows.any():
+            out["70+" if d == 7 else f"{10 * d}-{10 * d + 9}"] = round(float(errors[rows].mean()), 3)
+    return out
+
+
+def calibrated(ages: np.ndarray, stds: np.ndarray, calibration: Optional[dict]):
+    """(ages, stds) as every predictor returns them: ages through the bundle's age map, stds times its scale."""
+    return map_ages(ages, (calibration or {}).get("age_map")), apply(stds, calibration)
+
+
 def std_scale(calibration: Optional[dict]) -> float:
     """The factor a predictor multiplies its stds by (1.0 for a bundle without a fitted scale)."""
     scale = (calibration or {}).get("std_scale")
@@ -57,4 +152,14 @@ def check(calibration, where: str) -> Optional[str]:
     scale = calibration.get("std_scale")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         return f"{where}: calibration std_scale {scale!r} is not a finite number above 0"
+    age_map = calibration.get("age_map")
+    if age_map is not None:
+        try:
+            x, y = (np.asarray(age_map[k], np.float64) for k in ("predicted", "age"))
+        except (TypeError, KeyError, ValueError):
+            return f"{where}: calibration age_map needs 'predicted' and 'age' lists of numbers"
+        if x.ndim != 1 or x.shape != y.shape or x.size < 2 or not (np.isfinite(x).all() and np.isfinite(y).all()) \
+                or not ((np.diff(x) > 0).all() and (np.diff(y) > 0).all()):
+            return (f"{where}: calibration age_map must be two equally long lists of at least 2 finite, strictly "
+                    f"increasing ages")
     return None

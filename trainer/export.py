@@ -6,7 +6,7 @@ The graph takes `input`: float32 N x 3 x S x S, RGB, (pixel / 255 - mean) / std,
 `age` (N, years; a regression age clipped into 0..120), `std` (N, the distribution head's std before its
 calibration; NaN for regression) and `raw` (the network's outputs: logits over ages 0..120, or N x 1 ages). The
 contract says S, mean, std, the crop settings and framing faces must be cropped with (photos.faces.crop_faces
-does it), the calibration (multiply `std` by its std_scale), the head, the source bundle's id and its training
+does it), the calibration (the age through its age_map when there is one, `std` times its std_scale), the head, the source bundle's id and its training
 data. Before the files are kept, the export is run on a batch
 of the bundle's kind of crops and must give the bundle's own ages within --tolerance years.
 """
@@ -126,8 +126,8 @@ def run_export(path: str, fmt: str, pixels: np.ndarray, tta: str = "none"):
         if tta == "flip":
             mirrored = scripted(torch.flip(x, dims=[3]))[2]
             age, spread = runtime.average_outputs(raw.numpy(), mirrored.numpy(), meta["head"])
-            return age, calibration.apply(spread, meta.get("calibration"))
-    return age.numpy(), calibration.apply(spread.numpy(), meta.get("calibration"))
+            return calibration.calibrated(age, spread, meta.get("calibration"))
+    return calibration.calibrated(age.numpy(), spread.numpy(), meta.get("calibration"))
 
 
 def export(bundle_path: str, fmt: str, output: str, tolerance: float = 1e-3) -> dict:

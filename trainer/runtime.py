@@ -180,7 +180,7 @@ class OnnxPredictor:
     def predict(self, pixels: np.ndarray, batch_size: int = 64, tta: str = "none"):
         """uint8 N x H x W x 3 -> (ages, stds) float32 arrays; std is NaN for a regression head.
         tta "flip": the mirrored faces too; their distributions (or regression ages) averaged, as in torch. The
-        stds are scaled by the contract's calibration, as trainer.bundle.Predictor scales a bundle's."""
+        ages and stds go through the contract's calibration, as trainer.bundle.Predictor's through a bundle's."""
         if tta not in TTA:
             raise ValueError(f"tta {tta!r}: use one of {TTA}")
         ages, stds = [], []
@@ -194,4 +194,4 @@ class OnnxPredictor:
             stds.append(np.asarray(std, np.float32))
         if not ages:
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        return np.concatenate(ages), calibration.apply(np.concatenate(stds), self.bundle.get("calibration"))
+        return calibration.calibrated(np.concatenate(ages), np.concatenate(stds), self.bundle.get("calibration"))

@@ -19,7 +19,7 @@ import os
 import random
 import sys
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -96,12 +96,19 @@ def _model_flags(p) -> None:
                    help="keep an exponential moving average of the weights (and BatchNorm statistics) with this "
                         "decay per batch, e.g. 0.998; validation, the best epoch and the bundle use the average "
                         "(0 = off)")
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --ema: the decay rises from 0 towards --ema as 1 - (1 + step)^-0.75 (timm's ModelEmaV3 "
+                        "warm-up), so the average is not dominated by the random first weights on a short run")
     p.add_argument("--start-size", type=pixel_size, default=None,
                    help="progressive resizing: train the first epochs at this size and the last --final-epochs at "
                         "--image-size (the bundle's size); batches are resampled on the training device")
     p.add_argument("--final-epochs", type=positive_int, default=None,
                    help="with --start-size: how many final epochs train at --image-size (default a quarter of "
                         "--epochs, at least 1)")
+    p.add_argument("--age-calibration", default="none", choices=("none", "debias"),
+                   help="debias: fit an age map on val when the run ends (trainer.calibration) so that each true "
+                        "age is read at that age on average (ages read toward the mean corrected); stored in the "
+                        "bundle and applied by every predictor")
     p.add_argument("--tta", default="none", choices=TTA,
                    help="test-time augmentation of the final val/test metrics: flip averages each face and its "
                         "mirror image (epochs are still chosen without it)")
@@ -269,9 +276,10 @@ def _budget_over(schedule) -> bool:
 
 @torch.no_grad()
 def predict_split(model, loader, head, device, progress, prefix: str, tta: str = "none"):
-    """(errors, stds) of every row of `loader`: predicted minus true age, and the head's std (NaN: regression)."""
+    """(errors, stds, true ages) of every row of `loader`: predicted minus true age, the head's std (NaN:
+    regression) and the label."""
     model.eval()
-    errors, stds = [], []
+    errors, stds, true = [], [], []
     for batch in progress(loader, desc=prefix, leave=False):
         x = normalize(batch["image"].to(device))
         if device.type == "cuda":
@@ -280,7 +288,10 @@ def predict_split(model, loader, head, device, progress, prefix: str, tta: str =
             age, std = predict_ages(model, x, head, tta)
         errors.append((age.float().cpu() - batch["age"].float()).numpy())
         stds.append(std.float().cpu().numpy())
-    return (np.concatenate(errors), np.concatenate(stds)) if errors else (np.array([]), np.array([]))
+        true.append(batch["age"].float().numpy())
+    if not errors:
+        return np.array([]), np.array([]), np.array([])
+    return np.concatenate(errors), np.concatenate(stds), np.concatenate(true)
 
 
 def split_metrics(err: np.ndarray, prefix: str) -> Dict[str, float]:
@@ -373,13 +384,33 @@ def epoch_size(args, epoch: int) -> Optional[int]:
     return args.start_size if epoch < args.epochs - final else None
 
 
+EMA_WARMUP_POWER = 0.75  # timm ModelEmaV3's warmup_power for runs of fewer steps (2/3 for 100k+ steps)
+
+
+def ema_decay(decay: float, step: int, warmup: bool) -> float:
+    """The decay of the EMA update after `step` earlier updates: min(decay, 1 - (1 + step)^-0.75) with warm-up."""
+    return min(decay, 1.0 - (1.0 + step) ** -EMA_WARMUP_POWER) if warmup else decay
+
+
 def build_ema(args, model):
-    """--ema: a torch AveragedModel of `model` (weights and BatchNorm buffers), else None."""
+    """--ema: a torch AveragedModel of `model` (weights and BatchNorm buffers), else None; its decay warms up
+    (ema_decay) unless --no-ema-warmup."""
     if not args.ema:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.optim.swa_utils import AveragedModel
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
+    warmup = getattr(args, "ema_warmup", True)
+
+    @torch.no_grad()
+    def update(averaged: list, current: list, steps) -> None:
+        decay = ema_decay(args.ema, int(steps), warmup)
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1.0 - decay)
+        else:  # integer buffers (BatchNorm's num_batches_tracked)
+            for a, c in zip(averaged, current):
+                a.copy_(a * decay + c * (1.0 - decay))
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def build_learner(r: RunState) -> None:
@@ -394,6 +425,7 @@ def build_learner(r: RunState) -> None:
                                                         else None)
     optimizer = OPTIMIZERS[args.optimizer](model.parameters(), args.lr, args.weight_decay)
     schedule = build_schedule(args.schedule, optimizer, ScheduleSettings.from_args(args, len(r.loaders["train"])))
+    share_clock(schedule, r)
     r.model = model
     r.learner = Learner(net, optimizer, schedule, args.head, args.loss, device, args.augment, build_ema(args, model),
                         _progress(args.no_progress or not r.main_rank))
@@ -413,6 +445,7 @@ def resume(r: RunState, ckpt_path: str) -> Progress:
         r.model.load_state_dict(ckpt["model"])
         learner.optimizer.load_state_dict(ckpt["optimizer"])
         learner.schedule.load_state_dict(ckpt["schedule"])
+        share_clock(learner.schedule, r)
         if learner.ema is not None and ckpt.get("ema") is not None:
             learner.ema.load_state_dict(ckpt["ema"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
@@ -422,6 +455,13 @@ def resume(r: RunState, ckpt_path: str) -> Progress:
     torch.set_rng_state(ckpt["torch_rng"])
     log.info(f"train: resumed from {ckpt_path} after epoch {ckpt['epoch'] + 1}")
     return Progress(ckpt["epoch"] + 1, ckpt["best_val_mae"], ckpt["best_model"], ckpt["history"])
+
+
+def share_clock(schedule, r: RunState) -> None:
+    """A budget-planned OneCycle on several ranks: all count from rank 0's start, so their rates agree (DDP's
+    replicas stay the same) without a collective per batch (shards of unequal length would hang on one)."""
+    if isinstance(schedule, BudgetOneCycle) and r.world > 1:
+        schedule.start_at(broadcast_row({"started": schedule.started}, r.device)["started"])
 
 
 def budget_spent(r: RunState, started: float, epoch: int) -> bool:
@@ -567,13 +607,13 @@ def train_epoch(r: RunState, epoch: int) -> dict:
     generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 1009 + r.rank)
     row.update(train_one_epoch(learner, r.loaders["train"], generator, size))
     row.update(evaluate(r.judged, r.loaders["val"], args.head, r.device, learner.progress, "val"))
-    if r.world > 1:  # every rank takes rank 0's numbers, so plateau cuts and early stops agree
+    row["epoch_seconds"] = time.time() - epoch_start
+    if r.world > 1:  # every rank takes rank 0's numbers, so plateau cuts, early stops and budget plans agree
         row = broadcast_row(row, r.device)
         row["world_size"] = r.world
     check_finite(row)
     row["lr_cut"] = learner.schedule.step_epoch(row["val_mae"])
     row["lr_end"] = learner.optimizer.param_groups[0]["lr"]  # the rate of the epoch's last step
-    row["epoch_seconds"] = time.time() - epoch_start
     if isinstance(learner.schedule, BudgetOneCycle):  # end at the budget, or with the last --epochs if sooner
         learner.schedule.plan(args.epochs - epoch - 1, row["epoch_seconds"])
     row["elapsed_seconds"] = (state.history[-1]["elapsed_seconds"] if state.history else 0.0) + row["epoch_seconds"]
@@ -608,17 +648,21 @@ def finish(r: RunState) -> dict:
         raise TrainError("no epoch was trained (check --epochs, or the checkpoint already finished)")
     r.model.load_state_dict(state.best_state)
     progress = r.learner.progress
-    test_err, test_std = predict_split(r.model, r.loaders["test"], args.head, r.device, progress, "test", args.tta)
-    val_err, val_std = predict_split(r.model, r.loaders["val"], args.head, r.device, progress, "val", args.tta)
-    # the std's scale that makes +-1 std cover 68 % of val errors; the test split says how well it carries over
-    r.calibration = {**calibration.fit_std_scale(val_err, val_std), "tta": args.tta}
-    scale = calibration.std_scale(r.calibration)
+    test_err, test_std, test_true = predict_split(r.model, r.loaders["test"], args.head, r.device, progress, "test",
+                                                  args.tta)
+    val_err, val_std, val_true = predict_split(r.model, r.loaders["val"], args.head, r.device, progress, "val",
+                                               args.tta)
+    r.calibration, before = fit_calibration(args, (val_err, val_std, val_true), (test_err, test_true))
+    # what every predictor returns from now on: the bundle's calibration applied to the raw predictions
+    test_age, test_std = calibration.calibrated(test_err + test_true, test_std, r.calibration)
+    val_age, _ = calibration.calibrated(val_err + val_true, val_std, r.calibration)
+    test_err, val_err = test_age - test_true, val_age - val_true
     test, val = split_metrics(test_err, "test"), split_metrics(val_err, "val")
     if r.calibration["std_scale"] is not None:
-        test.update(test_within_1sd=calibration.coverage(test_err, test_std * scale),
-                    test_within_2sd=calibration.coverage(test_err, test_std * scale, 2.0),
-                    test_within_1sd_uncalibrated=calibration.coverage(test_err, test_std))
-    summary = {"best_val_mae": state.best, **val, **test, "calibration": r.calibration,
+        test.update(test_within_1sd=calibration.coverage(test_err, test_std),
+                    test_within_2sd=calibration.coverage(test_err, test_std, 2.0),
+                    test_within_1sd_uncalibrated=calibration.coverage(test_err, test_std / r.calibration["std_scale"]))
+    summary = {"best_val_mae": state.best, **val, **test, **before, "calibration": r.calibration,
                "epochs_run": len(state.history),
                "image_size": r.image_size, "device": str(r.device), "data": args.data,
                "data_version": sources["train"].version, "rows": {s: src.rows for s, src in sources.items()},
@@ -633,6 +677,28 @@ def finish(r: RunState) -> dict:
         log.info(f"train: test MAE {test['test_mae']:.2f}, CS@5 {test['test_cs5']:.3f}, RMSE {test['test_rmse']:.2f}; "
                  f"bundle {summary['bundle']}")
     return summary
+
+
+def fit_calibration(args, val, test) -> Tuple[dict, dict]:
+    """The bundle's calibration, fitted on val's (errors, stds, true ages): the age map first (--age-calibration
+    debias), then the std scale on the mapped errors (+-1 std covers 68 % of val). Also the test split's numbers
+    without the age map (test_mae_unmapped, test_bias_by_decade_unmapped/_mapped) when one was fitted."""
+    val_err, val_std, val_true = val
+    fitted = {"tta": args.tta, "age_map": None}
+    if args.age_calibration == "debias":
+        fitted["age_map"] = calibration.fit_age_map(val_err + val_true, val_true)
+        if fitted["age_map"] is None:
+            log.warning("train: --age-calibration debias: too few val faces to fit an age map; none is stored")
+    mapped = calibration.map_ages(val_err + val_true, fitted["age_map"]) - val_true
+    fitted.update(calibration.fit_std_scale(mapped, val_std))
+    before = {}
+    if fitted["age_map"] is not None:
+        test_err, test_true = test
+        after = calibration.map_ages(test_err + test_true, fitted["age_map"]) - test_true
+        before = {"test_mae_unmapped": float(np.abs(test_err).mean()) if test_err.size else float("nan"),
+                  "test_bias_by_decade_unmapped": calibration.bias_by_decade(test_err, test_true),
+                  "test_bias_by_decade_mapped": calibration.bias_by_decade(after, test_true)}
+    return fitted, before
 
 
 def commit_run(r: RunState, summary: dict) -> None:

@@ -32,18 +32,30 @@ from trainer import tracking
 # ----------------------------------------------------------------------------- the search space
 
 # name: (kind, low, high, log) or (categorical, choices). Tuned values map onto trainer.train flags in
-# train_params(); the space is printed by --print-space and in --help.
-SPACE: Dict[str, tuple] = {
-    "lr": ("float", 3e-4, 1e-2, True),  # peak LR (CyclicLR max_lr)
-    "base_lr_ratio": ("float", 0.02, 0.5, True),  # CyclicLR lower bound = lr x this
-    "step_size_epochs": ("float", 0.5, 4.0, False),  # CyclicLR half-cycle, in epochs
-    "plateau_factor": ("float", 0.2, 0.8, False),  # cycle bounds x this on a val-MAE plateau
-    "plateau_patience": ("int", 1, 4, False),
-    "weight_decay": ("float", 1e-6, 1e-2, True),
-    "batch_size": ("categorical", (32, 64, 128)),
-    "augment": ("float", 0.0, 1.5, False),  # augmentation strength
-    "head": ("categorical", ("regression", "distribution")),
+# train_params(); the spaces are printed by --print-space and in --help. "onecycle" tunes the trainer's default
+# schedule (OneCycle: its peak rate, the EMA of the weights); "cyclic_plateau" the seed's CyclicLR + plateau cuts.
+SPACES: Dict[str, Dict[str, tuple]] = {
+    "onecycle": {
+        "lr": ("float", 1e-3, 1.2e-2, True),  # OneCycle's peak rate
+        "weight_decay": ("float", 1e-6, 1e-2, True),
+        "batch_size": ("categorical", (64, 128, 256)),
+        "augment": ("float", 0.0, 1.5, False),  # augmentation strength
+        "head": ("categorical", ("regression", "distribution")),
+        "ema": ("categorical", (0.0, 0.99, 0.998, 0.9995)),  # decay per batch, warmed up (0 = no EMA)
+    },
+    "cyclic_plateau": {
+        "lr": ("float", 3e-4, 1e-2, True),  # peak LR (CyclicLR max_lr)
+        "base_lr_ratio": ("float", 0.02, 0.5, True),  # CyclicLR lower bound = lr x this
+        "step_size_epochs": ("float", 0.5, 4.0, False),  # CyclicLR half-cycle, in epochs
+        "plateau_factor": ("float", 0.2, 0.8, False),  # cycle bounds x this on a val-MAE plateau
+        "plateau_patience": ("int", 1, 4, False),
+        "weight_decay": ("float", 1e-6, 1e-2, True),
+        "batch_size": ("categorical", (32, 64, 128)),
+        "augment": ("float", 0.0, 1.5, False),  # augmentation strength
+        "head": ("categorical", ("regression", "distribution")),
+    },
 }
+DEFAULT_SPACE = "onecycle"
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
@@ -51,18 +63,20 @@ PRUNERS = ("median", "hyperband", "none")
 
 def describe_space() -> str:
     lines = []
-    for name, spec in SPACE.items():
-        if spec[0] == "categorical":
-            lines.append(f"  {name:18s} one of {list(spec[1])}")
-        else:
-            kind, low, high, log = spec
-            lines.append(f"  {name:18s} {kind} in [{low:g}, {high:g}]" + (" (log scale)" if log else ""))
-    return "search space:\n" + "\n".join(lines)
+    for space, dims in SPACES.items():
+        lines.append(f"  --space {space}{' (default)' if space == DEFAULT_SPACE else ''}:")
+        for name, spec in dims.items():
+            if spec[0] == "categorical":
+                lines.append(f"    {name:18s} one of {list(spec[1])}")
+            else:
+                kind, low, high, log = spec
+                lines.append(f"    {name:18s} {kind} in [{low:g}, {high:g}]" + (" (log scale)" if log else ""))
+    return "search spaces:\n" + "\n".join(lines)
 
 
-def suggest(trial) -> dict:
+def suggest(trial, space: str = DEFAULT_SPACE) -> dict:
     params = {}
-    for name, spec in SPACE.items():
+    for name, spec in SPACES[space].items():
         if spec[0] == "categorical":
             params[name] = trial.suggest_categorical(name, list(spec[1]))
         elif spec[0] == "int":
@@ -73,20 +87,18 @@ def suggest(trial) -> dict:
 
 
 def train_params(space_values: dict, train_rows: int) -> dict:
-    """Tuned values -> trainer.train flag values (the keys --params accepts)."""
+    """Tuned values of either space -> trainer.train flag values (the keys --params accepts)."""
     v = dict(space_values)
+    common = {k: v[k] for k in ("lr", "weight_decay", "batch_size", "augment", "head")}
+    if "base_lr_ratio" not in v:  # the onecycle space
+        return {"schedule": "onecycle", **common, "ema": v["ema"]}
     batches_per_epoch = max(1, math.ceil(train_rows / v["batch_size"]))
     return {
-        "schedule": "cyclic_plateau",
-        "lr": v["lr"],
+        "schedule": "cyclic_plateau", **common,
         "base_lr": v["lr"] * v["base_lr_ratio"],
         "step_size_up": max(1, round(v["step_size_epochs"] * batches_per_epoch)),
         "plateau_factor": v["plateau_factor"],
         "plateau_patience": v["plateau_patience"],
-        "weight_decay": v["weight_decay"],
-        "batch_size": v["batch_size"],
-        "augment": v["augment"],
-        "head": v["head"],
     }
 
 
@@ -105,6 +117,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="seconds after which workers start no new trial")
     p.add_argument("--workers", type=positive_int, default=1,
                    help="worker processes sharing the study (Spark tasks: spark_jobs/distributed.py tune)")
+    p.add_argument("--space", default=DEFAULT_SPACE, choices=tuple(SPACES),
+                   help="what is tuned: onecycle (the trainer's default schedule, with EMA) or cyclic_plateau")
     p.add_argument("--sampler", default="tpe", choices=SAMPLERS)
     p.add_argument("--pruner", default="median", choices=PRUNERS)
     p.add_argument("--seed", type=non_negative_int, default=0, help="sampler seed (worker k uses seed + k)")
@@ -217,7 +231,7 @@ def objective_factory(args, train_rows: int):
     from trainer.train import get_args_parser, run
 
     def objective(trial) -> float:
-        values = suggest(trial)
+        values = suggest(trial, args.space)
         params = train_params(values, train_rows)
         # local or a URI: the trainer writes either
         out = uri.join(args.output, layout.TRIALS_DIR, f"{trial.number:04d}")
@@ -417,7 +431,8 @@ def write_report(args, wall_seconds: Optional[float] = None) -> dict:
         f.write(dumps(best_params))
     best_path = uri.join(args.output, layout.BEST_PARAMS)
     report = {
-        "study": args.study, "storage": redact(storage_url(args)), "sampler": args.sampler, "pruner": args.pruner,
+        "study": args.study, "storage": redact(storage_url(args)), "space": getattr(args, "space", DEFAULT_SPACE),
+        "sampler": args.sampler, "pruner": args.pruner,
         "epochs_per_trial": args.epochs, "trials": counts, "wall_seconds": wall_seconds,
         "trial_seconds": sum((t.datetime_complete - t.datetime_start).total_seconds()
                              for t in trials if t.datetime_complete and t.datetime_start),
