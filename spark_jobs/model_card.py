@@ -168,31 +168,36 @@ class TrainingRun(NamedTuple):
     bundle: dict
 
 
+def about_lines(run: TrainingRun, command: str) -> List[str]:
+    """The card's "What it is": the model, its training data and settings, the command, the training time."""
+    summary, curve, bundle = run
+    params = bundle.get("params") or {}
+    return ["## What it is", "",
+            f"- ResNet-18 from scratch, `{params.get('head')}` head, input {bundle.get('input_size')} px, crops framed "
+            f"as in the prepare run (`{(bundle.get('crop') or {}).get('detector')}` detector, "
+            f"size {(bundle.get('crop') or {}).get('size')}).",
+            f"- Trained on `{summary.get('data')}` ({_version(summary.get('data_version'))}; rows "
+            f"{summary.get('rows')}), {summary.get('epochs_run')} epochs, schedule `{params.get('schedule')}`, "
+            f"lr {params.get('lr')}, batch {params.get('batch_size')}, augmentation {params.get('augment')}"
+            + (f", weight EMA {params['ema']}" if params.get("ema") else "")
+            + (f", progressive resizing from {params['start_size']} px" if params.get("start_size") else "")
+            + (", ages through an age map fitted on val" if (bundle.get("calibration") or {}).get("age_map") else "")
+            + (f", a {params['max_minutes']:g}-minute budget planning the rate" if params.get("max_minutes") else "")
+            + f"; best epoch by val MAE; test-time augmentation `{summary.get('tta')}`.",
+            f"- Command: `{command}`",
+            f"- Training time: {_f(sum(r.get('epoch_seconds', 0) for r in curve) / 60, 1)} min of epochs on "
+            f"{summary.get('device')} (world size {summary.get('world_size')}).", ""]
+
+
 def render(run: TrainingRun, metrics: dict, command: str, title: str, notes: List[str],
            cross: Optional[List[tuple]] = None, unmapped: Optional[dict] = None) -> str:
     """The card's markdown: the run, its evaluation report (`metrics`), other datasets' reports (`cross`), and
     the reports of the bundle without its age map (`unmapped`: "test" and cross names -> metrics)."""
-    summary, curve, bundle = run
+    summary, _, bundle = run
     overall = metrics["overall"]
-    params = bundle.get("params") or {}
     lines = [f"# {title}", "",
              f"Written {time.strftime('%Y-%m-%d')} by `python -m spark_jobs.model_card` from the run's own files.", "",
-             "## What it is", "",
-             f"- ResNet-18 from scratch, `{params.get('head')}` head, input {bundle.get('input_size')} px, crops framed "
-             f"as in the prepare run (`{(bundle.get('crop') or {}).get('detector')}` detector, "
-             f"size {(bundle.get('crop') or {}).get('size')}).",
-             f"- Trained on `{summary.get('data')}` ({_version(summary.get('data_version'))}; rows "
-             f"{summary.get('rows')}), {summary.get('epochs_run')} epochs, schedule `{params.get('schedule')}`, "
-             f"lr {params.get('lr')}, batch {params.get('batch_size')}, augmentation {params.get('augment')}"
-             + (f", weight EMA {params['ema']}" if params.get("ema") else "")
-             + (f", progressive resizing from {params['start_size']} px" if params.get("start_size") else "")
-             + (", ages through an age map fitted on val" if ((bundle.get("calibration") or {}).get("age_map"))
-                else "")
-             + (f", a {params['max_minutes']:g}-minute budget planning the rate" if params.get("max_minutes") else "")
-             + f"; best epoch by val MAE; test-time augmentation `{summary.get('tta')}`.",
-             f"- Command: `{command}`",
-             f"- Training time: {_f(sum(r.get('epoch_seconds', 0) for r in curve) / 60, 1)} min of epochs on "
-             f"{summary.get('device')} (world size {summary.get('world_size')}).", "",
+             *about_lines(run, command),
              "## Test metrics", "",
              f"Test split of the same table ({metrics['rows']['matched']} faces; scored by `score.py`, evaluated by "
              f"`evaluate.py`):", "",

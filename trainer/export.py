@@ -56,7 +56,7 @@ def contract(bundle: dict, source: str, exported_as: str) -> dict:
         "format": layout.EXPORT_FORMAT, "format_version": layout.EXPORT_VERSION, "exported_as": exported_as,
         "source_model_id": runtime.model_id(source), "head": bundle["head"], "input_size": size,
         "normalize": bundle["normalize"], "crop": bundle["crop"], "framing": runtime.framing(bundle),
-        "calibration": bundle.get("calibration"),  # multiply the graph's std by its std_scale
+        "calibration": bundle.get("calibration"),  # the age map and std scale: trainer.calibration.calibrated
         "input": {"name": "input", "dtype": "float32", "shape": ["batch", 3, size, size],
                   "layout": "NCHW, RGB, (pixel / 255 - mean) / std"},
         "outputs": {"age": "N, years", "std": "N, years (NaN: regression head)",
