@@ -33,6 +33,8 @@ def get_args_parser() -> Parser:
     p.add_argument("--cross", action="append", default=[], metavar="NAME=REPORT",
                    help="evaluate.py's output folder for faces from elsewhere (another dataset, other cameras), with "
                         "a name for the card (repeatable): the card compares its MAE with the test split's")
+    p.add_argument("--bundle", type=path_arg,
+                   help="the bundle the reports scored, when not the run's own (e.g. a trainer.recalibrate copy)")
     p.add_argument("--unmapped", type=path_arg,
                    help="evaluate.py's output folder for the test split scored by the bundle WITHOUT its age map "
                         "(python -m trainer.recalibrate --drop age_map): the card shows bias by age before and after")
@@ -64,8 +66,10 @@ def age_map_section(fitted: Optional[dict], pairs: List[tuple]) -> List[str]:
     lines = ["## Ages read toward the mean: the age map", "",
              f"Every predicted age goes through an age map fitted on the val split ({age_map.get('fitted_on_rows')} "
              f"faces, {len(age_map['predicted'])} knots; trainer.calibration): the inverse of the mean predicted age "
-             f"per true age, so each true age is read at that age on average. Before = the same weights without the "
-             f"map (`python -m trainer.recalibrate --drop age_map`), scored and evaluated by the same jobs.", ""]
+             f"per true age, applied at strength {age_map.get('strength', 1.0):g} (each age moves that fraction of "
+             f"the way; the smallest strength that brings every decade of {GOAL_FACES}+ val faces within "
+             f"{BIAS_GOAL['in-domain']:g} years). Before = the same weights without the map (`python -m "
+             f"trainer.recalibrate --drop age_map`), scored and evaluated by the same jobs.", ""]
     for name, before, after, limit in pairs:
         b, a = _groups(before), _groups(after)
         lines += [f"### {name}", "", "| group | faces | bias before | bias after | MAE before | MAE after |",
@@ -249,7 +253,7 @@ def _job(argv: Optional[list]) -> int:
              if line.strip()]
     from trainer.bundle import load_bundle
 
-    _, bundle = load_bundle(summary.get("bundle") or uri.join(args.run, layout.MODEL))
+    _, bundle = load_bundle(args.bundle or summary.get("bundle") or uri.join(args.run, layout.MODEL))
     metrics = _json(uri.join(args.report, layout.EVAL_METRICS))
     cross = [(name, _json(uri.join(folder, layout.EVAL_METRICS))) for name, folder in named]
     unmapped = {name: _json(uri.join(folder, layout.EVAL_METRICS)) for name, folder in named_unmapped}

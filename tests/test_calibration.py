@@ -90,13 +90,34 @@ def test_the_age_map_undoes_a_known_pull_toward_the_mean():
     assert calibration.fit_age_map(pulled[:30], true[:30]) is None  # too few faces for two bins
 
 
+def test_the_strength_corrects_only_as_far_as_the_bias_goal_needs():
+    rng = np.random.default_rng(2)
+    true = rng.uniform(1, 90, 6000)
+    pulled = 40 + 0.7 * (true - 40) + rng.normal(0, 3, true.size)
+    age_map = calibration.fit_age_map(pulled, true)
+    half = calibration.map_ages(pulled, {**age_map, "strength": 0.5})
+    full = calibration.map_ages(pulled, age_map)
+    inside = full > 0  # away from the clip at age 0: halfway between the prediction and the full map
+    assert inside.mean() > 0.95 and half[inside] == pytest.approx((pulled[inside] + full[inside]) / 2, abs=1e-4)
+    chosen = calibration.choose_strength(pulled, true, age_map)
+
+    def worst(strength):
+        err = calibration.map_ages(pulled, {**age_map, "strength": strength}) - true
+        return max(abs(v) for v in calibration.bias_by_decade(err, true).values())
+
+    # the pull leaves 70+ about 12 years young: about three quarters of the map brings every decade within 3
+    assert 0.6 <= chosen <= 0.85 and worst(chosen) <= 3.0 < worst(chosen - 0.05)
+    assert calibration.choose_strength(true + rng.normal(0, 3, true.size), true, age_map) == 0.0  # unbiased: none
+    assert calibration.choose_strength(pulled, true, age_map, goal=0.01) == 1.0  # out of reach: the full map
+
+
 def test_a_malformed_age_map_is_refused_in_one_line(calibrated, tmp_path):
     from trainer.bundle import load_bundle
     from trainer.runtime import BundleError
 
     for bad in ({"predicted": [1, 1], "age": [1, 2]}, {"predicted": [1, 2], "age": [3, 2]},
                 {"predicted": [1, 2, 3], "age": [1, 2]}, {"predicted": [1, float("nan")], "age": [1, 2]},
-                {"age": [1, 2]}, "0..120"):
+                {"age": [1, 2]}, "0..120", {"predicted": [1, 2], "age": [1, 2], "strength": 1.5}):
         bundle = torch.load(calibrated[0], weights_only=True)
         bundle["calibration"]["age_map"] = bad
         torch.save(bundle, tmp_path / "bad.pt")
@@ -168,6 +189,14 @@ def test_recalibrate_drops_the_age_map_from_a_copy_and_nothing_else(calibrated, 
     assert (tmp_path / "notes.txt").read_text() == "mine"
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "the bundle itself" in err[0] and "not a faceage model bundle" in err[1]
+    half = tmp_path / "half.pt"
+    assert recalibrate.main(["--model", str(model), "--age-map-strength", "0.5", "--output", str(half)]) == 0
+    halfway = predict.estimate_ages(str(photos), str(half))
+    assert [r["age"] for r in halfway] == pytest.approx([(r["age"] + mapped(r["age"])) / 2 for r in raw], abs=1e-4)
+    assert recalibrate.main(["--model", str(copy), "--age-map-strength", "0.5", "--output", str(half)]) == 2
+    assert recalibrate.main(["--model", str(model), "--output", str(half)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "no age map" in err[-2] and "give --drop" in err[-1]
 
 
 def test_score_writes_and_evaluate_reports_the_calibrated_std(calibrated, tmp_path):

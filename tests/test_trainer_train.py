@@ -206,7 +206,10 @@ def test_age_calibration_fits_the_map_on_val_then_the_std_on_the_mapped_errors(t
     mapped = calibration.map_ages(pred[2000:], fitted["age_map"]) - true[2000:]
     # the scale is fitted on the mapped errors: +-1 scaled std covers about 68 % of the held-out mapped errors
     assert calibration.coverage(mapped, std[2000:] * fitted["std_scale"]) == pytest.approx(0.683, abs=0.04)
-    assert before["test_bias_by_decade_unmapped"]["70+"] < -8 < -1 < before["test_bias_by_decade_mapped"]["70+"]
+    # the map goes as far as the bias goal needs on val (3 years per decade), and that carries over to test
+    assert 0 < fitted["age_map"]["strength"] < 1
+    assert before["test_bias_by_decade_unmapped"]["70+"] < -8
+    assert max(abs(v) for v in before["test_bias_by_decade_mapped"].values()) <= 3.5
     assert before["test_mae_unmapped"] == pytest.approx(np.abs(pred[2000:] - true[2000:]).mean())
     none, nothing = train.fit_calibration(argparse.Namespace(tta="none", age_calibration="none"),
                                           (pred - true, std, true), (pred - true, true))

@@ -24,6 +24,8 @@ from schemas.tables import MAX_AGE, MIN_AGE
 ONE_SIGMA = math.erf(1 / math.sqrt(2))  # 0.6827: the share of a Gaussian within 1 std of its mean
 MIN_ROWS = 20  # fewer val rows with a std than this: no scale is fitted (it would be noise)
 MIN_BIN = 25  # the age map: consecutive true ages pooled until each bin holds this many val faces
+BIAS_GOAL = 3.0  # issue 24: no true-age decade of GOAL_FACES or more faces biased by more than this (years)
+GOAL_FACES = 30
 
 
 def coverage(errors: np.ndarray, stds: np.ndarray, k: float = 1.0) -> Optional[float]:
@@ -102,7 +104,8 @@ def fit_age_map(predicted: np.ndarray, true: np.ndarray, min_bin: int = MIN_BIN)
 
 
 def map_ages(ages: np.ndarray, age_map: Optional[dict]) -> np.ndarray:
-    """Ages through the age map (unchanged without one), clipped into MIN_AGE..MAX_AGE; NaN stays NaN."""
+    """Ages through the age map (unchanged without one), clipped into MIN_AGE..MAX_AGE; NaN stays NaN. A map of
+    strength s (default 1) moves each age that fraction of the way: age + s (map(age) - age)."""
     ages = np.asarray(ages, np.float32)
     if not age_map:
         return ages
@@ -111,7 +114,27 @@ def map_ages(ages: np.ndarray, age_map: Optional[dict]) -> np.ndarray:
     mapped = np.interp(a, x, y)
     mapped = np.where(a < x[0], a + (y[0] - x[0]), mapped)  # beyond the ends: the end's offset, slope 1
     mapped = np.where(a > x[-1], a + (y[-1] - x[-1]), mapped)
-    return np.clip(mapped, MIN_AGE, MAX_AGE).astype(np.float32)
+    strength = float(age_map.get("strength", 1.0))
+    return np.clip(a + strength * (mapped - a), MIN_AGE, MAX_AGE).astype(np.float32)
+
+
+STRENGTHS = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1
+
+
+def choose_strength(predicted: np.ndarray, true: np.ndarray, age_map: dict, goal: float = BIAS_GOAL,
+                    min_faces: int = GOAL_FACES) -> float:
+    """The smallest strength (STRENGTHS) at which every true-age decade holding min_faces or more of these faces
+    is biased by at most `goal` years; 1 when none is. The full inverse removes bias by age but amplifies the
+    noise of ages the model reads alike (a flat stretch of the mean prediction per true age): correcting only as
+    far as the goal needs keeps the MAE."""
+    predicted, true = np.asarray(predicted, np.float64), np.asarray(true, np.float64)
+    decade = np.minimum(np.floor(true / 10), 7)
+    counted = [d for d in np.unique(decade) if (decade == d).sum() >= min_faces]
+    for strength in STRENGTHS:
+        err = map_ages(predicted, {**age_map, "strength": strength}) - true
+        if all(abs(err[decade == d].mean()) <= goal for d in counted):
+            return strength
+    return 1.0
 
 
 def bias_by_decade(errors: np.ndarray, true: np.ndarray) -> dict:
@@ -162,4 +185,7 @@ def check(calibration, where: str) -> Optional[str]:
                 or not ((np.diff(x) > 0).all() and (np.diff(y) > 0).all()):
             return (f"{where}: calibration age_map must be two equally long lists of at least 2 finite, strictly "
                     f"increasing ages")
+        strength = age_map.get("strength", 1.0)
+        if not (isinstance(strength, (int, float)) and 0 <= strength <= 1):
+            return f"{where}: calibration age_map strength {strength!r} is not a number in 0..1"
     return None

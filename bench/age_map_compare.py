@@ -1,0 +1,56 @@
+"""The age map's variants, fitted on one split's predictions and judged on another's (issue 24, item 3): no map,
+the full inverse (trainer.calibration.fit_age_map), coarser bins, and partial maps p + s (map(p) - p) of
+strength s. Reads score.py's predictions of a bundle WITHOUT an age map (python -m trainer.recalibrate --drop
+age_map) for the val and test splits and the prepared table's labels; prints test MAE and bias by true-age decade.
+
+    python -m bench.age_map_compare --val VAL_SCORED --test TEST_SCORED --labels out/utkface_parquet
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from trainer import calibration
+
+
+def ages(scored: str, labels: dict):
+    """(predicted, true) ages of the faces in score.py's output folder that have a label."""
+    rows = [pq.read_table(f, columns=["face_id", "predicted_age"]).to_pylist()
+            for f in glob.glob(os.path.join(scored, "predictions", "*.parquet"))]
+    pairs = [(r["predicted_age"], labels[r["face_id"]]) for part in rows for r in part if r["face_id"] in labels]
+    return np.array([p for p, _ in pairs], np.float64), np.array([t for _, t in pairs], np.float64)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--val", required=True, help="score.py output of the val split (a bundle without an age map)")
+    p.add_argument("--test", required=True, help="score.py output of the test split (the same bundle)")
+    p.add_argument("--labels", required=True, help="the prepared table (its faces' ages)")
+    args = p.parse_args()
+    labels = {}
+    for f in glob.glob(os.path.join(args.labels, "faces", "**", "*.parquet"), recursive=True):
+        labels.update((r["face_id"], r["age"]) for r in pq.read_table(f, columns=["face_id", "age"]).to_pylist())
+    val_pred, val_true = ages(args.val, labels)
+    test_pred, test_true = ages(args.test, labels)
+    results = {}
+    for name, min_bin in (("full inverse, bins of 25", 25), ("full inverse, bins of 100", 100)):
+        age_map = calibration.fit_age_map(val_pred, val_true, min_bin=min_bin)
+        for strength in (1.0, 0.75, 0.5, 0.25, 0.0):
+            mapped = calibration.map_ages(test_pred, {**age_map, "strength": strength})
+            err = mapped - test_true
+            results[f"{name}, strength {strength}"] = {
+                "test_mae": round(float(np.abs(err).mean()), 3),
+                "worst_decade_bias": max(calibration.bias_by_decade(err, test_true).values(), key=abs),
+                "bias_by_decade": calibration.bias_by_decade(err, test_true),
+                "chosen_on_val": calibration.choose_strength(val_pred, val_true, age_map)}
+    print(json.dumps({"val_faces": int(val_true.size), "test_faces": int(test_true.size), "variants": results},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()
