@@ -199,6 +199,53 @@ def test_recalibrate_drops_the_age_map_from_a_copy_and_nothing_else(calibrated, 
     assert "no age map" in err[-2] and "give --drop" in err[-1]
 
 
+def test_recalibrate_refits_on_scored_faces_as_the_trainer_does(bundles, tables, tmp_path, capsys):
+    import argparse
+
+    from spark_jobs import score
+    from trainer import recalibrate
+    from trainer.train import fit_calibration
+
+    plain, _ = bundles
+    root = tables[0] / "pq"
+    scored = tmp_path / "scored"
+    assert score.main(["--model", str(plain), "--input", str(root), "--output", str(scored)]) == 0
+    out = tmp_path / "refit.pt"
+    assert recalibrate.main(["--model", str(plain), "--refit-on", str(scored), "--labels", str(root),
+                             "--output", str(out)]) == 0
+    # the same fit by hand: the predictions joined to the table's ages, the stds back to before the old scale
+    preds = pd.concat(pq.read_table(p).to_pandas() for p in (scored / layout.PREDICTIONS_DIR).glob("*.parquet"))
+    ages = pd.concat(pq.read_table(p).to_pandas()[["face_id", "age"]] for p in root.glob("faces/**/*.parquet"))
+    rows = preds.merge(ages, on="face_id")
+    old = calibration.std_scale(torch.load(plain, weights_only=True)["calibration"])
+    want, _ = fit_calibration(argparse.Namespace(tta="none", age_calibration="debias"),
+                              ((rows.predicted_age - rows.age).to_numpy(float), rows.uncertainty.to_numpy(float) / old,
+                               rows.age.to_numpy(float)), (np.array([]), np.array([])))
+    got = torch.load(out, weights_only=True)["calibration"]
+    assert got["refit_on"]["rows"] == len(rows) == len(ages) > 0
+    assert got["std_scale"] == pytest.approx(want["std_scale"]) and got["age_map"] == want["age_map"]
+    # refused in one line: ages that went through an age map, other weights, half the flags
+    mapped = tmp_path / "mapped.pt"
+    bundle = torch.load(plain, weights_only=True)
+    bundle["calibration"] = {**(bundle["calibration"] or {}), "age_map": AGE_MAP}
+    torch.save(bundle, mapped)
+    scored_mapped = tmp_path / "scored-mapped"
+    assert score.main(["--model", str(mapped), "--input", str(root), "--output", str(scored_mapped)]) == 0
+    capsys.readouterr()
+    assert recalibrate.main(["--model", str(mapped), "--refit-on", str(scored_mapped), "--labels", str(root),
+                             "--output", str(tmp_path / "x.pt")]) == 2
+    other = tmp_path / "other.pt"
+    bundle = torch.load(plain, weights_only=True)
+    bundle["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in bundle["state_dict"].items()}
+    torch.save(bundle, other)
+    assert recalibrate.main(["--model", str(other), "--refit-on", str(scored), "--labels", str(root),
+                             "--output", str(tmp_path / "x.pt")]) == 2
+    assert recalibrate.main(["--model", str(plain), "--refit-on", str(scored), "--output", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "age map" in err[0] and "other weights" in err[1] and "go together" in err[2]
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_score_writes_and_evaluate_reports_the_calibrated_std(calibrated, tmp_path):
     from spark_jobs import evaluate, predict, score
 
