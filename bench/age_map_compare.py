@@ -8,22 +8,18 @@ age_map) for the val and test splits and the prepared table's labels; prints tes
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import os
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from trainer import calibration
+from trainer.recalibrate import scored_with_labels
 
 
-def ages(scored: str, labels: dict):
-    """(predicted, true) ages of the faces in score.py's output folder that have a label."""
-    rows = [pq.read_table(f, columns=["face_id", "predicted_age"]).to_pylist()
-            for f in glob.glob(os.path.join(scored, "predictions", "*.parquet"))]
-    pairs = [(r["predicted_age"], labels[r["face_id"]]) for part in rows for r in part if r["face_id"] in labels]
-    return np.array([p for p, _ in pairs], np.float64), np.array([t for _, t in pairs], np.float64)
+def ages(scored: str, labels: str):
+    """(predicted, true) ages of the faces in score.py's output folder that the table `labels` has."""
+    err, _, true = scored_with_labels(scored, labels, 1.0)
+    return err + true, true
 
 
 def main():
@@ -32,11 +28,8 @@ def main():
     p.add_argument("--test", required=True, help="score.py output of the test split (the same bundle)")
     p.add_argument("--labels", required=True, help="the prepared table (its faces' ages)")
     args = p.parse_args()
-    labels = {}
-    for f in glob.glob(os.path.join(args.labels, "faces", "**", "*.parquet"), recursive=True):
-        labels.update((r["face_id"], r["age"]) for r in pq.read_table(f, columns=["face_id", "age"]).to_pylist())
-    val_pred, val_true = ages(args.val, labels)
-    test_pred, test_true = ages(args.test, labels)
+    val_pred, val_true = ages(args.val, args.labels)
+    test_pred, test_true = ages(args.test, args.labels)
     results = {}
     for name, min_bin in (("full inverse, bins of 25", 25), ("full inverse, bins of 100", 100)):
         age_map = calibration.fit_age_map(val_pred, val_true, min_bin=min_bin)

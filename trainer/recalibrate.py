@@ -58,7 +58,7 @@ def _write(bundle: dict, output: str) -> None:
     os.replace(tmp, output)
 
 
-def _scored_with_labels(scored: str, labels: str, std_scale: float):
+def scored_with_labels(scored: str, labels: str, std_scale: float):
     """(errors, raw stds, true ages) of the faces score.py wrote to `scored` that the table `labels` has."""
     import pyarrow.parquet as pq
 
@@ -96,7 +96,7 @@ def refit(bundle_path: str, scored: str, labels: str, output: str) -> dict:
     theirs = scorer.state_dict()
     if any(not torch.equal(v, theirs[k]) for k, v in model.state_dict().items()):
         raise UserError(f"--refit-on {scored}: scored by other weights ({manifest['model']}) than --model")
-    val = _scored_with_labels(scored, labels, calibration.std_scale(used))
+    val = scored_with_labels(scored, labels, calibration.std_scale(used))
     fitted, _ = fit_calibration(argparse.Namespace(tta=manifest.get("tta", "none"), age_calibration="debias"), val,
                                 (np.array([]), np.array([])))
     fitted["refit_on"] = {"predictions": scored, "labels": labels, "rows": int(val[2].size)}
