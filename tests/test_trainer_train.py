@@ -13,6 +13,7 @@ import torch
 from conftest import REPO, venv_env
 from trainer.bundle import BUNDLE_FORMAT, load_bundle
 from trainer import calibration, train
+from trainer.precision import Precision
 from trainer.schedules import BudgetOneCycle, CyclicPlateau, Plateau
 
 TINY = ["--image-size", "32", "--batch-size", "16", "--workers", "1", "--no-progress", "--plateau-patience", "20"]
@@ -29,6 +30,7 @@ def test_train_writes_metrics_and_a_loadable_bundle(tables, tmp_path):
                for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_rows"] == manifest["splits"]["test"] and summary["data_version"] == 1
+    assert summary["precision"] == Precision.choose("auto", torch.device("cpu")).name  # --precision auto
     model, bundle = load_bundle(str(out / "model.pt"))
     assert bundle["head"] == "regression" and bundle["input_size"] == 32
     assert bundle["data"]["version"] == 1 and bundle["crop"]["detector"] == "none"
@@ -279,3 +281,57 @@ def test_final_epochs_alone_is_refused(tables, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--final-epochs needs --start-size" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16"])
+def test_precision_sets_the_training_arithmetic_while_evaluation_stays_fp32_on_a_cpu(name):
+    """--precision bf16 trains the convolutions in bf16 on channels-last tensors (fp32: neither); the weights stay
+    fp32, and evaluation on a CPU runs in fp32 as every predictor does: the same predictions either way."""
+    from trainer.model import build_model
+    from trainer.schedules import Constant
+
+    cpu = torch.device("cpu")
+    precision = Precision.choose(name, cpu)
+    torch.manual_seed(0)
+    model = precision.model(build_model("distribution"))
+    reference = build_model("distribution")
+    seen = []
+    model.conv1.register_forward_hook(
+        lambda m, i, o: seen.append((o.dtype, o.is_contiguous(memory_format=torch.channels_last), model.training)))
+    gen = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=gen),
+             "age": torch.tensor([1, 5, 12, 20, 33, 47, 60, 85])}
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+    learner = train.Learner(model, optimizer, Constant(), "distribution", "l1", cpu, 0.0, precision=precision)
+    stats = train.train_one_epoch(learner, [batch])
+    assert stats["train_rows"] == 8 and torch.isfinite(torch.tensor(stats["train_loss"]))
+    dtype, channels_last, training = seen[-1]
+    assert training and dtype == (torch.bfloat16 if name == "bf16" else torch.float32)
+    assert channels_last == (name == "bf16")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+    reference.load_state_dict(model.state_dict())
+    err, std, true = train.predict_split(model, [batch], "distribution", precision, lambda it, **kw: it, "val")
+    ref_err, ref_std, _ = train.predict_split(reference, [batch], "distribution", Precision.choose("fp32", cpu),
+                                              lambda it, **kw: it, "val")
+    assert seen[-1][0] == torch.float32 and not seen[-1][2]  # the model's own evaluation pass: fp32
+    assert err == pytest.approx(ref_err, abs=1e-4) and std == pytest.approx(ref_std, abs=1e-4)
+    assert list(true) == [1, 5, 12, 20, 33, 47, 60, 85]
+
+
+def test_auto_precision_follows_the_processor(monkeypatch, tmp_path):
+    """auto: bf16 where the CPU lists avx512_bf16 or amx_bf16 in /proc/cpuinfo, fp32 where it does not."""
+    from trainer import precision as precision_module
+
+    cpu = torch.device("cpu")
+    real_open = open
+    for flags, expected in (("fpu avx2 avx512f avx512bw", "fp32"), ("fpu avx2 avx512f avx512_bf16", "bf16"),
+                            ("fpu amx_bf16 amx_tile", "bf16"), ("fpu avx512_bf16x", "fp32")):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k))
+        precision_module.cpu_has_bf16.cache_clear()
+        assert precision_module.Precision.choose("auto", cpu).name == expected, flags
+        assert precision_module.Precision.choose("fp32", cpu).name == "fp32"
+    monkeypatch.undo()
+    precision_module.cpu_has_bf16.cache_clear()
