@@ -51,8 +51,9 @@ def main():
     sizes = {}
     for size in args.sizes:
         settings = LoaderSettings(batch_size=args.batch_size, image_size=size, workers=2, reader="pyarrow")
+        loader = SplitLoader(source, settings, train=True)
         batches = [{k: v.to(device) for k, v in b.items()}
-                   for b in itertools.islice(iter(SplitLoader(source, settings, train=True)), args.warmup + args.batches)]
+                   for b in itertools.islice(iter(loader), args.warmup + args.batches)]
         runs = {"fp32": [], "bf16": []}
         for _ in range(args.repeats):
             for name in runs:

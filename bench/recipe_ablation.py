@@ -5,7 +5,7 @@ flip TTA, through bench.shift_data.evaluate). Runs whose summary.json exists are
 can run across sessions.
 
     python -m bench.recipe_ablation --data out/utkface_parquet --aaf out/aaf_parquet --work /tmp/faceage-ablation \\
-        --only recipe aug0 aug025 aug05 ema px80 --seeds 0
+        --only recipe aug0 aug025 aug05 ema px80 ageweight --seeds 0
     python -m bench.recipe_ablation ... --only aug05 --seeds 1      # the winner's second seed
     python -m bench.recipe_ablation ... --report                    # the table from what has run
 
@@ -26,7 +26,9 @@ from schemas import layout
 
 # name -> trainer.train flags added to the recipe's (argparse: the last value of a flag wins)
 VARIANTS = {
-    "recipe": [],  # augmentation strength 1.0 (the trainer's default), no EMA, 64 px
+    "recipe": [],  # augmentation strength 1.0 (the trainer's default), no EMA, 64 px, --precision auto
+    "fp32": ["--precision", "fp32"],  # what auto replaced where the CPU has bf16 instructions
+    "ageweight": ["--age-weighting", "sqrt_inv"],  # rare ages weigh more in the loss (against the pull to the mean)
     "aug0": ["--augment", "0"],
     "aug025": ["--augment", "0.25"],
     "aug05": ["--augment", "0.5"],
@@ -74,6 +76,7 @@ def record(folder: Path) -> dict:
     return {"test_mae": summary["test_mae"], "test_mae_unmapped": summary.get("test_mae_unmapped"),
             "within_1sd": summary.get("test_within_1sd"), "within_2sd": summary.get("test_within_2sd"),
             "aaf_mae": aaf.get("mae"), "aaf_bias": aaf.get("bias"), "epochs": len(history),
+            "precision": summary.get("precision", "fp32"),
             "minutes": round(sum(h["epoch_seconds"] for h in history) / 60, 1)}
 
 
@@ -92,13 +95,13 @@ def report(args) -> dict:
         if folder.is_dir() and (folder / layout.SUMMARY).exists():
             name, seed = folder.name.rsplit("-s", 1)
             runs.setdefault(name, {})[int(seed)] = record(folder)
-    lines = ["| run | flags | seeds | epochs | test MAE (each) | mean | without the age map | AAF MAE | AAF / test | "
-             "within 1 std | within 2 std |", "|---" * 11 + "|"]
+    lines = ["| run | flags | seeds | arithmetic | epochs | test MAE (each) | mean | without the age map | AAF MAE | AAF / test | "
+             "within 1 std | within 2 std |", "|---" * 12 + "|"]
     for name, seeds in runs.items():
         rs = [seeds[s] for s in sorted(seeds)]
         test, aaf = _mean(r["test_mae"] for r in rs), _mean(r["aaf_mae"] for r in rs)
         cells = [name, " ".join(VARIANTS.get(name, [])) or "(the recipe)", ",".join(map(str, sorted(seeds))),
-                 "/".join(str(r["epochs"]) for r in rs), " / ".join("%.2f" % r["test_mae"] for r in rs),
+                 "/".join(sorted({r["precision"] for r in rs})), "/".join(str(r["epochs"]) for r in rs), " / ".join("%.2f" % r["test_mae"] for r in rs),
                  _cell(test), _cell(_mean(r["test_mae_unmapped"] for r in rs)), _cell(aaf),
                  _cell(aaf / test if aaf and test else None), _cell(_mean(r["within_1sd"] for r in rs), "%.3f"),
                  _cell(_mean(r["within_2sd"] for r in rs), "%.3f")]

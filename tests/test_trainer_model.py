@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainer.bundle import BUNDLE_FORMAT, BundleError, Provenance, load_bundle, save_bundle
-from trainer.model import (HEADS, MAX_AGE, MIN_AGE, TTA, age_targets, build_model, decode, load_init_weights, loss_fn, predict_ages)
+from trainer.model import (HEADS, MAX_AGE, MIN_AGE, TTA, age_targets, age_weights, build_model, decode, load_init_weights, loss_fn, predict_ages)
 
 
 @pytest.mark.parametrize("head", HEADS)
@@ -133,3 +133,37 @@ def test_flip_tta_only_averages_the_two_passes(head):
     assert not torch.allclose(a, b)  # the mirror did give another answer, so averaging was real
     with pytest.raises(ValueError, match="tta 'rotate'"):
         predict_ages(model, x, head, "rotate")
+
+
+def test_age_weights_are_the_inverse_sqrt_of_the_smoothed_histogram_averaging_one():
+    """Two age groups far apart (40 years >> the 2-year smoothing): 400 faces aged 20, 25 aged 60 -> the rare age
+    weighs sqrt(400 / 25) = 4 times the common one, and the 425 rows' weights average exactly 1."""
+    ages = [20] * 400 + [60] * 25
+    w = age_weights(ages)
+    assert w.shape == (MAX_AGE + 1,)
+    assert float(w[60] / w[20]) == pytest.approx(4.0, rel=1e-6)
+    assert float(w[torch.tensor(ages)].mean()) == pytest.approx(1.0, rel=1e-6)
+    assert float(w[20]) == pytest.approx(425 / (400 + 25 * 4), rel=1e-6)
+    # a much rarer age is capped at 5x the smallest weight (1 face against 10,000: sqrt would give 100x)
+    capped = age_weights([30] * 10000 + [90])
+    assert float(capped.max() / capped.min()) == pytest.approx(5.0, rel=1e-6)
+    assert float(capped[90] / capped[30]) == pytest.approx(5.0, rel=1e-6)
+    # the smoothing: an age between two observed ones borrows their counts (no infinite weight for gaps)
+    assert torch.isfinite(w).all() and float(w[21]) > float(w[20])
+    with pytest.raises(ValueError):
+        age_weights([])
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_weighted_loss_is_the_mean_of_each_rows_loss_times_its_ages_weight(head):
+    torch.manual_seed(0)
+    outputs = torch.randn(4, 1 if head == "regression" else MAX_AGE + 1)
+    ages = torch.tensor([3, 25, 25, 70])
+    ones = torch.ones(MAX_AGE + 1)
+    assert float(loss_fn(outputs, ages, head, weights=ones)) == pytest.approx(float(loss_fn(outputs, ages, head)),
+                                                                              rel=1e-5)
+    rows = torch.stack([loss_fn(outputs[i:i + 1], ages[i:i + 1], head) for i in range(4)])
+    weights = torch.ones(MAX_AGE + 1)
+    weights[70], weights[3] = 3.0, 0.5
+    expected = (rows * torch.tensor([0.5, 1.0, 1.0, 3.0])).mean()
+    assert float(loss_fn(outputs, ages, head, weights=weights)) == pytest.approx(float(expected), rel=1e-5)

@@ -335,3 +335,22 @@ def test_auto_precision_follows_the_processor(monkeypatch, tmp_path):
         assert precision_module.Precision.choose("fp32", cpu).name == "fp32"
     monkeypatch.undo()
     precision_module.cpu_has_bf16.cache_clear()
+
+
+def test_age_weighting_trains_on_the_train_splits_own_age_weights(tables, tmp_path, caplog):
+    """--age-weighting sqrt_inv weights each row's loss by its age's weight from the train split's labels (read
+    from the table: the log states the weights' range) and the run says so in summary.json."""
+    from trainer.data import split_ages, split_source
+    from trainer.model import age_weights
+
+    root, manifest, _ = tables
+    out = tmp_path / "run"
+    caplog.set_level("INFO", logger="faceage")
+    assert train.main(["--data", str(root / "pq"), "--output", str(out), "--epochs", "1", "--reader", "pyarrow",
+                       "--age-weighting", "sqrt_inv"] + TINY) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["age_weighting"] == "sqrt_inv" and summary["rows"]["train"] == manifest["splits"]["train"]
+    ages = split_ages(split_source(str(root / "pq"), "train"))
+    assert len(ages) == manifest["splits"]["train"]
+    w = age_weights(ages)
+    assert f"weights {w.min():.2f}..{w.max():.2f}" in caplog.text

@@ -167,6 +167,17 @@ def split_source(data_uri: str, split: str, version: Optional[int] = None) -> Sp
     return SplitSource(split, files, sum(map(sum, group_rows)), version, tuple(group_rows))
 
 
+def split_ages(source: SplitSource) -> np.ndarray:
+    """Every row's age label of one split (the age column alone is read)."""
+    import pyarrow.parquet as pq
+
+    parts = []
+    for uri in source.files:
+        with open_input(uri) as f:
+            parts.append(pq.read_table(f, columns=["age"]).column("age").to_numpy())
+    return np.concatenate(parts) if parts else np.array([], dtype=np.int64)
+
+
 # ----------------------------------------------------------------------------- decoding (augmentation: trainer.augment)
 
 def batches(row_groups, batch_size: int, shuffle_buffer: int, generator=None):

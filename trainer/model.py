@@ -108,9 +108,35 @@ def ages_of(outputs: torch.Tensor, head: str) -> Tuple[torch.Tensor, torch.Tenso
     return age, std
 
 
-def loss_fn(outputs: torch.Tensor, ages: torch.Tensor, head: str, kind: str = "l1") -> torch.Tensor:
+AGE_WEIGHTINGS = ("none", "sqrt_inv")
+
+
+def age_weights(train_ages, sigma: float = 2.0, max_weight: float = 5.0) -> torch.Tensor:
+    """A weight per age 0..MAX_AGE against a training set's pull toward its common ages: the inverse square root
+    of the age histogram smoothed by a Gaussian of `sigma` years (label distribution smoothing, Yang et al. 2021,
+    "Delving into Deep Imbalanced Regression"), capped at `max_weight` times the smallest weight, and scaled so
+    that the training rows' weights average 1 (the loss keeps its size; rare ages count more)."""
+    ages = torch.as_tensor(train_ages, dtype=torch.long).clamp(0, MAX_AGE)
+    if ages.numel() == 0:
+        raise ValueError("age_weights: no training ages")
+    counts = torch.bincount(ages, minlength=MAX_AGE + 1).double()
+    grid = torch.arange(MAX_AGE + 1, dtype=torch.float64)
+    kernel = torch.exp(-((grid[:, None] - grid[None, :]) ** 2) / (2 * sigma**2))
+    smoothed = kernel @ counts  # each age's count spread over its neighbours
+    weights = smoothed.clamp_min(1e-12).rsqrt()
+    weights = weights.clamp(max=weights.min() * max_weight)
+    weights = weights / weights[ages].mean()
+    return weights.float()
+
+
+def loss_fn(outputs: torch.Tensor, ages: torch.Tensor, head: str, kind: str = "l1",
+            weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Training loss: L1 / smooth-L1 for regression; KL to the target distribution + L1 of the
-    expected age for the distribution head."""
+    expected age for the distribution head. `weights` (age_weights, one per age): each row's loss times its
+    age's weight, averaged over the batch."""
+    if weights is not None:
+        rows = _row_losses(outputs, ages, head, kind)
+        return (rows * weights.to(rows.device)[ages.long().clamp(0, MAX_AGE)]).mean()
     ages = ages.float()
     if head == "regression":
         pred = outputs.float().squeeze(1)
@@ -119,3 +145,17 @@ def loss_fn(outputs: torch.Tensor, ages: torch.Tensor, head: str, kind: str = "l
     kl = functional.kl_div(log_probs, age_targets(ages), reduction="batchmean")
     mean, _ = decode(outputs, head)
     return kl + functional.l1_loss(mean, ages)
+
+
+def _row_losses(outputs: torch.Tensor, ages: torch.Tensor, head: str, kind: str) -> torch.Tensor:
+    """loss_fn's loss of each row (their mean is loss_fn's unweighted loss)."""
+    ages = ages.float()
+    if head == "regression":
+        pred = outputs.float().squeeze(1)
+        if kind == "smooth_l1":
+            return functional.smooth_l1_loss(pred, ages, reduction="none")
+        return functional.l1_loss(pred, ages, reduction="none")
+    log_probs = functional.log_softmax(outputs.float(), dim=1)
+    kl = functional.kl_div(log_probs, age_targets(ages), reduction="none").sum(dim=1)
+    mean, _ = decode(outputs, head)
+    return kl + (mean - ages).abs()

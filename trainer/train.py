@@ -33,8 +33,8 @@ from shell.errors import check_space, UserError
 from shell.outputs import check_overlap, Outputs
 from trainer.augment import augment_batch
 from trainer.bundle import Provenance, is_bundle, normalize, save_bundle
-from trainer.data import LoaderSettings, READERS, SplitLoader, split_source
-from trainer.model import HEADS, TTA, build_model, loss_fn, predict_ages
+from trainer.data import LoaderSettings, READERS, SplitLoader, split_ages, split_source
+from trainer.model import AGE_WEIGHTINGS, HEADS, TTA, age_weights, build_model, loss_fn, predict_ages
 from trainer.precision import PRECISIONS, Precision
 from trainer import calibration, tracking
 from trainer.schedules import SCHEDULES, BudgetOneCycle, ScheduleSettings, build_schedule
@@ -106,6 +106,10 @@ def _model_flags(p) -> None:
     p.add_argument("--final-epochs", type=positive_int, default=None,
                    help="with --start-size: how many final epochs train at --image-size (default a quarter of "
                         "--epochs, at least 1)")
+    p.add_argument("--age-weighting", default="none", choices=AGE_WEIGHTINGS,
+                   help="sqrt_inv: each training row's loss weighted by 1/sqrt of how common its age is in the train "
+                        "split (histogram smoothed over +-2 years, weights capped at 5x, averaging 1), against ages "
+                        "read toward the training set's mean at training time (trainer.model.age_weights)")
     p.add_argument("--age-calibration", default="none", choices=("none", "debias"),
                    help="debias: fit an age map on val when the run ends (trainer.calibration) against ages read "
                         "toward the mean, applied as far as needed for every true-age decade of 30+ val faces to be "
@@ -230,6 +234,7 @@ class Learner:
     ema: Optional[torch.nn.Module] = None  # a torch AveragedModel
     progress: Callable = lambda it, **kw: it
     precision: Optional[Precision] = None  # trainer.precision; None: bf16 on CUDA, fp32 on a CPU
+    age_weights: Optional[torch.Tensor] = None  # trainer.model.age_weights (--age-weighting), one per age
 
     @property
     def arithmetic(self) -> Precision:
@@ -261,7 +266,7 @@ def _train_batches(learner: Learner, loader, generator, size):
                                                      generator, size)))
         y = batch["age"].to(device, non_blocking=True)
         with precision.train_step():
-            loss = loss_fn(learner.net(x), y, learner.head, learner.loss)
+            loss = loss_fn(learner.net(x), y, learner.head, learner.loss, learner.age_weights)
         if not torch.isfinite(loss.detach()):
             raise TrainError(f"training diverged: the loss is {loss.item()} at batch {index + 1} (learning rate "
                              f"{optimizer.param_groups[0]['lr']:.2e}); nothing from this epoch was kept. Lower --lr "
@@ -427,7 +432,8 @@ def build_learner(r: RunState) -> None:
     args, device = r.args, r.device
     precision = Precision.choose(getattr(args, "precision", "auto"), device)
     if r.main_rank:
-        log.info(f"train: {precision.name} arithmetic on {device.type} (--precision {getattr(args, 'precision', 'auto')})")
+        requested = getattr(args, "precision", "auto")
+        log.info(f"train: {precision.name} arithmetic on {device.type} (--precision {requested})")
     model = precision.model(build_model(args.head, args.init_weights).to(device))
     net = model
     if r.world > 1:
@@ -438,7 +444,18 @@ def build_learner(r: RunState) -> None:
     share_clock(schedule, r)
     r.model = model
     r.learner = Learner(net, optimizer, schedule, args.head, args.loss, device, args.augment, build_ema(args, model),
-                        _progress(args.no_progress or not r.main_rank), precision)
+                        _progress(args.no_progress or not r.main_rank), precision, training_age_weights(r))
+
+
+def training_age_weights(r: RunState) -> Optional[torch.Tensor]:
+    """--age-weighting sqrt_inv: the weight of each age, from the whole train split's labels; else None."""
+    if getattr(r.args, "age_weighting", "none") == "none":
+        return None
+    weights = age_weights(split_ages(r.sources["train"]))
+    if r.main_rank:
+        log.info(f"train: --age-weighting {r.args.age_weighting}: weights {weights.min():.2f}..{weights.max():.2f} "
+                 f"(age 26: {weights[26]:.2f}, age 70: {weights[70]:.2f})")
+    return weights.to(r.device)
 
 
 def resume(r: RunState, ckpt_path: str) -> Progress:
@@ -675,7 +692,8 @@ def finish(r: RunState) -> dict:
                     test_within_1sd_uncalibrated=calibration.coverage(test_err, test_std / r.calibration["std_scale"]))
     summary = {"best_val_mae": state.best, **val, **test, **before, "calibration": r.calibration,
                "epochs_run": len(state.history),
-               "image_size": r.image_size, "device": str(r.device), "precision": precision.name, "data": args.data,
+               "image_size": r.image_size, "device": str(r.device), "precision": precision.name,
+               "age_weighting": getattr(args, "age_weighting", "none"), "data": args.data,
                "data_version": sources["train"].version, "rows": {s: src.rows for s, src in sources.items()},
                "world_size": r.world, "tta": args.tta, "bundle": args.bundle or uri.join(args.output, layout.MODEL)}
     if r.world > 1:
