@@ -185,12 +185,15 @@ def about_lines(run: TrainingRun, command: str) -> List[str]:
             f"lr {params.get('lr')}, batch {params.get('batch_size')}, augmentation {params.get('augment')}"
             + (f", weight EMA {params['ema']}" if params.get("ema") else "")
             + (f", progressive resizing from {params['start_size']} px" if params.get("start_size") else "")
+            + (f", loss weighted by age (`{params['age_weighting']}`)"
+               if params.get("age_weighting", "none") != "none" else "")
             + (", ages through an age map fitted on val" if (bundle.get("calibration") or {}).get("age_map") else "")
             + (f", a {params['max_minutes']:g}-minute budget planning the rate" if params.get("max_minutes") else "")
             + f"; best epoch by val MAE; test-time augmentation `{summary.get('tta')}`.",
             f"- Command: `{command}`",
             f"- Training time: {_f(sum(r.get('epoch_seconds', 0) for r in curve) / 60, 1)} min of epochs on "
-            f"{summary.get('device')} (world size {summary.get('world_size')}).", ""]
+            f"{summary.get('device')} (world size {summary.get('world_size')})"
+            + (f", {summary['precision']} arithmetic" if summary.get("precision") else "") + ".", ""]
 
 
 def render(run: TrainingRun, metrics: dict, command: str, title: str, notes: List[str],
