@@ -1,7 +1,7 @@
 """The age map's variants, fitted on one split's predictions and judged on another's (issue 24, item 3): no map,
 the full inverse (trainer.calibration.fit_age_map), coarser bins, and partial maps p + s (map(p) - p) of
 strength s. Reads score.py's predictions of a bundle WITHOUT an age map (python -m trainer.recalibrate --drop
-age_map) for the val and test splits and the prepared table's labels; prints test MAE and bias by true-age decade.
+age_map) for the val and test splits and the prepared table's labels; prints test MAE and bias by true-age group.
 
     python -m bench.age_map_compare --val VAL_SCORED --test TEST_SCORED --labels out/utkface_parquet
 """
@@ -38,8 +38,8 @@ def main():
             err = mapped - test_true
             results[f"{name}, strength {strength}"] = {
                 "test_mae": round(float(np.abs(err).mean()), 3),
-                "worst_decade_bias": max(calibration.bias_by_decade(err, test_true).values(), key=abs),
-                "bias_by_decade": calibration.bias_by_decade(err, test_true),
+                "worst_group_bias": max(calibration.bias_by_age_group(err, test_true).values(), key=abs),
+                "bias_by_age_group": calibration.bias_by_age_group(err, test_true),
                 "chosen_on_val": calibration.choose_strength(val_pred, val_true, age_map)}
     print(json.dumps({"val_faces": int(val_true.size), "test_faces": int(test_true.size), "variants": results},
                      indent=1))

@@ -89,6 +89,6 @@ for size in (64, 128):
     print(f"recipe {size} px: epochs {s['epochs_run']}, test MAE {s['test_mae']:.2f} (without the age map "
           f"{s.get('test_mae_unmapped', float('nan')):.2f}), CS@5 {s['test_cs5']:.3f}, within 1 std "
           f"{s.get('test_within_1sd')}, within 2 std {s.get('test_within_2sd')}")
-    print(f"  bias by decade before {s.get('test_bias_by_decade_unmapped')}")
-    print(f"  bias by decade after  {s.get('test_bias_by_decade_mapped')}")
+    print(f"  bias by age group before {s.get('test_bias_by_age_group_unmapped')}")
+    print(f"  bias by age group after  {s.get('test_bias_by_age_group_mapped')}")
 EOF

@@ -7,6 +7,15 @@ SPLITS = ("train", "val", "test")
 # Every age a label holds and a model may predict, in years (the distribution head's bins are 0..MAX_AGE;
 # evaluate leaves a predicted age outside this range out of the metrics and counts it).
 MIN_AGE, MAX_AGE = 0, 120
+# The age groups every report slices true ages by: evaluate's age_group, the model card, the trainer's bias
+# summary and the age map's strength (lower bounds: 0-2, 3-9, 10-19, ..., 60-69, 70+).
+AGE_GROUP_BOUNDS = (0, 3, 10, 20, 30, 40, 50, 60, 70)
+
+
+def age_group_names() -> list:
+    """["0-2", "3-9", "10-19", ..., "60-69", "70+"]: AGE_GROUP_BOUNDS' groups by name."""
+    return [f"{low}-{high - 1}" for low, high in zip(AGE_GROUP_BOUNDS, AGE_GROUP_BOUNDS[1:])] + \
+        [f"{AGE_GROUP_BOUNDS[-1]}+"]
 
 FACES = (
     Field("face_id", "string", doc="stable id: content hash and face index"),

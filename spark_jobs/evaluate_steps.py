@@ -10,22 +10,17 @@ import json
 from typing import Iterator, List, Optional
 
 from schemas import layout
+from schemas.tables import AGE_GROUP_BOUNDS, age_group_names  # noqa: F401 - AGE_GROUP_BOUNDS: evaluate's slices
 from shell import uri as uri_io
 from shell.errors import UserError
 
-# Age groups: 0-2, 3-9, 10-19, ..., 60-69, 70+ (lower bounds).
-AGE_GROUP_BOUNDS = (0, 3, 10, 20, 30, 40, 50, 60, 70)
 GENDERS = {0: "male", 1: "female"}  # UTKFace coding
 RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
 SLICES = ("age_group", "gender", "race", "dataset")
 
 
 def group_names() -> List[str]:
-    names = []
-    for i, low in enumerate(AGE_GROUP_BOUNDS):
-        high = AGE_GROUP_BOUNDS[i + 1] - 1 if i + 1 < len(AGE_GROUP_BOUNDS) else None
-        names.append(f"{low}-{high}" if high is not None else f"{low}+")
-    return names
+    return age_group_names()
 
 
 

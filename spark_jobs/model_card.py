@@ -67,7 +67,7 @@ def age_map_section(fitted: Optional[dict], pairs: List[tuple]) -> List[str]:
              f"Every predicted age goes through an age map fitted on the val split ({age_map.get('fitted_on_rows')} "
              f"faces, {len(age_map['predicted'])} knots; trainer.calibration): the inverse of the mean predicted age "
              f"per true age, applied at strength {age_map.get('strength', 1.0):g} (each age moves that fraction of "
-             f"the way; the smallest strength that brings every decade of {GOAL_FACES}+ val faces within "
+             f"the way; the smallest strength that brings every age group of {GOAL_FACES}+ val faces within "
              f"{BIAS_GOAL['in-domain']:g} years). Before = the same weights without the map (`python -m "
              f"trainer.recalibrate --drop age_map`), scored and evaluated by the same jobs.", ""]
     for name, before, after, limit in pairs:

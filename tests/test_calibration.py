@@ -79,9 +79,9 @@ def test_the_age_map_undoes_a_known_pull_toward_the_mean():
     # the inverse of p = 40 + 0.7 (t - 40) is t = 40 + (p - 40) / 0.7, within the fit's noise
     probe = np.array([20.0, 30.0, 40.0, 55.0, 70.0])
     assert calibration.map_ages(probe, age_map) == pytest.approx(40 + (probe - 40) / 0.7, abs=1.5)
-    before = calibration.bias_by_decade(pulled[4000:] - true[4000:], true[4000:])  # the other half ("test")
-    after = calibration.bias_by_decade(calibration.map_ages(pulled[4000:], age_map) - true[4000:], true[4000:])
-    assert before["0-9"] > 8 and before["70+"] < -8  # the known pull: +10.4 and -11.9 expected
+    before = calibration.bias_by_age_group(pulled[4000:] - true[4000:], true[4000:])  # the other half ("test")
+    after = calibration.bias_by_age_group(calibration.map_ages(pulled[4000:], age_map) - true[4000:], true[4000:])
+    assert before["0-2"] > 8 and before["3-9"] > 8 and before["70+"] < -8  # the known pull: +11.4, +10.2, -11.9
     assert max(abs(v) for v in after.values()) < 1.0
     # beyond the knots: the end's offset (slope 1), clipped into 0..120; NaN stays NaN
     ends = calibration.map_ages(np.array([-50.0, 500.0, np.nan]), AGE_MAP)
@@ -103,9 +103,9 @@ def test_the_strength_corrects_only_as_far_as_the_bias_goal_needs():
 
     def worst(strength):
         err = calibration.map_ages(pulled, {**age_map, "strength": strength}) - true
-        return max(abs(v) for v in calibration.bias_by_decade(err, true).values())
+        return max(abs(v) for v in calibration.bias_by_age_group(err, true).values())
 
-    # the pull leaves 70+ about 12 years young: about three quarters of the map brings every decade within 3
+    # the pull leaves 70+ about 12 years young: about three quarters of the map brings every group within 3
     assert 0.6 <= chosen <= 0.85 and worst(chosen) <= 3.0 < worst(chosen - 0.05)
     assert calibration.choose_strength(true + rng.normal(0, 3, true.size), true, age_map) == 0.0  # unbiased: none
     assert calibration.choose_strength(pulled, true, age_map, goal=0.01) == 1.0  # out of reach: the full map
@@ -277,3 +277,15 @@ def test_score_writes_and_evaluate_reports_the_calibrated_std(calibrated, tmp_pa
         assert (report / plot).exists()
     assert "carries the model's calibration: x 2.500" in (report / layout.EVAL_HTML).read_text()
     shutil.rmtree(report)
+
+
+def test_bias_by_age_group_uses_the_groups_evaluate_and_the_card_slice_by():
+    from schemas.tables import AGE_GROUP_BOUNDS, age_group_names
+
+    assert age_group_names() == ["0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+"]
+    assert len(age_group_names()) == len(AGE_GROUP_BOUNDS)
+    true = np.array([0, 2, 3, 9, 10, 69, 70, 116, np.nan])
+    assert list(calibration.age_groups(true)) == [0, 0, 1, 1, 2, 7, 8, 8, -1]
+    errors = np.array([1.0, 3.0, -2.0, -4.0, 5.0, 6.0, -1.0, -3.0, 9.0])
+    assert calibration.bias_by_age_group(errors, true) == {"0-2": 2.0, "3-9": -3.0, "10-19": 5.0, "60-69": 6.0,
+                                                         "70+": -2.0}

@@ -210,8 +210,8 @@ def test_age_calibration_fits_the_map_on_val_then_the_std_on_the_mapped_errors(t
     assert calibration.coverage(mapped, std[2000:] * fitted["std_scale"]) == pytest.approx(0.683, abs=0.04)
     # the map goes as far as the bias goal needs on val (3 years per decade), and that carries over to test
     assert 0 < fitted["age_map"]["strength"] < 1
-    assert before["test_bias_by_decade_unmapped"]["70+"] < -8
-    assert max(abs(v) for v in before["test_bias_by_decade_mapped"].values()) <= 3.5
+    assert before["test_bias_by_age_group_unmapped"]["70+"] < -8
+    assert max(abs(v) for v in before["test_bias_by_age_group_mapped"].values()) <= 3.5
     assert before["test_mae_unmapped"] == pytest.approx(np.abs(pred[2000:] - true[2000:]).mean())
     none, nothing = train.fit_calibration(argparse.Namespace(tta="none", age_calibration="none"),
                                           (pred - true, std, true), (pred - true, true))

@@ -19,12 +19,12 @@ from typing import Optional
 
 import numpy as np
 
-from schemas.tables import MAX_AGE, MIN_AGE
+from schemas.tables import AGE_GROUP_BOUNDS, MAX_AGE, MIN_AGE, age_group_names
 
 ONE_SIGMA = math.erf(1 / math.sqrt(2))  # 0.6827: the share of a Gaussian within 1 std of its mean
 MIN_ROWS = 20  # fewer val rows with a std than this: no scale is fitted (it would be noise)
 MIN_BIN = 25  # the age map: consecutive true ages pooled until each bin holds this many val faces
-BIAS_GOAL = 3.0  # issue 24: no true-age decade of GOAL_FACES or more faces biased by more than this (years)
+BIAS_GOAL = 3.0  # issue 24: no true-age group (the card's) of GOAL_FACES or more faces biased by more than this
 GOAL_FACES = 30
 
 
@@ -123,30 +123,38 @@ STRENGTHS = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1
 
 def choose_strength(predicted: np.ndarray, true: np.ndarray, age_map: dict, goal: float = BIAS_GOAL,
                     min_faces: int = GOAL_FACES) -> float:
-    """The smallest strength (STRENGTHS) at which every true-age decade holding min_faces or more of these faces
-    is biased by at most `goal` years; 1 when none is. The full inverse removes bias by age but amplifies the
+    """The smallest strength (STRENGTHS) at which every true-age group (age_groups: the card's) holding min_faces
+    or more of these faces is biased by at most `goal` years; 1 when none is. The full inverse removes bias by age but amplifies the
     noise of ages the model reads alike (a flat stretch of the mean prediction per true age): correcting only as
     far as the goal needs keeps the MAE."""
     predicted, true = np.asarray(predicted, np.float64), np.asarray(true, np.float64)
-    decade = np.minimum(np.floor(true / 10), 7)
-    counted = [d for d in np.unique(decade) if (decade == d).sum() >= min_faces]
+    group = age_groups(true)
+    counted = [g for g in np.unique(group[group >= 0]) if (group == g).sum() >= min_faces]
     for strength in STRENGTHS:
         err = map_ages(predicted, {**age_map, "strength": strength}) - true
-        if all(abs(err[decade == d].mean()) <= goal for d in counted):
+        if all(abs(err[group == g].mean()) <= goal for g in counted):
             return strength
     return 1.0
 
 
-def bias_by_decade(errors: np.ndarray, true: np.ndarray) -> dict:
-    """{"0-9": mean signed error, "10-19": ..., "70+": ...} over the faces of each true-age decade (ages 70 and
-    up in one group); decades without faces are left out."""
-    errors, true = np.asarray(errors, np.float64), np.asarray(true, np.float64)
-    decade = np.minimum(np.floor(true / 10), 7)
+def age_groups(true: np.ndarray) -> np.ndarray:
+    """Each true age's index in schemas.tables.AGE_GROUP_BOUNDS (0-2, 3-9, 10-19, ..., 70+: the groups evaluate
+    and the model card slice by); -1 for a missing age."""
+    true = np.asarray(true, np.float64)
+    group = np.searchsorted(np.asarray(AGE_GROUP_BOUNDS, np.float64), true, side="right") - 1
+    return np.where(np.isfinite(true) & (true >= AGE_GROUP_BOUNDS[0]), group, -1)
+
+
+def bias_by_age_group(errors: np.ndarray, true: np.ndarray) -> dict:
+    """{"0-2": mean signed error, "3-9": ..., "70+": ...} over the faces of each true-age group (age_groups);
+    groups without faces are left out."""
+    errors = np.asarray(errors, np.float64)
+    group, names = age_groups(true), age_group_names()
     out = {}
-    for d in np.unique(decade[np.isfinite(decade)]).astype(int):
-        rows = (decade == d) & np.isfinite(errors)
+    for g in np.unique(group[group >= 0]):
+        rows = (group == g) & np.isfinite(errors)
         if rows.any():
-            out["70+" if d == 7 else f"{10 * d}-{10 * d + 9}"] = round(float(errors[rows].mean()), 3)
+            out[names[g]] = round(float(errors[rows].mean()), 3)
     return out
 
 

@@ -112,7 +112,7 @@ def _model_flags(p) -> None:
                         "read toward the training set's mean at training time (trainer.model.age_weights)")
     p.add_argument("--age-calibration", default="none", choices=("none", "debias"),
                    help="debias: fit an age map on val when the run ends (trainer.calibration) against ages read "
-                        "toward the mean, applied as far as needed for every true-age decade of 30+ val faces to be "
+                        "toward the mean, applied as far as needed for every true-age group of 30+ val faces to be "
                         "biased by at most 3 years; stored in the bundle and applied by every predictor")
     p.add_argument("--tta", default="none", choices=TTA,
                    help="test-time augmentation of the final val/test metrics: flip averages each face and its "
@@ -711,7 +711,7 @@ def finish(r: RunState) -> dict:
 def fit_calibration(args, val, test) -> Tuple[dict, dict]:
     """The bundle's calibration, fitted on val's (errors, stds, true ages): the age map first (--age-calibration
     debias), then the std scale on the mapped errors (+-1 std covers 68 % of val). Also the test split's numbers
-    without the age map (test_mae_unmapped, test_bias_by_decade_unmapped/_mapped) when one was fitted."""
+    without the age map (test_mae_unmapped, test_bias_by_age_group_unmapped/_mapped) when one was fitted."""
     val_err, val_std, val_true = val
     fitted = {"tta": args.tta, "age_map": None}
     if args.age_calibration == "debias":
@@ -728,8 +728,8 @@ def fit_calibration(args, val, test) -> Tuple[dict, dict]:
         test_err, test_true = test
         after = calibration.map_ages(test_err + test_true, fitted["age_map"]) - test_true
         before = {"test_mae_unmapped": float(np.abs(test_err).mean()) if test_err.size else float("nan"),
-                  "test_bias_by_decade_unmapped": calibration.bias_by_decade(test_err, test_true),
-                  "test_bias_by_decade_mapped": calibration.bias_by_decade(after, test_true)}
+                  "test_bias_by_age_group_unmapped": calibration.bias_by_age_group(test_err, test_true),
+                  "test_bias_by_age_group_mapped": calibration.bias_by_age_group(after, test_true)}
     return fitted, before
 
 
