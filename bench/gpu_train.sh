@@ -15,8 +15,9 @@
 #      wall-clock budget each: val/test MAE, epochs, seconds, img/s (summary.json, metrics.jsonl); then the
 #      OneCycle run again with weight averaging (--ema) and progressive resizing (96 px, the last quarter 128 px);
 #   3. the reference recipe's training (make recipe's RECIPE_TRAIN: distribution head, OneCycle planned over a
-#      wall-clock budget, the age map and the std's scale fitted on val, flip TTA) in GPU_RECIPE_MINUTES at 64 px
-#      and at 128 px: test MAE, +-1/2 std coverage, bias by decade before/after the age map.
+#      wall-clock budget, the age map and the std's scale fitted on val, flip TTA; bf16 on CUDA) in
+#      GPU_RECIPE_MINUTES each for GPU_RECIPE_VARIANTS (default 64 px, 128 px, and 128 px with --age-weighting
+#      sqrt_inv): test MAE, +-1/2 std coverage, bias by age group before/after the age map.
 set -euo pipefail
 DATA=${GPU_DATA:-bench/out/gpu}
 RESULTS=${OUT:-bench/out/gpu-results}
@@ -76,17 +77,20 @@ print(f"constant LR best val MAE {target:.2f}: reached by constant at {reach(con
 EOF
 
 RECIPE_MINUTES=${GPU_RECIPE_MINUTES:-6}
-echo "== 3. the reference recipe's training, ${RECIPE_MINUTES} min each at 64 and 128 px"
-for size in 64 128; do
+# variants: a size in px, "w" after it = the same with --age-weighting sqrt_inv (rare ages weigh more)
+RECIPE_VARIANTS=${GPU_RECIPE_VARIANTS:-64 128 128w}
+echo "== 3. the reference recipe's training, ${RECIPE_MINUTES} min each: $RECIPE_VARIANTS"
+for variant in $RECIPE_VARIANTS; do
+  size=${variant%w}; weighting=none; [ "$variant" = "$size" ] || weighting=sqrt_inv
   "$PY" -m trainer.train --data "$DATA/data" --reader pyarrow --workers "$WORKERS" --device "$DEVICE" \
-    --image-size "$size" --epochs 80 --schedule onecycle --head distribution --tta flip \
-    --max-minutes "$RECIPE_MINUTES" --age-calibration debias --output "$RESULTS/recipe_$size" --no-progress | tail -3
+    --image-size "$size" --epochs 80 --schedule onecycle --head distribution --tta flip --age-weighting "$weighting" \
+    --max-minutes "$RECIPE_MINUTES" --age-calibration debias --output "$RESULTS/recipe_$variant" --no-progress | tail -3
 done
-"$PY" - "$RESULTS" <<'EOF'
+"$PY" - "$RESULTS" $RECIPE_VARIANTS <<'EOF'
 import json, sys, os
-for size in (64, 128):
+for size in sys.argv[2:]:
     s = json.load(open(os.path.join(sys.argv[1], f"recipe_{size}", "summary.json")))
-    print(f"recipe {size} px: epochs {s['epochs_run']}, test MAE {s['test_mae']:.2f} (without the age map "
+    print(f"recipe {size} ({s.get('precision')}, age weighting {s.get('age_weighting')}): epochs {s['epochs_run']}, test MAE {s['test_mae']:.2f} (without the age map "
           f"{s.get('test_mae_unmapped', float('nan')):.2f}), CS@5 {s['test_cs5']:.3f}, within 1 std "
           f"{s.get('test_within_1sd')}, within 2 std {s.get('test_within_2sd')}")
     print(f"  bias by age group before {s.get('test_bias_by_age_group_unmapped')}")
