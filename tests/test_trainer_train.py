@@ -284,7 +284,7 @@ def test_final_epochs_alone_is_refused(tables, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", ["fp32", "bf16"])
-def test_precision_sets_the_training_arithmetic_while_evaluation_stays_fp32_on_a_cpu(name):
+def test_precision_sets_the_training_arithmetic_while_evaluation_stays_fp32_on_a_cpu(name, tmp_path):
     """--precision bf16 trains the convolutions in bf16 on channels-last tensors (fp32: neither); the weights stay
     fp32, and evaluation on a CPU runs in fp32 as every predictor does: the same predictions either way."""
     from trainer.model import build_model
@@ -309,6 +309,13 @@ def test_precision_sets_the_training_arithmetic_while_evaluation_stays_fp32_on_a
     assert training and dtype == (torch.bfloat16 if name == "bf16" else torch.float32)
     assert channels_last == (name == "bf16")
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    # the bundle holds plain (contiguous) fp32 tensors whatever the layout it trained in
+    from trainer.bundle import Provenance, save_bundle
+    save_bundle(str(tmp_path / "model.pt"), model, "distribution", 32, {"size": 32, "margin": 0.0},
+                Provenance(data={}, params={}, metrics={}))
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    assert all(t.is_contiguous() and t.dtype in (torch.float32, torch.int64) for t in saved.values())
+    saved["conv1.weight"].view(-1)  # what a reader may do with a plain tensor
 
     reference.load_state_dict(model.state_dict())
     err, std, true = train.predict_split(model, [batch], "distribution", precision, lambda it, **kw: it, "val")

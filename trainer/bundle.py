@@ -85,7 +85,8 @@ def save_bundle(path: str, model: nn.Module, head: str, input_size: int, crop: d
     bundle = {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_VERSION,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        # contiguous: a model trained channels-last (--precision bf16) bundles the same plain tensors as any other
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "head": head,
         "input_size": int(input_size),  # the model's input side; crop.size: the side crops are made at
         "normalize": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
