@@ -10,7 +10,7 @@ import json
 from typing import Iterator, List, Optional
 
 from schemas import layout
-from schemas.tables import AGE_GROUP_BOUNDS, age_group_names  # noqa: F401 - AGE_GROUP_BOUNDS: evaluate's slices
+from schemas.tables import AGE_GROUP_BOUNDS, age_group_names
 from shell import uri as uri_io
 from shell.errors import UserError
 
@@ -19,8 +19,7 @@ RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
 SLICES = ("age_group", "gender", "race", "dataset")
 
 
-def group_names() -> List[str]:
-    return age_group_names()
+group_names = age_group_names  # the age groups' names (schemas.tables: shared with the trainer and the card)
 
 
 

@@ -124,9 +124,9 @@ STRENGTHS = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1
 def choose_strength(predicted: np.ndarray, true: np.ndarray, age_map: dict, goal: float = BIAS_GOAL,
                     min_faces: int = GOAL_FACES) -> float:
     """The smallest strength (STRENGTHS) at which every true-age group (age_groups: the card's) holding min_faces
-    or more of these faces is biased by at most `goal` years; 1 when none is. The full inverse removes bias by age but amplifies the
-    noise of ages the model reads alike (a flat stretch of the mean prediction per true age): correcting only as
-    far as the goal needs keeps the MAE."""
+    or more of these faces is biased by at most `goal` years; 1 when none is. The full inverse removes bias by age
+    but amplifies the noise of ages the model reads alike (a flat stretch of the mean prediction per true age):
+    correcting only as far as the goal needs keeps the MAE."""
     predicted, true = np.asarray(predicted, np.float64), np.asarray(true, np.float64)
     group = age_groups(true)
     counted = [g for g in np.unique(group[group >= 0]) if (group == g).sum() >= min_faces]

@@ -134,21 +134,14 @@ def loss_fn(outputs: torch.Tensor, ages: torch.Tensor, head: str, kind: str = "l
     """Training loss: L1 / smooth-L1 for regression; KL to the target distribution + L1 of the
     expected age for the distribution head. `weights` (age_weights, one per age): each row's loss times its
     age's weight, averaged over the batch."""
+    rows = _row_losses(outputs, ages, head, kind)
     if weights is not None:
-        rows = _row_losses(outputs, ages, head, kind)
-        return (rows * weights.to(rows.device)[ages.long().clamp(0, MAX_AGE)]).mean()
-    ages = ages.float()
-    if head == "regression":
-        pred = outputs.float().squeeze(1)
-        return functional.smooth_l1_loss(pred, ages) if kind == "smooth_l1" else functional.l1_loss(pred, ages)
-    log_probs = functional.log_softmax(outputs.float(), dim=1)
-    kl = functional.kl_div(log_probs, age_targets(ages), reduction="batchmean")
-    mean, _ = decode(outputs, head)
-    return kl + functional.l1_loss(mean, ages)
+        rows = rows * weights.to(rows.device)[ages.long().clamp(0, MAX_AGE)]
+    return rows.mean()
 
 
 def _row_losses(outputs: torch.Tensor, ages: torch.Tensor, head: str, kind: str) -> torch.Tensor:
-    """loss_fn's loss of each row (their mean is loss_fn's unweighted loss)."""
+    """loss_fn's loss of each row, unweighted."""
     ages = ages.float()
     if head == "regression":
         pred = outputs.float().squeeze(1)
