@@ -4,8 +4,11 @@ Any CUDA host with Python, torch and pyarrow will do; it needs neither pyspark n
 check reads with --reader pyarrow), and torchvision/Pillow wheels can travel with the data for a host
 without them. This writes bench/out/gpu/ with
 - data/: a Parquet faces table copied from a prepared one (val and test splits whole, so test MAE is on the
-  real test split; train rows sampled, seeded, and optionally re-encoded at a lower JPEG quality so more
-  of them fit the budget) with _SUCCESS and the source's manifest.json (crop settings for the bundle);
+  real test split as prepared; train rows sampled, seeded, and optionally re-encoded at a lower JPEG quality,
+  and train and val optionally downscaled (--side), so more of them fit the budget) with _SUCCESS and the
+  source's manifest.json (crop settings for the bundle);
+- aaf/ (with --aaf): the prepared All-Age-Faces table, a seeded --aaf-rows sample, optionally downscaled and
+  re-encoded, for the held-out check of bench.gpu_recipe (written first: train gets what is left);
 - wheels/: torchvision and Pillow wheels for --python-version (installed there only if missing).
 
     python -m bench.gpu_data --data /tmp/utk/parquet --budget-mib 62
@@ -26,12 +29,23 @@ from bench.common import REPO, copy_splits
 WHEELS = ("torchvision==0.26.0", "pillow==12.3.0")  # torchvision 0.26 is the one built for torch 2.11
 
 
-def reencode(jpeg: bytes, quality: int) -> bytes:
+def reencode(jpeg: bytes, quality: int, side: int = 0) -> bytes:
+    """A JPEG crop re-encoded at `quality`, first resized to side x side (Lanczos) when `side` is given."""
     from PIL import Image
 
+    image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    if side and image.size != (side, side):
+        image = image.resize((side, side), Image.LANCZOS)
     out = io.BytesIO()
-    Image.open(io.BytesIO(jpeg)).convert("RGB").save(out, "JPEG", quality=quality)
+    image.save(out, "JPEG", quality=quality)
     return out.getvalue()
+
+
+def reencode_column(table, quality: int, side: int = 0):
+    import pyarrow as pa
+
+    images = [reencode(b, quality, side) for b in table.column("image").to_pylist()]
+    return table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
 
 
 def main():
@@ -40,6 +54,13 @@ def main():
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "gpu"))
     p.add_argument("--budget-mib", type=float, default=62.0, help="data + wheels, in MiB")
     p.add_argument("--train-quality", type=int, default=0, help="re-encode train crops at this JPEG quality")
+    p.add_argument("--side", type=int, default=0,
+                   help="downscale train and val crops to this side (px) first; test stays as prepared")
+    p.add_argument("--val-quality", type=int, default=90, help="with --side: the val crops' JPEG quality")
+    p.add_argument("--aaf", help="a prepared All-Age-Faces table to take along (aaf/)")
+    p.add_argument("--aaf-rows", type=int, default=None, help="a seeded sample of this many AAF rows")
+    p.add_argument("--aaf-side", type=int, default=0, help="downscale the AAF crops to this side first")
+    p.add_argument("--aaf-quality", type=int, default=90)
     p.add_argument("--no-wheels", action="store_true")
     p.add_argument("--python-version", default="3.12", help="the GPU host's Python, for the wheels")
     p.add_argument("--seed", type=int, default=0)
@@ -56,25 +77,49 @@ def main():
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                         "--python-version", args.python_version, "--platform", "manylinux_2_28_x86_64",
                         "-d", str(wheels), *WHEELS], check=True, stdout=subprocess.DEVNULL)
-    budget = args.budget_mib * 2**20 - sum(f.stat().st_size for f in wheels.iterdir())
+    counts = {}
+    if args.aaf:
+        aaf_splits = {s: None for s in ("train", "val", "test") if (Path(args.aaf) / "faces" / f"split={s}").exists()}
+        whole = copy_splits(args.aaf, out / "aaf", aaf_splits, compression="none",
+                            transform=lambda split, t: reencode_column(t, args.aaf_quality, args.aaf_side)
+                            if args.aaf_side or args.aaf_quality < 95 else t)
+        if args.aaf_rows:  # one seeded sample over all its splits, kept in one split (the held-out table)
+            import pyarrow.parquet as pq
+
+            files = sorted((out / "aaf").rglob("*.parquet"))
+            table = pa.concat_tables(pq.read_table(f) for f in files)
+            keep = np.sort(np.random.default_rng(args.seed).permutation(table.num_rows)[:args.aaf_rows])
+            for f in files:
+                f.unlink()
+                f.parent.rmdir()
+            folder = out / "aaf" / "faces" / "split=test"
+            folder.mkdir(parents=True)
+            pq.write_table(table.take(pa.array(keep)), folder / "part-0.parquet", row_group_size=512,
+                           compression="none")
+            whole = {"test": len(keep)}
+        counts["aaf"] = whole
+    budget = args.budget_mib * 2**20 - sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     data = out / "data"
 
     def fit_train(split, table):
-        """val and test whole; train re-encoded (optionally) and sampled to what the budget leaves."""
+        """test whole, as prepared; val whole (downscaled with --side); train re-encoded (optionally, downscaled
+        with --side) and sampled to what the budget leaves."""
+        if split == "val" and args.side:
+            return reencode_column(table, args.val_quality, args.side)
         if split != "train":
             return table
-        if args.train_quality:
-            images = [reencode(b, args.train_quality) for b in table.column("image").to_pylist()]
-            table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
+        if args.train_quality or args.side:
+            table = reencode_column(table, args.train_quality or 95, args.side)
         left = budget - sum(f.stat().st_size for f in data.rglob("*.parquet"))
         per_row = table.column("image").nbytes / max(table.num_rows, 1) * 1.06
         keep = int(min(table.num_rows, left // per_row))
         return table.take(pa.array(np.sort(np.random.default_rng(args.seed).permutation(table.num_rows)[:keep])))
 
-    counts = copy_splits(args.data, data, {"val": None, "test": None, "train": None}, row_group_size=512,
+    counts["data"] = copy_splits(args.data, data, {"val": None, "test": None, "train": None}, row_group_size=512,
                          compression="none", transform=fit_train)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(json.dumps({"out": str(out), "rows": counts, "train_quality": args.train_quality or "as prepared",
+                      "side": args.side or "as prepared",
                       "mib": round(size / 2**20, 1)}))
 
 

@@ -3,6 +3,9 @@
 #
 # On the machine that has the prepared data (writes bench/out/gpu, <= --budget-mib):
 #     python -m bench.gpu_data --data /tmp/utk/parquet --budget-mib 62 --train-quality 75
+# or, for step 3 (issue 24: all of train and val at 80 px, test as prepared, 3,000 All-Age-Faces crops):
+#     python -m bench.gpu_data --data out/utkface_parquet --budget-mib 59 --side 80 --train-quality 75 \
+#         --aaf out/aaf_parquet --aaf-rows 3000 --aaf-side 80 --no-wheels
 # Copy the repository with bench/out/gpu to the GPU host, then there, from the repository root:
 #     bash bench/gpu_train.sh                  (GPU_TRAIN_MINUTES, GPU_READERS, ... below tune it)
 # The host needs Python with torch (CUDA) and pyarrow; pyspark and petastorm are not needed (--reader pyarrow);
@@ -14,10 +17,11 @@
 #   2. python -m trainer.train with CyclicLR + ReduceLROnPlateau, OneCycle and a constant LR, same split, same
 #      wall-clock budget each: val/test MAE, epochs, seconds, img/s (summary.json, metrics.jsonl); then the
 #      OneCycle run again with weight averaging (--ema) and progressive resizing (96 px, the last quarter 128 px);
-#   3. the reference recipe's training (make recipe's RECIPE_TRAIN: distribution head, OneCycle planned over a
-#      wall-clock budget, the age map and the std's scale fitted on val, flip TTA; bf16 on CUDA) in
-#      GPU_RECIPE_MINUTES each for GPU_RECIPE_VARIANTS (default 64 px, 128 px, and 128 px with --age-weighting
-#      sqrt_inv): test MAE, +-1/2 std coverage, bias by age group before/after the age map.
+#   3. issue 24's recipe variants (bench.gpu_recipe): make recipe's training with a few flags changed, each for the
+#      epochs the 2-core dev VM fits in the recipe's 58 minutes (45 at 64 px, 32 at 80 px), GPU_RECIPE_PARALLEL at
+#      once on the one GPU, all ended by GPU_RECIPE_DEADLINE minutes: test MAE with and without the age map,
+#      +-1/2 std coverage, bias by age group, and All-Age-Faces MAE when bench.gpu_data took it along (--aaf).
+# GPU_STEPS picks steps (default "1 2 3"; "3" alone for issue 24's variants).
 set -euo pipefail
 DATA=${GPU_DATA:-bench/out/gpu}
 RESULTS=${OUT:-bench/out/gpu-results}
@@ -26,6 +30,7 @@ WORKERS=${GPU_READERS:-$(( $(nproc) - 2 ))}
 DEVICE=${GPU_DEVICE:-cuda}          # cpu only for a smoke run of this script
 BATCHES=${GPU_BENCH_BATCHES:-60}
 WARMUP=${GPU_BENCH_WARMUP:-5}
+STEPS=" ${GPU_STEPS:-1 2 3} "
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 
@@ -39,6 +44,7 @@ print(f"python {platform.python_version()} torch {torch.__version__} torchvision
       f"{torch.cuda.get_device_name() if torch.cuda.is_available() else ''}")
 EOF
 
+if [[ $STEPS == *" 1 "* ]]; then
 echo "== 1. loader-fed vs device-resident training throughput"
 "$PY" -m bench.train_bench --data "$DATA/data" --reader pyarrow --workers "$WORKERS" --batches "$BATCHES" --warmup "$WARMUP" \
   --batch-size 128 --image-size 128 --device "$DEVICE" | tee "$RESULTS/throughput.json"
@@ -46,7 +52,9 @@ echo "== 1. loader-fed vs device-resident training throughput"
 echo "== 1b. the trainer (loader + batched augmentation on the GPU) vs a plain device-resident loop, 64 and 128 px"
 "$PY" -m bench.trainer_vs_loop --data "$DATA/data" --reader pyarrow --workers "$WORKERS" --device "$DEVICE" \
   --rows 4096 --sizes 64 128 --repeats 2 | tee "$RESULTS/trainer_vs_loop.json"
+fi
 
+if [[ $STEPS == *" 2 "* ]]; then
 echo "== 2. CyclicLR + ReduceLROnPlateau vs OneCycle vs constant LR, ${MINUTES} min each"
 EPOCHS=${GPU_TRAIN_EPOCHS:-12}   # OneCycle needs an epoch count: the budget stops a run that is slower
 for run in "cyclic_plateau cyclic_plateau --lr 3e-3" "onecycle onecycle --lr 3e-3" "constant constant --lr 1e-3" \
@@ -76,23 +84,13 @@ print(f"constant LR best val MAE {target:.2f}: reached by constant at {reach(con
       + ", ".join(f"by {n} at {reach(h)}" for n, h in others.items()) + " (epoch, seconds)")
 EOF
 
-RECIPE_MINUTES=${GPU_RECIPE_MINUTES:-6}
-# variants: a size in px, "w" after it = the same with --age-weighting sqrt_inv (rare ages weigh more)
-RECIPE_VARIANTS=${GPU_RECIPE_VARIANTS:-64 128 128w}
-echo "== 3. the reference recipe's training, ${RECIPE_MINUTES} min each: $RECIPE_VARIANTS"
-for variant in $RECIPE_VARIANTS; do
-  size=${variant%w}; weighting=none; [ "$variant" = "$size" ] || weighting=sqrt_inv
-  "$PY" -m trainer.train --data "$DATA/data" --reader pyarrow --workers "$WORKERS" --device "$DEVICE" \
-    --image-size "$size" --epochs 80 --schedule onecycle --head distribution --tta flip --age-weighting "$weighting" \
-    --max-minutes "$RECIPE_MINUTES" --age-calibration debias --output "$RESULTS/recipe_$variant" --no-progress | tail -3
-done
-"$PY" - "$RESULTS" $RECIPE_VARIANTS <<'EOF'
-import json, sys, os
-for size in sys.argv[2:]:
-    s = json.load(open(os.path.join(sys.argv[1], f"recipe_{size}", "summary.json")))
-    print(f"recipe {size} ({s.get('precision')}, age weighting {s.get('age_weighting')}): epochs {s['epochs_run']}, test MAE {s['test_mae']:.2f} (without the age map "
-          f"{s.get('test_mae_unmapped', float('nan')):.2f}), CS@5 {s['test_cs5']:.3f}, within 1 std "
-          f"{s.get('test_within_1sd')}, within 2 std {s.get('test_within_2sd')}")
-    print(f"  bias by age group before {s.get('test_bias_by_age_group_unmapped')}")
-    print(f"  bias by age group after  {s.get('test_bias_by_age_group_mapped')}")
-EOF
+fi
+
+if [[ $STEPS == *" 3 "* ]]; then
+echo "== 3. issue 24's recipe variants at the dev VM's epoch budget"
+AAF_FLAG=(); [ -d "$DATA/aaf" ] && AAF_FLAG=(--aaf "$DATA/aaf")
+"$PY" -m bench.gpu_recipe --data "$DATA/data" "${AAF_FLAG[@]}" --out "$RESULTS" --work "${GPU_RECIPE_WORK:-bench/out/gpu-recipe-runs}" \
+  --device "$DEVICE" --parallel "${GPU_RECIPE_PARALLEL:-4}" --workers "${GPU_RECIPE_READERS:-3}" \
+  --deadline-minutes "${GPU_RECIPE_DEADLINE:-8}" ${GPU_RECIPE_VARIANTS:+--only $GPU_RECIPE_VARIANTS} \
+  ${GPU_RECIPE_EXTRA:+--extra $GPU_RECIPE_EXTRA}   # e.g. "--epochs 1" for a smoke run
+fi

@@ -34,6 +34,7 @@ VARIANTS = {
     "aug05": ["--augment", "0.5"],
     "ema": ["--ema", "0.998"],  # with the decay warm-up (default)
     "px80": ["--image-size", "80"],
+    "px80aug05": ["--image-size", "80", "--augment", "0.5"],  # the GPU ablation's winner (bench.gpu_recipe)
 }
 
 
@@ -95,13 +96,14 @@ def report(args) -> dict:
         if folder.is_dir() and (folder / layout.SUMMARY).exists():
             name, seed = folder.name.rsplit("-s", 1)
             runs.setdefault(name, {})[int(seed)] = record(folder)
-    lines = ["| run | flags | seeds | arithmetic | epochs | test MAE (each) | mean | without the age map | AAF MAE | AAF / test | "
-             "within 1 std | within 2 std |", "|---" * 12 + "|"]
+    lines = ["| run | flags | seeds | arithmetic | epochs | test MAE (each) | mean | without the age map | AAF MAE | "
+             "AAF / test | within 1 std | within 2 std |", "|---" * 12 + "|"]
     for name, seeds in runs.items():
         rs = [seeds[s] for s in sorted(seeds)]
         test, aaf = _mean(r["test_mae"] for r in rs), _mean(r["aaf_mae"] for r in rs)
         cells = [name, " ".join(VARIANTS.get(name, [])) or "(the recipe)", ",".join(map(str, sorted(seeds))),
-                 "/".join(sorted({r["precision"] for r in rs})), "/".join(str(r["epochs"]) for r in rs), " / ".join("%.2f" % r["test_mae"] for r in rs),
+                 "/".join(sorted({r["precision"] for r in rs})), "/".join(str(r["epochs"]) for r in rs),
+                 " / ".join("%.2f" % r["test_mae"] for r in rs),
                  _cell(test), _cell(_mean(r["test_mae_unmapped"] for r in rs)), _cell(aaf),
                  _cell(aaf / test if aaf and test else None), _cell(_mean(r["within_1sd"] for r in rs), "%.3f"),
                  _cell(_mean(r["within_2sd"] for r in rs), "%.3f")]
