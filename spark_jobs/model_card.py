@@ -256,7 +256,13 @@ def _job(argv: Optional[list]) -> int:
              if line.strip()]
     from trainer.bundle import load_bundle
 
-    _, bundle = load_bundle(args.bundle or summary.get("bundle") or uri.join(args.run, layout.MODEL))
+    own = uri.join(args.run, layout.MODEL)  # the run's own bundle, wherever the run folder was moved or copied to
+    path = args.bundle or (own if uri.exists(own) else summary.get("bundle")) or own
+    try:
+        _, bundle = load_bundle(path)
+    except FileNotFoundError:
+        raise UserError(f"model bundle {path}: not found (neither in --run nor where its summary.json says; give "
+                        f"--bundle, the bundle the reports scored)") from None
     metrics = _json(uri.join(args.report, layout.EVAL_METRICS))
     cross = [(name, _json(uri.join(folder, layout.EVAL_METRICS))) for name, folder in named]
     unmapped = {name: _json(uri.join(folder, layout.EVAL_METRICS)) for name, folder in named_unmapped}

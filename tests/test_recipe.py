@@ -120,3 +120,33 @@ def test_a_malformed_cross_report_is_one_line_before_anything_is_read(bad, tmp_p
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--cross" in err and "Traceback" not in err
     assert not (tmp_path / "card.md").exists()
+
+
+def test_a_moved_run_folder_carries_its_own_bundle_to_the_card_and_a_missing_one_is_one_line(bundles, tmp_path,
+                                                                                              capsys):
+    """The card reads the run's own model.pt wherever the run folder went (its summary.json still names where it
+    was trained); with no bundle anywhere, one line and exit 2, no card."""
+    import shutil
+
+    plain, _ = bundles
+    run = tmp_path / "moved" / "train"
+    shutil.copytree(plain.parent, run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["bundle"] = str(tmp_path / "where-it-was-trained" / "model.pt")  # gone, as after a move
+    (run / "summary.json").write_text(json.dumps(summary))
+    report = tmp_path / "report"
+    report.mkdir()
+    metrics = _metrics([("20-29", 40, 0.5, 4.0)])
+    metrics["overall"]["rmse"] = 5.0  # what evaluate.py writes besides what _metrics fills in
+    (report / "metrics.json").write_text(json.dumps(metrics))
+    argv = ["--run", str(run), "--report", str(report), "--command", "make recipe", "--output", str(tmp_path / "card.md")]
+    assert model_card.main(argv) == 0
+    card = (tmp_path / "card.md").read_text()
+    assert f"input {summary['image_size']} px" in card and "| 4.00" in card
+    (run / "model.pt").unlink()
+    (tmp_path / "card.md").unlink()
+    capsys.readouterr()
+    assert model_card.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "where-it-was-trained" in err and "--bundle" in err and "Traceback" not in err
+    assert not (tmp_path / "card.md").exists()
