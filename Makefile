@@ -86,8 +86,8 @@ RECIPE ?= runs/recipe
 RECIPE_DATA ?= $(OUT)/utkface_parquet
 AAF ?= ../shared/data/aaf
 AAF_DATA ?= $(OUT)/aaf_parquet
-RECIPE_TRAIN ?= --image-size 64 --epochs 80 --schedule onecycle --head distribution --cache --tta flip \
-	--max-minutes 58 --age-calibration debias --no-progress
+RECIPE_TRAIN ?= --image-size 80 --augment 0.5 --epochs 80 --schedule onecycle --head distribution --cache \
+	--tta flip --max-minutes 58 --age-calibration debias --no-progress
 recipe: install ## UTKFace -> a 60-minute training on 2 CPU cores -> scored + evaluated test split -> MODEL_CARD.md
 	test -f $(RECIPE_DATA)/manifest.json || $(BIN)/spark-submit spark_jobs/prepare.py --input $(UTKFACE) \
 		--labels utkface --detector none --output $(RECIPE_DATA) --format parquet

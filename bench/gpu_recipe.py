@@ -26,20 +26,22 @@ from pathlib import Path
 from bench.recipe_ablation import recipe_flags
 from schemas import layout
 
-# name -> flags added to RECIPE_TRAIN (argparse: the last value of a flag wins); --epochs = the dev VM's budget
+# name -> flags added to RECIPE_TRAIN (argparse: the last value of a flag wins); each sets its size, augmentation
+# strength and --epochs (the dev VM's budget at that size), so it means the same whatever RECIPE_TRAIN says
+P64, P80 = ["--image-size", "64", "--epochs", "45"], ["--image-size", "80", "--epochs", "32"]
 VARIANTS = {
-    "r64": ["--epochs", "45"],  # the recipe as the dev VM trains it (bf16)
-    "r64w": ["--epochs", "45", "--age-weighting", "sqrt_inv"],
-    "r80": ["--image-size", "80", "--epochs", "32"],
-    "r80w": ["--image-size", "80", "--epochs", "32", "--age-weighting", "sqrt_inv"],
-    "r64aug05": ["--epochs", "45", "--augment", "0.5"],
-    "r64-s1": ["--epochs", "45", "--seed", "1"],
-    "r80w-s1": ["--image-size", "80", "--epochs", "32", "--age-weighting", "sqrt_inv", "--seed", "1"],
-    "r64x2": ["--epochs", "90"],  # twice the dev VM's budget: what a faster machine buys
-    "r80aug05": ["--image-size", "80", "--epochs", "32", "--augment", "0.5"],
-    "r80-s1": ["--image-size", "80", "--epochs", "32", "--seed", "1"],
-    "r80aug05-s1": ["--image-size", "80", "--epochs", "32", "--augment", "0.5", "--seed", "1"],
-    "r64aug025": ["--epochs", "45", "--augment", "0.25"],
+    "r64": P64 + ["--augment", "1.0"],  # the recipe until this ablation (2026-12-04), as the dev VM trains it (bf16)
+    "r64w": P64 + ["--augment", "1.0", "--age-weighting", "sqrt_inv"],
+    "r80": P80 + ["--augment", "1.0"],
+    "r80w": P80 + ["--augment", "1.0", "--age-weighting", "sqrt_inv"],
+    "r64aug05": P64 + ["--augment", "0.5"],
+    "r64-s1": P64 + ["--augment", "1.0", "--seed", "1"],
+    "r80w-s1": P80 + ["--augment", "1.0", "--age-weighting", "sqrt_inv", "--seed", "1"],
+    "r64x2": ["--image-size", "64", "--augment", "1.0", "--epochs", "90"],  # twice the budget: a faster machine
+    "r80aug05": P80 + ["--augment", "0.5"],  # the recipe since this ablation
+    "r80-s1": P80 + ["--augment", "1.0", "--seed", "1"],
+    "r80aug05-s1": P80 + ["--augment", "0.5", "--seed", "1"],
+    "r64aug025": P64 + ["--augment", "0.25"],
 }
 
 
@@ -98,8 +100,8 @@ def worst(groups: dict) -> str:
 def report(files) -> str:
     """A Markdown table of results.jsonl lines (several calls' files together), one row per run."""
     rows = [json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.strip()]
-    lines = ["| run | flags after the recipe's | epochs | s | test MAE | without the age map | best val | within 1 / 2 std "
-             "| worst test group (map) | AAF MAE | without the map | AAF / test (both without the map) "
+    lines = ["| run | flags after the recipe's | epochs | s | test MAE | without the age map | best val "
+             "| within 1 / 2 std | worst test group (map) | AAF MAE | without the map | AAF / test (both without the map) "
              "| worst AAF group (map) |", "|---" * 13 + "|"]
     for r in sorted(rows, key=lambda r: r["test_mae"]):
         aaf = r.get("aaf_mae_unmapped")

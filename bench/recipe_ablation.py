@@ -5,8 +5,8 @@ flip TTA, through bench.shift_data.evaluate). Runs whose summary.json exists are
 can run across sessions.
 
     python -m bench.recipe_ablation --data out/utkface_parquet --aaf out/aaf_parquet --work /tmp/faceage-ablation \\
-        --only recipe aug0 aug025 aug05 ema px80 ageweight --seeds 0
-    python -m bench.recipe_ablation ... --only aug05 --seeds 1      # the winner's second seed
+        --only recipe aug0 aug025 aug1 ema px64 ageweight --seeds 0
+    python -m bench.recipe_ablation ... --only recipe --seeds 1      # the winner's second seed
     python -m bench.recipe_ablation ... --report                    # the table from what has run
 
 --subset-rows N trains on a seeded N-row sample of the train split (a smoke run of the script, not a result).
@@ -26,15 +26,15 @@ from schemas import layout
 
 # name -> trainer.train flags added to the recipe's (argparse: the last value of a flag wins)
 VARIANTS = {
-    "recipe": [],  # augmentation strength 1.0 (the trainer's default), no EMA, 64 px, --precision auto
+    "recipe": [],  # 80 px, augmentation strength 0.5, no EMA, --precision auto (RECIPE_TRAIN since 2026-12-04)
+    "recipe64": ["--image-size", "64", "--augment", "1.0"],  # the recipe until the 2026-12-04 ablation
     "fp32": ["--precision", "fp32"],  # what auto replaced where the CPU has bf16 instructions
     "ageweight": ["--age-weighting", "sqrt_inv"],  # rare ages weigh more in the loss (against the pull to the mean)
     "aug0": ["--augment", "0"],
     "aug025": ["--augment", "0.25"],
-    "aug05": ["--augment", "0.5"],
+    "aug1": ["--augment", "1.0"],
     "ema": ["--ema", "0.998"],  # with the decay warm-up (default)
-    "px80": ["--image-size", "80"],
-    "px80aug05": ["--image-size", "80", "--augment", "0.5"],  # the GPU ablation's winner (bench.gpu_recipe)
+    "px64": ["--image-size", "64"],
 }
 
 
