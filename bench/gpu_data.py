@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from bench.common import REPO, copy_splits
+from schemas import layout
 
 WHEELS = ("torchvision==0.26.0", "pillow==12.3.0")  # torchvision 0.26 is the one built for torch 2.11
 
@@ -79,7 +80,8 @@ def main():
                         "-d", str(wheels), *WHEELS], check=True, stdout=subprocess.DEVNULL)
     counts = {}
     if args.aaf:
-        aaf_splits = {s: None for s in ("train", "val", "test") if (Path(args.aaf) / "faces" / f"split={s}").exists()}
+        faces = Path(args.aaf) / layout.FACES_DIR
+        aaf_splits = {s: None for s in ("train", "val", "test") if (faces / f"split={s}").exists()}
         whole = copy_splits(args.aaf, out / "aaf", aaf_splits, compression="none",
                             transform=lambda split, t: reencode_column(t, args.aaf_quality, args.aaf_side)
                             if args.aaf_side or args.aaf_quality < 95 else t)
@@ -92,7 +94,7 @@ def main():
             for f in files:
                 f.unlink()
                 f.parent.rmdir()
-            folder = out / "aaf" / "faces" / "split=test"
+            folder = out / "aaf" / layout.FACES_DIR / "split=test"
             folder.mkdir(parents=True)
             pq.write_table(table.take(pa.array(keep)), folder / "part-0.parquet", row_group_size=512,
                            compression="none")
@@ -116,7 +118,7 @@ def main():
         return table.take(pa.array(np.sort(np.random.default_rng(args.seed).permutation(table.num_rows)[:keep])))
 
     counts["data"] = copy_splits(args.data, data, {"val": None, "test": None, "train": None}, row_group_size=512,
-                         compression="none", transform=fit_train)
+                                 compression="none", transform=fit_train)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(json.dumps({"out": str(out), "rows": counts, "train_quality": args.train_quality or "as prepared",
                       "side": args.side or "as prepared",
