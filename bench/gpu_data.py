@@ -7,8 +7,8 @@ without them. This writes bench/out/gpu/ with
   real test split as prepared; train rows sampled, seeded, and optionally re-encoded at a lower JPEG quality,
   and train and val optionally downscaled (--side), so more of them fit the budget) with _SUCCESS and the
   source's manifest.json (crop settings for the bundle);
-- aaf/ (with --aaf): the prepared All-Age-Faces table, a seeded --aaf-rows sample, optionally downscaled and
-  re-encoded, for the held-out check of bench.gpu_recipe (written first: train gets what is left);
+- aaf/ (with --aaf): the prepared All-Age-Faces table, a seeded --aaf-rows sample of each split, re-encoded at
+  --aaf-quality and optionally downscaled, for the held-out check of bench.gpu_recipe (written first: train gets what is left);
 - wheels/: torchvision and Pillow wheels for --python-version (installed there only if missing).
 
     python -m bench.gpu_data --data /tmp/utk/parquet --budget-mib 62
@@ -59,7 +59,7 @@ def main():
                    help="downscale train and val crops to this side (px) first; test stays as prepared")
     p.add_argument("--val-quality", type=int, default=90, help="with --side: the val crops' JPEG quality")
     p.add_argument("--aaf", help="a prepared All-Age-Faces table to take along (aaf/)")
-    p.add_argument("--aaf-rows", type=int, default=None, help="a seeded sample of this many AAF rows")
+    p.add_argument("--aaf-rows", type=int, default=None, help="a seeded sample of this many rows of each AAF split")
     p.add_argument("--aaf-side", type=int, default=0, help="downscale the AAF crops to this side first")
     p.add_argument("--aaf-quality", type=int, default=90)
     p.add_argument("--no-wheels", action="store_true")
@@ -79,27 +79,12 @@ def main():
                         "--python-version", args.python_version, "--platform", "manylinux_2_28_x86_64",
                         "-d", str(wheels), *WHEELS], check=True, stdout=subprocess.DEVNULL)
     counts = {}
-    if args.aaf:
+    if args.aaf:  # each split it has (a held-out table: test alone) sampled to --aaf-rows, re-encoded
         faces = Path(args.aaf) / layout.FACES_DIR
-        aaf_splits = {s: None for s in ("train", "val", "test") if (faces / f"split={s}").exists()}
-        whole = copy_splits(args.aaf, out / "aaf", aaf_splits, compression="none",
-                            transform=lambda split, t: reencode_column(t, args.aaf_quality, args.aaf_side)
-                            if args.aaf_side or args.aaf_quality < 95 else t)
-        if args.aaf_rows:  # one seeded sample over all its splits, kept in one split (the held-out table)
-            import pyarrow.parquet as pq
-
-            files = sorted((out / "aaf").rglob("*.parquet"))
-            table = pa.concat_tables(pq.read_table(f) for f in files)
-            keep = np.sort(np.random.default_rng(args.seed).permutation(table.num_rows)[:args.aaf_rows])
-            for f in files:
-                f.unlink()
-                f.parent.rmdir()
-            folder = out / "aaf" / layout.FACES_DIR / "split=test"
-            folder.mkdir(parents=True)
-            pq.write_table(table.take(pa.array(keep)), folder / "part-0.parquet", row_group_size=512,
-                           compression="none")
-            whole = {"test": len(keep)}
-        counts["aaf"] = whole
+        counts["aaf"] = copy_splits(args.aaf, out / "aaf", {s: args.aaf_rows for s in ("train", "val", "test")
+                                                           if (faces / f"split={s}").exists()},
+                                    seed=args.seed, row_group_size=512, compression="none",
+                                    transform=lambda split, t: reencode_column(t, args.aaf_quality, args.aaf_side))
     budget = args.budget_mib * 2**20 - sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     data = out / "data"
 
