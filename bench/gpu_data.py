@@ -8,7 +8,8 @@ without them. This writes bench/out/gpu/ with
   and train and val optionally downscaled (--side), so more of them fit the budget) with _SUCCESS and the
   source's manifest.json (crop settings for the bundle);
 - aaf/ (with --aaf): the prepared All-Age-Faces table, a seeded --aaf-rows sample of each split, re-encoded at
-  --aaf-quality and optionally downscaled, for the held-out check of bench.gpu_recipe (written first: train gets what is left);
+  --aaf-quality and optionally downscaled, for the held-out check of bench.gpu_recipe (written first: train
+  gets what is left);
 - wheels/: torchvision and Pillow wheels for --python-version (installed there only if missing).
 
     python -m bench.gpu_data --data /tmp/utk/parquet --budget-mib 62
