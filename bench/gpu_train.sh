@@ -37,6 +37,11 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torchvision, PIL" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --find-links "$DATA/wheels" torchvision pillow
 fi
+if [[ $STEPS == *" 3 "* ]] && ! "$PY" -c "import scipy" 2>/dev/null; then  # the age map's fit (a linear programme)
+  "$PY" -m pip install -q --no-index --no-deps --find-links "$DATA/wheels" scipy 2>/dev/null || {
+    echo "gpu_train.sh: step 3 needs scipy (trainer.calibration fits the age map); none here or in $DATA/wheels" >&2
+    exit 2; }
+fi
 "$PY" - <<'EOF'
 import torch, torchvision, pyarrow, platform
 print(f"python {platform.python_version()} torch {torch.__version__} torchvision {torchvision.__version__} "

@@ -63,13 +63,23 @@ def age_map_section(fitted: Optional[dict], pairs: List[tuple]) -> List[str]:
     age_map = (fitted or {}).get("age_map")
     if not pairs or not age_map:
         return []
+    fitted_by = f"fitted on the val split ({age_map.get('fitted_on_rows')} faces, {len(age_map['predicted'])} knots"
+    if "bias_goal" in age_map:  # trainer.calibration.fit_age_map
+        goal = age_map["bias_goal"]
+        how = (f"{fitted_by}; trainer.calibration): the increasing map with the lowest val MAE"
+               + (f" among those that bring every age group of {GOAL_FACES}+ val faces within {goal:g} years (less "
+                  f"{age_map.get('margin_se', 0.5):g} standard error of the group's mean)" if goal is not None
+                  else f" (no map of its kind brings every age group of {GOAL_FACES}+ val faces within a bias goal)")
+               + f", moving ages only away from the val median ({age_map['pivot']:g})"
+               + (f" at strength {age_map['strength']:g}" if "strength" in age_map else ""))
+    else:  # trainer.calibration.fit_inverse_map at the strength choose_strength chose
+        how = (f"{fitted_by}; trainer.calibration): the inverse of the mean predicted age per true age, applied at "
+               f"strength {age_map.get('strength', 1.0):g} (each age moves that fraction of the way; the smallest "
+               f"strength that brings every age group of {GOAL_FACES}+ val faces within {BIAS_GOAL['in-domain']:g} "
+               f"years)")
     lines = ["## Ages read toward the mean: the age map", "",
-             f"Every predicted age goes through an age map fitted on the val split ({age_map.get('fitted_on_rows')} "
-             f"faces, {len(age_map['predicted'])} knots; trainer.calibration): the inverse of the mean predicted age "
-             f"per true age, applied at strength {age_map.get('strength', 1.0):g} (each age moves that fraction of "
-             f"the way; the smallest strength that brings every age group of {GOAL_FACES}+ val faces within "
-             f"{BIAS_GOAL['in-domain']:g} years). Before = the same weights without the map (`python -m "
-             f"trainer.recalibrate --drop age_map`), scored and evaluated by the same jobs.", ""]
+             f"Every predicted age goes through an age map {how}. Before = the same weights without the map "
+             f"(`python -m trainer.recalibrate --drop age_map`), scored and evaluated by the same jobs.", ""]
     for name, before, after, limit in pairs:
         b, a = _groups(before), _groups(after)
         lines += [f"### {name}", "", "| group | faces | bias before | bias after | MAE before | MAE after |",
@@ -196,6 +206,15 @@ def about_lines(run: TrainingRun, command: str) -> List[str]:
             + (f", {summary['precision']} arithmetic" if summary.get("precision") else "") + ".", ""]
 
 
+def _refit_note(refit_on: Optional[dict]) -> str:
+    """What the trainer's own numbers are when the bundle's calibration was fitted again after training."""
+    if not refit_on:
+        return ""
+    return (f", with the calibration it fitted when training ended; the bundle's calibration was fitted again "
+            f"since (`python -m trainer.recalibrate --refit-on`, on {refit_on.get('rows')} faces scored without an "
+            f"age map), and the tables here are the refitted bundle's")
+
+
 def render(run: TrainingRun, metrics: dict, command: str, title: str, notes: List[str],
            cross: Optional[List[tuple]] = None, unmapped: Optional[dict] = None) -> str:
     """The card's markdown: the run, its evaluation report (`metrics`), other datasets' reports (`cross`), and
@@ -212,7 +231,8 @@ def render(run: TrainingRun, metrics: dict, command: str, title: str, notes: Lis
              f"| {_mae(overall)} | "
              f"{_f(overall['rmse'])} | {_f(overall['cs5'], 3)} | {_f(overall['bias'])} |", "",
              f"The trainer's own test numbers: MAE {_f(summary.get('test_mae'))}, CS@5 "
-             f"{_f(summary.get('test_cs5'), 3)} (best val MAE {_f(summary.get('best_val_mae'))}).", ""]
+             f"{_f(summary.get('test_cs5'), 3)} (best val MAE {_f(summary.get('best_val_mae'))})"
+             + _refit_note((bundle.get("calibration") or {}).get("refit_on")) + ".", ""]
     for name, heading in (("age_group", "By age group"), ("gender", "By gender"), ("race", "By race")):
         rows = [s for s in metrics["slices"] if s["slice"] == name]
         if not rows:

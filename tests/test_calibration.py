@@ -70,11 +70,11 @@ def mapped(age: float) -> float:
     return 10 + 0.6 * age if age <= 50 else age - 10
 
 
-def test_the_age_map_undoes_a_known_pull_toward_the_mean():
+def test_the_inverse_map_undoes_a_known_pull_toward_the_mean():
     rng = np.random.default_rng(1)
     true = rng.uniform(1, 90, 8000)
     pulled = 40 + 0.7 * (true - 40) + rng.normal(0, 3, true.size)  # children read older, the elderly younger
-    age_map = calibration.fit_age_map(pulled[:4000], true[:4000])  # fitted on one half ("val")
+    age_map = calibration.fit_inverse_map(pulled[:4000], true[:4000])  # fitted on one half ("val")
     assert calibration.check({"age_map": age_map}, "x") is None
     # the inverse of p = 40 + 0.7 (t - 40) is t = 40 + (p - 40) / 0.7, within the fit's noise
     probe = np.array([20.0, 30.0, 40.0, 55.0, 70.0])
@@ -87,14 +87,14 @@ def test_the_age_map_undoes_a_known_pull_toward_the_mean():
     ends = calibration.map_ages(np.array([-50.0, 500.0, np.nan]), AGE_MAP)
     assert ends[0] == 0 and ends[1] == 120 and np.isnan(ends[2])
     assert calibration.map_ages(np.array([130.0 - 200]), {"predicted": [0, 10], "age": [5, 15]})[0] == 0
-    assert calibration.fit_age_map(pulled[:30], true[:30]) is None  # too few faces for two bins
+    assert calibration.fit_inverse_map(pulled[:30], true[:30]) is None  # too few faces for two bins
 
 
 def test_the_strength_corrects_only_as_far_as_the_bias_goal_needs():
     rng = np.random.default_rng(2)
     true = rng.uniform(1, 90, 6000)
     pulled = 40 + 0.7 * (true - 40) + rng.normal(0, 3, true.size)
-    age_map = calibration.fit_age_map(pulled, true)
+    age_map = calibration.fit_inverse_map(pulled, true)
     half = calibration.map_ages(pulled, {**age_map, "strength": 0.5})
     full = calibration.map_ages(pulled, age_map)
     inside = full > 0  # away from the clip at age 0: halfway between the prediction and the full map
@@ -109,6 +109,47 @@ def test_the_strength_corrects_only_as_far_as_the_bias_goal_needs():
     assert 0.6 <= chosen <= 0.85 and worst(chosen) <= 3.0 < worst(chosen - 0.05)
     assert calibration.choose_strength(true + rng.normal(0, 3, true.size), true, age_map) == 0.0  # unbiased: none
     assert calibration.choose_strength(pulled, true, age_map, goal=0.01) == 1.0  # out of reach: the full map
+
+
+def test_the_age_map_meets_the_bias_goal_at_the_lowest_mae():
+    rng = np.random.default_rng(3)
+    true = np.concatenate([rng.uniform(1, 90, 3000), rng.uniform(20, 35, 3000)])  # skewed toward the 20s, as UTKFace
+    pulled = 33 + 0.7 * (true - 33) + rng.normal(0, 3, true.size) * (1 + true / 30)  # noisier with age
+    val, test = slice(0, None, 2), slice(1, None, 2)
+    age_map = calibration.fit_age_map(pulled[val], true[val])
+    assert calibration.check({"age_map": age_map}, "x") is None
+    assert age_map["bias_goal"] == 3.0 and age_map["pivot"] == np.median(true[val])
+
+    def judged(ages, rows):
+        err = ages - true[rows]
+        return float(np.abs(err).mean()), calibration.bias_by_age_group(err, true[rows])
+
+    before_mae, before = judged(pulled[test], test)
+    assert min(before.values()) < -6 and max(before.values()) > 6  # the known pull, both ends
+    # on val: every group within the goal less half a standard error; on the other half within the goal
+    assert max(abs(v) for v in judged(calibration.map_ages(pulled[val], age_map), val)[1].values()) <= 3.0
+    mae, after = judged(calibration.map_ages(pulled[test], age_map), test)
+    assert max(abs(v) for v in after.values()) <= 3.0
+    # the inverse map at the smallest strength meeting the same goal on val costs more MAE on the other half
+    inverse = calibration.fit_inverse_map(pulled[val], true[val])
+    inverse["strength"] = calibration.choose_strength(pulled[val], true[val], inverse)
+    inverse_mae, _ = judged(calibration.map_ages(pulled[test], inverse), test)
+    assert mae < inverse_mae - 0.1, (mae, inverse_mae, before_mae)
+    # ages move only away from the val median, never across it
+    probe = np.linspace(0, 100, 201)
+    moved = calibration.map_ages(probe, age_map) - probe
+    assert (moved[probe >= age_map["pivot"]] >= -1e-4).all() and (moved[probe <= age_map["pivot"]] <= 1e-4).all()
+
+
+def test_an_age_map_out_of_the_goals_reach_loosens_it_and_says_so():
+    rng = np.random.default_rng(4)
+    true = rng.uniform(1, 90, 4000)
+    away = true + np.where(true >= 70, 12.0, 0.0) + rng.normal(0, 2, true.size)  # the elderly read OLDER: away
+    age_map = calibration.fit_age_map(away, true)  # from the mean, which an outward-only map cannot undo
+    assert calibration.check({"age_map": age_map}, "x") is None and age_map["bias_goal"] > 3.0
+    after = calibration.bias_by_age_group(calibration.map_ages(away, age_map) - true, true)
+    assert max(abs(v) for v in after.values()) <= age_map["bias_goal"]
+    assert calibration.fit_age_map(away[:40], true[:40]) is None  # too few faces
 
 
 def test_a_malformed_age_map_is_refused_in_one_line(calibrated, tmp_path):

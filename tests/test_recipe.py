@@ -111,6 +111,22 @@ def test_the_age_map_section_shows_bias_before_and_after_and_the_groups_off_the_
     assert "before 10-19 (+4.0), 70+ (-6.8); after 70+ (-3.2)." in text
     assert "before 10-19 (+5.9); after none." in text  # goal 5 years on the other set
     assert model_card.age_map_section({"age_map": None}, [("test", before, after, 3.0)]) == []
+    # each kind of map described as it was fitted: the inverse at its strength, the lowest-MAE map by its goal
+    assert "the inverse of the mean predicted age per true age, applied at strength 1 " in text
+    lowest = {**fitted["age_map"], "pivot": 29.0, "bias_goal": 3.0}
+    text = "\n".join(model_card.age_map_section({"age_map": lowest}, [("test", before, after, 3.0)]))
+    assert "the lowest val MAE among those that bring every age group of 30+ val faces within 3 years (less 0.5 " \
+        "standard error" in text
+    assert "away from the val median (29)" in text and "inverse" not in text
+    text = "\n".join(model_card.age_map_section({"age_map": {**lowest, "bias_goal": 7.0}}, [("t", before, after, 3.0)]))
+    assert "within 7 years" in text
+    unreached = {"age_map": {**lowest, "bias_goal": None}}
+    text = "\n".join(model_card.age_map_section(unreached, [("t", before, after, 3.0)]))
+    assert "lowest val MAE (no map of its kind brings every age group of 30+ val faces within a bias goal)" in text
+    # a bundle refitted after training (trainer.recalibrate --refit-on): its trainer's numbers are said to predate it
+    note = model_card._refit_note({"rows": 2157})
+    assert "fitted again" in note and "2157 faces" in note
+    assert model_card._refit_note(None) == ""
 
 
 @pytest.mark.parametrize("bad", ["no-equals-sign", "=folder", "name=", "name=s3:/bucket/report"])

@@ -5,10 +5,13 @@ numpy only: no torch here.
 
 Two parts, each optional:
 - the age map (--age-calibration debias): a model trained on a skewed age distribution reads ages toward its
-  mean (children older, the elderly younger). The map fitted is the inverse of a monotone fit of the mean
-  predicted age per true age on val, so that, on val, each true age's faces are on average read at that age:
-  bias by true age removed, not error minimised (a fit of true age on predicted age would do that and pull
-  toward the mean further). It is a piecewise-linear, increasing function of the predicted age.
+  mean (children older, the elderly younger). The map fitted (fit_age_map) is the increasing, piecewise-linear
+  function of the predicted age with the lowest val MAE among those that bring every true-age group of
+  GOAL_FACES+ val faces within BIAS_GOAL years (less half a standard error of that group's mean, so that the goal
+  holds on new faces too), moving ages only away from the val median (it undoes a pull toward the mean, never
+  adds one): a linear programme. The earlier map, the inverse of the mean predicted age per true age at the
+  smallest strength that meets the goal (fit_inverse_map, choose_strength), removes the same bias at a larger
+  MAE cost (bench.age_map_compare); bundles that carry one keep working (map_ages reads both).
 - the std scale: a Gaussian's |error| lies within 1 std 68.27 % of the time. The scale fitted is the one that
   makes that true on the val split (after the age map): the 68.27th percentile of |error| / std.
 """
@@ -23,7 +26,10 @@ from schemas.tables import AGE_GROUP_BOUNDS, MAX_AGE, MIN_AGE, age_group_names
 
 ONE_SIGMA = math.erf(1 / math.sqrt(2))  # 0.6827: the share of a Gaussian within 1 std of its mean
 MIN_ROWS = 20  # fewer val rows with a std than this: no scale is fitted (it would be noise)
-MIN_BIN = 25  # the age map: consecutive true ages pooled until each bin holds this many val faces
+MIN_BIN = 25  # the inverse map: consecutive true ages pooled until each bin holds this many val faces
+KNOTS = 20  # the age map: knots at these many quantiles of the val predictions (ends included)
+MARGIN_SE = 0.5  # the age map: each group's goal less this many standard errors of its mean error
+MIN_MAP_ROWS = 2 * MIN_BIN  # fewer val faces than this: no age map is fitted
 BIAS_GOAL = 3.0  # issue 24: no true-age group (the card's) of GOAL_FACES or more faces biased by more than this
 GOAL_FACES = 30
 
@@ -61,8 +67,8 @@ def _pool_adjacent_violators(values: np.ndarray, weights: np.ndarray) -> np.ndar
     return np.repeat([b[0] for b in blocks], [b[2] for b in blocks])
 
 
-def fit_age_map(predicted: np.ndarray, true: np.ndarray, min_bin: int = MIN_BIN) -> Optional[dict]:
-    """The age map fitted on (predicted, true) ages of val: {"predicted": [...], "age": [...]} knots, both strictly
+def fit_inverse_map(predicted: np.ndarray, true: np.ndarray, min_bin: int = MIN_BIN) -> Optional[dict]:
+    """The inverse map fitted on (predicted, true) ages of val: {"predicted": [...], "age": [...]} knots, both strictly
     increasing (a predicted age at a knot becomes its age; between knots linear; beyond the ends shifted by the
     end's offset), or None when fewer than two bins of min_bin faces exist.
 
@@ -135,6 +141,78 @@ def choose_strength(predicted: np.ndarray, true: np.ndarray, age_map: dict, goal
         if all(abs(err[group == g].mean()) <= goal for g in counted):
             return strength
     return 1.0
+
+
+def fit_age_map(predicted: np.ndarray, true: np.ndarray, goal: float = BIAS_GOAL, min_faces: int = GOAL_FACES,
+                knots: int = KNOTS, margin_se: float = MARGIN_SE) -> Optional[dict]:
+    """The age map fitted on (predicted, true) ages of val (the module's docstring): {"predicted": [...], "age":
+    [...]} knots as map_ages reads them, plus "fitted_on_rows", "pivot" (the val median, which no age crosses),
+    "bias_goal" (the goal met on val: `goal`, or a looser one when no map of this kind reaches it, e.g. a group
+    read away from the mean; None when none is met) and "margin_se"; None when fewer than MIN_MAP_ROWS faces have
+    both ages.
+
+    Knots sit at `knots` quantiles of the val predictions and at the pivot; their ages solve a linear programme:
+    minimise the mean |map(p) - t| subject to slope >= 0.05 between knots (strictly increasing), map(x) >= x above
+    the pivot and <= x below it, and |mean error| <= goal - margin_se * (the group's std of error / sqrt(faces))
+    in every true-age group (age_groups) of min_faces or more faces."""
+    from scipy import sparse
+    from scipy.optimize import linprog
+
+    predicted, true = np.asarray(predicted, np.float64), np.asarray(true, np.float64)
+    usable = np.isfinite(predicted) & np.isfinite(true)
+    predicted, true = predicted[usable], true[usable]
+    if predicted.size < MIN_MAP_ROWS:
+        return None
+    pivot = float(np.median(true))
+    x = np.unique(np.round(np.quantile(predicted, np.linspace(0, 1, knots)), 2))
+    if x.size < 2:
+        return None
+    if x[0] < pivot < x[-1]:  # a knot at the pivot, held there: no age between two knots crosses it either
+        x = np.unique(np.r_[x, pivot])
+    n, k = predicted.size, x.size
+    equal, groups = _map_rows(predicted, true, x, min_faces, margin_se)
+    cost = np.r_[np.zeros(k), np.full(2 * n, 1.0 / n)]  # the mean of over + under: the MAE
+    bounds = [(xi if xi >= pivot else None, xi if xi <= pivot else None) for xi in x] + [(0, None)] * (2 * n)
+    slope = sparse.hstack([sparse.diags([np.ones(k - 1), -np.ones(k - 1)], [0, 1], shape=(k - 1, k)),
+                           sparse.csr_matrix((k - 1, 2 * n))])  # y[i] - y[i+1] <= -0.05 (x[i+1] - x[i])
+    zeros = sparse.csr_matrix((1, 2 * n))
+    for loosen in (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, None):  # the last: no goal (the identity meets the rest)
+        upper, bound = [slope], [-0.05 * np.diff(x)]
+        for mean_map, mean_true, margin in (groups if loosen is not None else []):
+            allowed = max(goal + loosen - margin, 0.0)
+            upper += [sparse.hstack([mean_map, zeros]), sparse.hstack([-mean_map, zeros])]
+            bound += [[mean_true + allowed], [allowed - mean_true]]
+        result = linprog(cost, A_ub=sparse.vstack(upper).tocsr(), b_ub=np.concatenate([np.ravel(v) for v in bound]),
+                         A_eq=equal, b_eq=true, bounds=bounds, method="highs")
+        if result.status == 0:
+            break
+    if result.status != 0:  # the solver failed even on the programme the identity map solves
+        return None
+    return {"predicted": [float(v) for v in x], "age": [float(v) for v in result.x[:k]],
+            "fitted_on_rows": int(n), "pivot": pivot, "bias_goal": None if loosen is None else goal + loosen,
+            "margin_se": margin_se}
+
+
+def _map_rows(predicted: np.ndarray, true: np.ndarray, x: np.ndarray, min_faces: int, margin_se: float):
+    """fit_age_map's programme over [y (the knots' ages), over, under (each face's positive and negative error)]:
+    the equality rows map(p) - over + under = t (map(p) linear in y between p's two knots), and per true-age group
+    of min_faces+ faces (its row of mean map(p), its mean true age, margin_se standard errors of its mean error)."""
+    from scipy import sparse
+
+    n, k = predicted.size, x.size
+    left = np.clip(np.searchsorted(x, predicted, side="right") - 1, 0, k - 2)
+    w = np.clip((predicted - x[left]) / (x[left + 1] - x[left]), 0.0, 1.0)
+    rows = np.r_[np.arange(n), np.arange(n)]
+    interp = sparse.csr_matrix((np.r_[1 - w, w], (rows, np.r_[left, left + 1])), shape=(n, k))
+    equal = sparse.hstack([interp, -sparse.eye(n), sparse.eye(n)]).tocsr()
+    group, groups = age_groups(true), []
+    for g in np.unique(group[group >= 0]):
+        in_group = group == g
+        if in_group.sum() >= min_faces:
+            err = predicted[in_group] - true[in_group]
+            groups.append((sparse.csr_matrix(interp[in_group].mean(axis=0)), float(true[in_group].mean()),
+                           margin_se * float(err.std()) / math.sqrt(in_group.sum())))
+    return equal, groups
 
 
 def age_groups(true: np.ndarray) -> np.ndarray:

@@ -4,8 +4,8 @@ without part of its calibration (trainer.calibration), or with its age map at an
 faces with both bundles (make recipe does, for the model card's bias table before and after the age map).
 
 --refit-on SCORED --labels TABLE fits the whole calibration again, as trainer.train does when a run ends (the age
-map at the strength the bias goal needs, then the std scale), from score.py's predictions of faces with labels -
-e.g. the val split scored by a copy without an age map, or faces of the population the model will serve.
+map with the lowest MAE that meets the bias goal, then the std scale), from score.py's predictions of faces with
+labels - e.g. the val split scored by a copy without an age map, or faces of the population the model will serve.
 
 The copy has the same weights; its calibration records what was dropped (`dropped`), set (`strength_set`) or
 refitted on (`refit_on`). The original is never changed; an existing --output is replaced only when it is a
@@ -104,7 +104,7 @@ def refit(bundle_path: str, scored: str, labels: str, output: str) -> dict:
     bundle["calibration"] = fitted
     _write(bundle, output)
     return {"output": output, "refit_on_rows": int(val[2].size), "std_scale": fitted["std_scale"],
-            "age_map_strength": (fitted["age_map"] or {}).get("strength")}
+            "age_map_bias_goal": (fitted["age_map"] or {}).get("bias_goal")}
 
 
 def get_args_parser() -> Parser:

@@ -717,10 +717,11 @@ def fit_calibration(args, val, test) -> Tuple[dict, dict]:
     if args.age_calibration == "debias":
         fitted["age_map"] = calibration.fit_age_map(val_err + val_true, val_true)
         if fitted["age_map"] is None:
-            log.warning("train: --age-calibration debias: too few val faces to fit an age map; none is stored")
-        else:  # only as far as the bias goal needs: the full inverse amplifies noise (bench.age_map_compare)
-            fitted["age_map"]["strength"] = calibration.choose_strength(val_err + val_true, val_true, fitted["age_map"])
-            log.info(f"train: age map fitted on {val_true.size} val faces, strength {fitted['age_map']['strength']}")
+            log.warning("train: --age-calibration debias: no age map fitted (too few val faces); none is stored")
+        else:
+            goal = fitted["age_map"]["bias_goal"]
+            log.info(f"train: age map fitted on {val_true.size} val faces, "
+                     + (f"every age group within {goal:g} years" if goal is not None else "no bias goal reachable"))
     mapped = calibration.map_ages(val_err + val_true, fitted["age_map"]) - val_true
     fitted.update(calibration.fit_std_scale(mapped, val_std))
     before = {}
