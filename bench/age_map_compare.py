@@ -1,9 +1,13 @@
-"""The age map's variants, fitted on one split's predictions and judged on another's (issue 24, item 3): no map,
-the full inverse (trainer.calibration.fit_age_map), coarser bins, and partial maps p + s (map(p) - p) of
-strength s. Reads score.py's predictions of a bundle WITHOUT an age map (python -m trainer.recalibrate --drop
-age_map) for the val and test splits and the prepared table's labels; prints test MAE and bias by true-age group.
+"""The age map's variants, fitted on one split's predictions and judged on others' (issue 24, item 3): no map;
+the trainer's map (trainer.calibration.fit_age_map: the lowest val MAE within the bias goal less 0 / 0.5 / 1
+standard errors); the inverse map (fit_inverse_map) in bins of 25 or 100 faces, at strengths 1 ... 0 and at the
+smallest strength meeting the goal on val (choose_strength, the trainer's rule before 2026-12-04). Reads
+score.py's predictions of a bundle WITHOUT an age map (python -m trainer.recalibrate --drop age_map) for the val
+and test splits (and, with --aaf, All-Age-Faces photos) and the prepared tables' labels; prints MAE and bias by
+true-age group on each.
 
-    python -m bench.age_map_compare --val VAL_SCORED --test TEST_SCORED --labels out/utkface_parquet
+    python -m bench.age_map_compare --val VAL_SCORED --test TEST_SCORED --labels out/utkface_parquet \\
+        [--aaf AAF_SCORED --aaf-labels out/aaf_parquet]
 """
 from __future__ import annotations
 
@@ -22,27 +26,46 @@ def ages(scored: str, labels: str):
     return err + true, true
 
 
+def judged(age_map, sets: dict) -> dict:
+    """{set: {"mae", "worst_group_bias", "bias_by_age_group"}} of each (predicted, true) set through age_map."""
+    out = {}
+    for name, (predicted, true) in sets.items():
+        err = calibration.map_ages(predicted, age_map).astype(np.float64) - true
+        bias = calibration.bias_by_age_group(err, true)
+        out[name] = {"mae": round(float(np.abs(err).mean()), 3), "worst_group_bias": max(bias.values(), key=abs),
+                     "bias_by_age_group": bias}
+    return out
+
+
+def variants(val_pred, val_true):
+    """(name, age map) of every variant, fitted on val."""
+    yield "no map", None
+    for margin in (0.0, 0.5, 1.0):
+        name = f"lowest-MAE map, goal less {margin:g} SE" + (" (the trainer's)" if margin == calibration.MARGIN_SE
+                                                             else "")
+        yield name, calibration.fit_age_map(val_pred, val_true, margin_se=margin)
+    for min_bin in (25, 100):
+        inverse = calibration.fit_inverse_map(val_pred, val_true, min_bin=min_bin)
+        chosen = calibration.choose_strength(val_pred, val_true, inverse)
+        yield f"inverse, bins of {min_bin}, strength chosen on val ({chosen:g})", {**inverse, "strength": chosen}
+        for strength in (1.0, 0.75, 0.5, 0.25):
+            yield f"inverse, bins of {min_bin}, strength {strength:g}", {**inverse, "strength": strength}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--val", required=True, help="score.py output of the val split (a bundle without an age map)")
     p.add_argument("--test", required=True, help="score.py output of the test split (the same bundle)")
     p.add_argument("--labels", required=True, help="the prepared table (its faces' ages)")
+    p.add_argument("--aaf", help="score.py output of All-Age-Faces photos (the same bundle)")
+    p.add_argument("--aaf-labels", help="the All-Age-Faces table prepared with the detector on (its ages)")
     args = p.parse_args()
     val_pred, val_true = ages(args.val, args.labels)
-    test_pred, test_true = ages(args.test, args.labels)
-    results = {}
-    for name, min_bin in (("full inverse, bins of 25", 25), ("full inverse, bins of 100", 100)):
-        age_map = calibration.fit_age_map(val_pred, val_true, min_bin=min_bin)
-        for strength in (1.0, 0.75, 0.5, 0.25, 0.0):
-            mapped = calibration.map_ages(test_pred, {**age_map, "strength": strength})
-            err = mapped - test_true
-            results[f"{name}, strength {strength}"] = {
-                "test_mae": round(float(np.abs(err).mean()), 3),
-                "worst_group_bias": max(calibration.bias_by_age_group(err, test_true).values(), key=abs),
-                "bias_by_age_group": calibration.bias_by_age_group(err, test_true),
-                "chosen_on_val": calibration.choose_strength(val_pred, val_true, age_map)}
-    print(json.dumps({"val_faces": int(val_true.size), "test_faces": int(test_true.size), "variants": results},
-                     indent=1))
+    sets = {"val": (val_pred, val_true), "test": ages(args.test, args.labels)}
+    if args.aaf:
+        sets["aaf"] = ages(args.aaf, args.aaf_labels or args.labels)
+    results = {name: judged(age_map, sets) for name, age_map in variants(val_pred, val_true)}
+    print(json.dumps({"faces": {k: int(v[1].size) for k, v in sets.items()}, "variants": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -58,26 +58,13 @@ def cost(flags) -> float:
 
 
 def held_out(bundle: Path, aaf: str, device: str, cache: dict) -> dict:
-    """The bundle over every All-Age-Faces crop, flip TTA, with and without its age map."""
-    import numpy as np
+    """The bundle over every All-Age-Faces crop, flip TTA, with and without its age map (bench.shift_data)."""
+    from bench.shift_data import evaluate
 
-    from bench.common import split_pixels
-    from trainer import calibration
-    from trainer.bundle import Predictor
-
-    predictor = Predictor(str(bundle), device=device)
-    if predictor.size not in cache:
-        cache[predictor.size] = split_pixels(aaf, ("train", "val", "test"), predictor.size)
-    pixels, ages = cache[predictor.size]
-    cal = predictor.bundle.get("calibration") or {}
-    predictor.bundle["calibration"] = {k: v for k, v in cal.items() if k != "age_map"}
-    raw, _ = predictor.predict(pixels, batch_size=512, tta="flip")
-    out = {"aaf_rows": int(len(ages))}
-    for name, pred in (("unmapped", raw), ("mapped", calibration.map_ages(raw, cal.get("age_map")))):
-        err = np.asarray(pred, np.float64) - ages
-        out[f"aaf_mae_{name}"] = round(float(np.abs(err).mean()), 3)
-        out[f"aaf_bias_by_age_group_{name}"] = calibration.bias_by_age_group(err, ages)
-    return out
+    result = evaluate(str(bundle), aaf, "flip", device, cache)
+    return {"aaf_rows": result["rows"], "aaf_mae_unmapped": result["mae_unmapped"], "aaf_mae_mapped": result["mae"],
+            "aaf_bias_by_age_group_unmapped": result["bias_by_age_group_unmapped"],
+            "aaf_bias_by_age_group_mapped": result["bias_by_age_group"]}
 
 
 def record(name, flags, folder: Path, seconds: float) -> dict:

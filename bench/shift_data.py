@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -134,17 +134,29 @@ def make(data: str, work: Path, seed: int = 0, kinds=tuple(KINDS), photos_only: 
     return out
 
 
-def evaluate(bundle: str, table: str, tta: str = "none") -> dict:
-    """MAE, CS@5 and bias of `bundle` over every row (all splits) of the prepared table `table`."""
+def evaluate(bundle: str, table: str, tta: str = "none", device: str = "cpu", cache: Optional[dict] = None) -> dict:
+    """MAE, CS@5 and bias of `bundle` over every row (all splits) of the prepared table `table`, as the bundle ships
+    (its age map applied), plus MAE and bias by true-age group with and without the map (`_unmapped`). `cache`
+    keeps the decoded crops across calls, keyed by table and input size (bundles of one size share them)."""
     from bench.common import split_pixels
+    from trainer import calibration
     from trainer.bundle import Predictor
 
-    predictor = Predictor(bundle, device="cpu")
-    pixels, ages = split_pixels(table, ("train", "val", "test"), predictor.size)
-    pred, _ = predictor.predict(pixels, batch_size=256, tta=tta)
-    err = pred - ages
+    predictor = Predictor(bundle, device=device)
+    cache = {} if cache is None else cache
+    if (table, predictor.size) not in cache:
+        cache[table, predictor.size] = split_pixels(table, ("train", "val", "test"), predictor.size)
+    pixels, ages = cache[table, predictor.size]
+    fitted = predictor.bundle.get("calibration") or {}
+    predictor.bundle["calibration"] = {k: v for k, v in fitted.items() if k != "age_map"}  # raw ages, stds scaled
+    raw, _ = predictor.predict(pixels, batch_size=256 if device == "cpu" else 512, tta=tta)
+    err = calibration.map_ages(raw, fitted.get("age_map")).astype(np.float64) - ages
+    raw_err = np.asarray(raw, np.float64) - ages
     return {"rows": int(len(ages)), "mae": round(float(np.abs(err).mean()), 3),
-            "cs5": round(float((np.abs(err) <= 5).mean()), 3), "bias": round(float(err.mean()), 3)}
+            "cs5": round(float((np.abs(err) <= 5).mean()), 3), "bias": round(float(err.mean()), 3),
+            "bias_by_age_group": calibration.bias_by_age_group(err, ages),
+            "mae_unmapped": round(float(np.abs(raw_err).mean()), 3),
+            "bias_by_age_group_unmapped": calibration.bias_by_age_group(raw_err, ages)}
 
 
 def main():
