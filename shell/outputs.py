@@ -39,6 +39,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 from shell.cli import dumps, log, new_run_id, pause_point
 from shell.errors import UserError
+from shell.scratch import process_alive, process_start
 from shell.uri import ALIASES, LocalFS, fs_for, is_remote, join, local_path, scheme
 
 # the bookkeeping entries of an output root (every reader skips names that start with "_faceage")
@@ -147,37 +148,8 @@ def _describe(fs, uri: str) -> str:
     return f"a folder of {len(names)} entr{'y' if len(names) == 1 else 'ies'} ({shown})"
 
 
-def _proc_stat(pid: int) -> tuple:
-    """(state, start time) of process `pid` from Linux /proc, (None, None) elsewhere or when it does not run.
-    A pid reused by another process after the holder died has another start time; a killed holder whose
-    parent has not reaped it yet (a zombie, state Z, e.g. a Spark driver whose JVM was killed with it) still
-    answers kill(pid, 0) but runs no more."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0], fields[19]
-    except (OSError, IndexError):
-        return None, None
-
-
-def _proc_start(pid: int) -> Optional[str]:
-    return _proc_stat(pid)[1]
-
-
 def _alive(holder: dict) -> bool:
-    pid = holder.get("pid")
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # runs, as another user
-    state, started = _proc_stat(pid)
-    if state in ("Z", "X"):
-        return False
-    return started is None or holder.get("pid_start") in (None, started)
+    return process_alive(holder.get("pid"), holder.get("pid_start"))
 
 
 def _now() -> str:
@@ -202,7 +174,7 @@ class OutputLock:
 
     def _body(self) -> dict:
         pid = os.getpid()
-        return {"writer": WRITER, "run_id": self.run_id, "kind": self.kind, "pid": pid, "pid_start": _proc_start(pid),
+        return {"writer": WRITER, "run_id": self.run_id, "kind": self.kind, "pid": pid, "pid_start": process_start(pid),
                 "host": socket.gethostname(), "started_at": getattr(self, "_started", None) or _now(),
                 "heartbeat_at": _now(), "heartbeat_unix": time.time()}
 

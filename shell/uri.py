@@ -534,11 +534,11 @@ class WorkFolder:
     `pull` downloads (e.g. a checkpoint to resume from)."""
 
     def __init__(self, uri: str):
-        import tempfile
+        from shell import scratch
 
         self.uri = uri
         self.remote = is_remote(uri)
-        self.path = tempfile.mkdtemp(prefix="faceage-run-") if self.remote else local_path(uri)
+        self.path = scratch.scratch_dir("faceage-run-") if self.remote else local_path(uri)
         os.makedirs(self.path, exist_ok=True)
 
     def local(self, name: str) -> str:

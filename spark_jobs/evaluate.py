@@ -16,14 +16,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from typing import List, Optional
 
 
 from schemas import layout
 from schemas.tables import SPLITS
-from shell import uri as uri_io
+from shell import scratch, uri as uri_io
 from shell.cli import dumps, entry_points, log, new_run_id, non_negative_int, Parser, path_arg, redact
 from shell.errors import UserError
 from shell.outputs import check_overlap, Outputs, remove
@@ -132,7 +131,7 @@ def write_report(args, outputs, metrics: dict) -> None:
     one), then ONE commit: this report's files, and a file of an earlier report this one has not (e.g. no
     uncertainty plot now) removed, so the folder never mixes two reports."""
     density, curves = metrics.pop("density"), metrics.pop("curves")
-    staging = tempfile.mkdtemp(prefix="faceage-report-") if uri_io.is_remote(outputs.root) else outputs.staging_root
+    staging = scratch.scratch_dir("faceage-report-") if uri_io.is_remote(outputs.root) else outputs.staging_root
     try:
         os.makedirs(staging, exist_ok=True)
         metrics["plots"] = report.write_files(staging, metrics, density, curves)

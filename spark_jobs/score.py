@@ -21,13 +21,12 @@ import datetime as dt
 import os
 import shutil
 import sys
-import tempfile
 import time
 from typing import List, Optional
 
 
 from schemas import layout
-from shell import uri as uri_io
+from shell import scratch, uri as uri_io
 from shell.cli import (dumps, entry_points, log, new_run_id, non_negative_int, Parser, path_arg, positive_int,
                        redact, redact_all)
 from shell.errors import UserError
@@ -130,7 +129,7 @@ def run(args, resolved: dict) -> dict:
                       legacy=lambda name: looks_like_manifest(fs, layout.join(output, layout.SCORE_MANIFEST),
                                                               ("run_id", "model_id", "counts")))
     outputs.begin()  # the output's lock; a killed run's leftovers finished or removed
-    resolved["ship_dir"] = tempfile.mkdtemp(prefix="faceage-score-")
+    resolved["ship_dir"] = scratch.scratch_dir("faceage-score-")  # a killed run's copy removed by the next
     try:
         if args.mode == "error" and outputs.exists(layout.PREDICTIONS_DIR):
             raise UserError(f"--output {output} already holds {layout.PREDICTIONS_DIR}/ (use --mode overwrite to "

@@ -16,6 +16,28 @@ REPO = Path(__file__).resolve().parents[1]
 UTKFACE = Path(os.environ.get("FACEAGE_UTKFACE", REPO.parent / "shared" / "data" / "utkface"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def scratch_inside_the_session(tmp_path_factory):
+    """Every temp file of the run, the jobs' own and those of Spark and torch, in the session's folder rather than
+    /tmp: what a process the tests SIGKILL cannot remove goes with the session's folder (pytest keeps the last 2
+    sessions' folders, and removes a passed session's)."""
+    import tempfile
+
+    root = tmp_path_factory.mktemp("scratch", numbered=False)
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", "SPARK_LOCAL_DIRS", "SPARK_SUBMIT_OPTS")}
+    os.environ["TMPDIR"] = os.environ["SPARK_LOCAL_DIRS"] = str(root)
+    # a driver JVM's own temp files (native libraries it unpacks, Spark's artifacts folder) too
+    os.environ["SPARK_SUBMIT_OPTS"] = f"{saved['SPARK_SUBMIT_OPTS'] or ''} -Djava.io.tmpdir={root}".strip()
+    tempfile.tempdir = None  # this process's tempfile reads TMPDIR again
+    yield root
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    tempfile.tempdir = None
+
+
 @pytest.fixture(scope="session")
 def spark():
     os.environ.setdefault("FACEAGE_SPARK_MASTER", "local[2]")
