@@ -68,7 +68,7 @@ def age_map_section(fitted: Optional[dict], pairs: List[tuple]) -> List[str]:
         goal = age_map["bias_goal"]
         how = (f"{fitted_by}; trainer.calibration): the increasing map with the lowest val MAE"
                + (f" among those that bring every age group of {GOAL_FACES}+ val faces within {goal:g} years (less "
-                  f"{age_map.get('margin_se', 0.5):g} standard error of the group's mean)" if goal is not None
+                  f"{age_map['margin_se']:g} standard error of the group's mean)" if goal is not None
                   else f" (no map of its kind brings every age group of {GOAL_FACES}+ val faces within a bias goal)")
                + f", moving ages only away from the val median ({age_map['pivot']:g})"
                + (f" at strength {age_map['strength']:g}" if "strength" in age_map else ""))

@@ -113,10 +113,10 @@ def test_the_age_map_section_shows_bias_before_and_after_and_the_groups_off_the_
     assert model_card.age_map_section({"age_map": None}, [("test", before, after, 3.0)]) == []
     # each kind of map described as it was fitted: the inverse at its strength, the lowest-MAE map by its goal
     assert "the inverse of the mean predicted age per true age, applied at strength 1 " in text
-    lowest = {**fitted["age_map"], "pivot": 29.0, "bias_goal": 3.0}
+    lowest = {**fitted["age_map"], "pivot": 29.0, "bias_goal": 3.0, "margin_se": 0.75}
     text = "\n".join(model_card.age_map_section({"age_map": lowest}, [("test", before, after, 3.0)]))
-    assert "the lowest val MAE among those that bring every age group of 30+ val faces within 3 years (less 0.5 " \
-        "standard error" in text
+    assert "the lowest val MAE among those that bring every age group of 30+ val faces within 3 years (less 0.75 " \
+        "standard error" in text  # the margin the map was fitted with, read from it
     assert "away from the val median (29)" in text and "inverse" not in text
     text = "\n".join(model_card.age_map_section({"age_map": {**lowest, "bias_goal": 7.0}}, [("t", before, after, 3.0)]))
     assert "within 7 years" in text
