@@ -1,6 +1,7 @@
 """MLflow tracking against a local store (sqlite, in the test's folder): train, tune and evaluate appear as
 runs with params, metrics and artifacts; the registered pyfunc model scores the ages score.py writes."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -30,13 +31,17 @@ def test_untracked_runs_never_touch_mlflow(tables, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_train_tune_evaluate_are_tracked_and_the_pyfunc_scores_like_score(tables, spark, store, tmp_path):
+def test_train_tune_evaluate_are_tracked_and_the_pyfunc_scores_like_score(tables, spark, store, tmp_path,
+                                                                          monkeypatch):
     import mlflow
 
     root, _, _ = tables
     # train: params, one metric row per epoch, the bundle as a registered pyfunc model
     assert train.main(["--data", str(root / "pq"), "--output", str(tmp_path / "run"), "--epochs", "2",
                        "--mlflow", store, "--register-model", "faceage-test", *TINY.split()]) == 0
+    # the job's store stays the job's: MLflow exports its URI to the environment, which would track every later
+    # job of this process (the API, a notebook) into it
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     client = mlflow.MlflowClient(store)
     exp = client.get_experiment_by_name("faceage")
     (run,) = client.search_runs([exp.experiment_id], "tags.`faceage.stage` = 'train'")
@@ -75,6 +80,7 @@ def test_train_tune_evaluate_are_tracked_and_the_pyfunc_scores_like_score(tables
     # the registered pyfunc model as a Spark UDF over the faces table: the ages score.py wrote
     from pyspark.sql import functions as sf
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # what set_tracking_uri exports, undone after the test
     mlflow.set_tracking_uri(store)
     udf = mlflow.pyfunc.spark_udf(spark, "models:/faceage-test/1", result_type="double", env_manager="local")
     faces = spark.read.parquet(str(root / "pq" / "faces")).where("split = 'test'")
@@ -174,6 +180,7 @@ def test_mlflow_models_serve_answers_with_the_bundles_ages(tables, store, tmp_pa
     import pyarrow.parquet as pq
     import requests
 
+    from conftest import venv_env
     from trainer.bundle import Predictor
     from trainer.runtime import decode_image
 
@@ -183,8 +190,9 @@ def test_mlflow_models_serve_answers_with_the_bundles_ages(tables, store, tmp_pa
     port = _free_port()
     server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve", "-m",
                                "models:/faceage-served/1", "--env-manager", "local", "-h", "127.0.0.1", "-p",
-                               str(port)], cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": store},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                               str(port)], cwd=tmp_path, env=venv_env(MLFLOW_TRACKING_URI=store),  # uvicorn on PATH
+                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"),
+                              start_new_session=True)
     try:
         deadline = time.time() + 180
         while True:
@@ -193,7 +201,8 @@ def test_mlflow_models_serve_answers_with_the_bundles_ages(tables, store, tmp_pa
                     break
             except requests.RequestException:
                 pass
-            assert server.poll() is None and time.time() < deadline, "mlflow models serve did not start"
+            assert server.poll() is None and time.time() < deadline, \
+                "mlflow models serve did not start: " + (tmp_path / "serve.log").read_text()[-2000:]
             time.sleep(0.5)
         crops = pd.concat(pq.read_table(p, columns=["image"]).to_pandas()
                           for p in sorted((root / "pq" / "faces").rglob("*.parquet")))["image"][:5].map(bytes)
@@ -205,5 +214,6 @@ def test_mlflow_models_serve_answers_with_the_bundles_ages(tables, store, tmp_pa
         want, _ = reference.predict(np.stack([decode_image(c, reference.size) for c in crops]))
         assert np.allclose(served, want, atol=1e-3) and len(served) == 5
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

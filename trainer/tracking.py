@@ -101,7 +101,14 @@ def _mlflow(args):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         check_reachable(uri, given)
+    before = os.environ.get(ENV_URI)
     mlflow.set_tracking_uri(uri)
+    # MLflow also exports the URI to the environment (for its own subprocesses): a job run in-process (the Python
+    # API, a notebook, the tests) must not turn tracking on, into its store, for every job after it
+    if before is None:
+        os.environ.pop(ENV_URI, None)
+    else:
+        os.environ[ENV_URI] = before
     return mlflow
 
 
