@@ -58,7 +58,7 @@ def _write(rows_by_split: Dict[str, object], root: Path, manifest: dict, note: s
     (faces / "_SUCCESS").write_text("")
     manifest = {**manifest, "splits": counts, "counts": {"inputs": sum(counts.values()), "faces": sum(counts.values()),
                                                           "rejects": 0}, "note": note}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (root / layout.LATEST_MANIFEST).write_text(json.dumps(manifest, indent=2))
     return counts
 
 
