@@ -8,7 +8,8 @@ cross-dataset result: it says how much of the cross-dataset gap training data fr
 table goes under --work, outside the repository (derived from the datasets: never commit it).
 
     python -m bench.mixed_data --utkface out/utkface_parquet --aaf out/aaf_parquet --work <scratch>/mixed
-    -> <work>/train_table (train on it; its test split is UTKFace's), <work>/aaf_test, <work>/utkface_test (evaluate on them)
+    -> <work>/train_table (train on it; its test split is UTKFace's); <work>/aaf_test and <work>/utkface_test
+       (evaluate on them)
     python -m bench.mixed_data --work <scratch>/mixed --evaluate reference=<bundle> second=<bundle>
     -> every bundle on both held-out tables (flip TTA, as shipped and without its age map), one JSON
 """
