@@ -21,8 +21,10 @@ from spark_jobs.local_cluster import Cluster
 from photos.synthetic import write_demo_folder
 
 pytestmark = pytest.mark.slow
+# fp32: bf16 arithmetic (--precision auto on a CPU that has it) rounds differently with each thread count, and the
+# workers' executors run other thread counts than local mode (in bf16 the two runs once ended 0.54 test MAE apart)
 TRAIN = ["--epochs", "2", "--image-size", "32", "--batch-size", "8", "--workers", "1", "--no-progress",
-         "--reader", "pyarrow", "--seed", "3"]
+         "--reader", "pyarrow", "--seed", "3", "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
