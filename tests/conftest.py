@@ -16,6 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 UTKFACE = Path(os.environ.get("FACEAGE_UTKFACE", REPO.parent / "shared" / "data" / "utkface"))
 
 
+def restore_environ(saved: dict) -> None:
+    """Put back the environment variables `saved` recorded ({name: value, None where it was unset})."""
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def scratch_inside_the_session(tmp_path_factory):
     """Every temp file of the run, the jobs' own and those of Spark and torch, in the session's folder rather than
@@ -30,11 +39,7 @@ def scratch_inside_the_session(tmp_path_factory):
     os.environ["SPARK_SUBMIT_OPTS"] = f"{saved['SPARK_SUBMIT_OPTS'] or ''} -Djava.io.tmpdir={root}".strip()
     tempfile.tempdir = None  # this process's tempfile reads TMPDIR again
     yield root
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_environ(saved)
     tempfile.tempdir = None
 
 
@@ -178,11 +183,7 @@ def s3_server(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in [*S3_CREDENTIALS, "AWS_ENDPOINT_URL"]}
     os.environ.update(S3_CREDENTIALS, AWS_ENDPOINT_URL=endpoint)
     yield endpoint
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    restore_environ(saved)
     if proc is not None:
         proc.terminate()
         proc.wait(timeout=10)
