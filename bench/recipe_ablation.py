@@ -19,7 +19,7 @@ import re
 import statistics
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from bench.common import REPO, copy_splits, machine, run_python
 from schemas import layout
@@ -47,11 +47,13 @@ def recipe_flags(makefile: Path = REPO / "Makefile") -> List[str]:
     return found.group(1).split()
 
 
-def train(args, name: str, seed: int, data: str) -> Path:
+def train(args, name: str, seed: int, data: str, changes: Optional[List[str]] = None) -> Path:
+    """The recipe with VARIANTS[name]'s flags (or `changes`) in --minutes, as WORK/runs/NAME-sSEED; kept if done."""
     folder = Path(args.work) / "runs" / f"{name}-s{seed}"
     if not (folder / layout.SUMMARY).exists():
         print(f"{time.strftime('%H:%M:%S')} train {folder.name}", flush=True)
-        flags = recipe_flags() + VARIANTS[name] + ["--max-minutes", str(args.minutes), "--seed", str(seed)]
+        changes = VARIANTS[name] if changes is None else changes
+        flags = recipe_flags() + changes + ["--max-minutes", str(args.minutes), "--seed", str(seed)]
         run_python(["-m", "trainer.train", "--data", data, "--output", str(folder), *flags],
                    log=folder.with_suffix(".log"))
     held_out(args, folder)
