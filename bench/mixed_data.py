@@ -103,16 +103,28 @@ def make(utkface: str, aaf: str, work: Path) -> dict:
     return {"work": str(work), "tables": out, "aaf_fractions": AAF_SPLITS, "salt": SALT}
 
 
+def at_age_mix(mae_by_group: Dict[str, float], faces_by_group: Dict[str, int]) -> float:
+    """A set's MAE had its faces the age groups' shares of another set (`faces_by_group`): what is left of a gap
+    once the two sets' age distributions are made equal. Groups the first set lacks are left out of the shares."""
+    shared = {g: n for g, n in faces_by_group.items() if g in mae_by_group}
+    return round(sum(mae_by_group[g] * n for g, n in shared.items()) / sum(shared.values()), 3)
+
+
 def compare(work: Path, bundles: Dict[str, str], tta: str = "flip") -> dict:
     """Each bundle on the same held-out faces: AAF's test part and UTKFace's test split (bench.shift_data.evaluate:
-    MAE, CS@5, bias by age group, with and without the bundle's age map), and the AAF/UTKFace ratio."""
+    MAE, CS@5, bias by age group, with and without the bundle's age map), and the AAF/UTKFace ratio, also with AAF's
+    MAE taken at UTKFace's test age mix (at_age_mix)."""
     from bench.shift_data import evaluate
 
     cache, out = {}, {}
     for name, bundle in bundles.items():
         res = {t: evaluate(bundle, str(work / t), tta, cache=cache) for t in ("utkface_test", "aaf_test")}
-        res["aaf_ratio"] = round(res["aaf_test"]["mae"] / res["utkface_test"]["mae"], 3)
-        res["aaf_ratio_unmapped"] = round(res["aaf_test"]["mae_unmapped"] / res["utkface_test"]["mae_unmapped"], 3)
+        for suffix in ("", "_unmapped"):
+            utk, aaf = res["utkface_test"], res["aaf_test"]
+            res["aaf_ratio" + suffix] = round(aaf["mae" + suffix] / utk["mae" + suffix], 3)
+            at_mix = at_age_mix(aaf["mae_by_age_group" + suffix], utk["faces_by_age_group"])
+            res["aaf_mae_at_utkface_age_mix" + suffix] = at_mix
+            res["aaf_ratio_at_utkface_age_mix" + suffix] = round(at_mix / utk["mae" + suffix], 3)
         out[name] = res
     return out
 

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from schemas import layout
+from schemas.tables import age_group_names
 from bench.common import REPO, env_with_venv
 
 SCENE = (640, 480)
@@ -136,7 +137,7 @@ def make(data: str, work: Path, seed: int = 0, kinds=tuple(KINDS), photos_only: 
 
 def evaluate(bundle: str, table: str, tta: str = "none", device: str = "cpu", cache: Optional[dict] = None) -> dict:
     """MAE, CS@5 and bias of `bundle` over every row (all splits) of the prepared table `table`, as the bundle ships
-    (its age map applied), plus MAE and bias by true-age group with and without the map (`_unmapped`). `cache`
+    (its age map applied), plus faces, MAE and bias by true-age group with and without the map (`_unmapped`). `cache`
     keeps the decoded crops across calls, keyed by table and input size (bundles of one size share them)."""
     from bench.common import split_pixels
     from trainer import calibration
@@ -152,11 +153,15 @@ def evaluate(bundle: str, table: str, tta: str = "none", device: str = "cpu", ca
     raw, _ = predictor.predict(pixels, batch_size=256 if device == "cpu" else 512, tta=tta)
     err = calibration.map_ages(raw, fitted.get("age_map")).astype(np.float64) - ages
     raw_err = np.asarray(raw, np.float64) - ages
+    group, names = calibration.age_groups(ages), age_group_names()
     return {"rows": int(len(ages)), "mae": round(float(np.abs(err).mean()), 3),
             "cs5": round(float((np.abs(err) <= 5).mean()), 3), "bias": round(float(err.mean()), 3),
+            "faces_by_age_group": {names[g]: int((group == g).sum()) for g in np.unique(group[group >= 0])},
             "bias_by_age_group": calibration.bias_by_age_group(err, ages),
+            "mae_by_age_group": calibration.bias_by_age_group(np.abs(err), ages),
             "mae_unmapped": round(float(np.abs(raw_err).mean()), 3),
-            "bias_by_age_group_unmapped": calibration.bias_by_age_group(raw_err, ages)}
+            "bias_by_age_group_unmapped": calibration.bias_by_age_group(raw_err, ages),
+            "mae_by_age_group_unmapped": calibration.bias_by_age_group(np.abs(raw_err), ages)}
 
 
 def main():
