@@ -95,6 +95,12 @@ def subset_table(args) -> Path:
     return table
 
 
+def as_flags(values: dict, fmt: Callable = str) -> List[str]:
+    """trainer.train flag values (e.g. trainer.tune's train_params) as command-line flags: {"weight_decay": 1e-4}
+    -> ["--weight-decay", "0.0001"]; `fmt` writes each value."""
+    return [x for k, v in values.items() for x in (f"--{k.replace('_', '-')}", fmt(v))]
+
+
 def env_with_venv() -> dict:
     """This interpreter's bin folder first on PATH (spark-submit, torchrun)."""
     return dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])

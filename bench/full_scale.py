@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from schemas import layout
-from bench.common import copy_splits, machine, run_python
+from bench.common import as_flags, copy_splits, machine, run_python
 
 # name -> trainer.train flags (the rest are shared). cyclic_dist is the trainer's default before issue 11.
 ONECYCLE_REG = ["--schedule", "onecycle", "--lr", "3e-3", "--head", "regression"]
@@ -76,7 +76,7 @@ def tune(args, seed: int, sampler: str) -> Path:
     # the best values mapped for the FULL train split (the cycle length is counted in batches)
     rows = json.loads((work / "runs" / f"cyclic_dist-s{seed}" / layout.SUMMARY).read_text())["rows"]["train"]
     params = train_params(report["best"]["params"], rows)
-    flags = [x for k, v in params.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    flags = as_flags(params)
     folder = work / "runs" / f"{sampler}-s{seed}"
     train(args, folder, flags, seed)
     return folder

@@ -23,8 +23,9 @@ import shlex
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
-from bench.common import copy_splits, machine, run_python
+from bench.common import as_flags, copy_splits, machine, run_python
 from bench.recipe_ablation import record, recipe_flags, train
 from schemas import layout
 
@@ -50,10 +51,9 @@ def study(args, data: str) -> dict:
     return json.loads((out / layout.TUNE_REPORT).read_text())
 
 
-def tuned_flags(report: dict) -> list:
+def tuned_flags(report: dict, fmt: Callable = str) -> list:
     """The best trial's trainer.train values as flags (added after the recipe's: the last value of a flag wins)."""
-    params = {k: v for k, v in report["best"]["train_params"].items() if k != "epochs"}
-    return [x for k, v in params.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    return as_flags({k: v for k, v in report["best"]["train_params"].items() if k != "epochs"}, fmt)
 
 
 def summarise(args, report: dict) -> dict:
@@ -76,8 +76,7 @@ def summarise(args, report: dict) -> dict:
             unmapped_means[name] = statistics.mean(unmapped)
         lines.append("| " + " | ".join([
             "the recipe's" if name == "recipe" else "tuned: " + " ".join(
-                "%.4g" % float(x) if x.replace(".", "", 1).replace("e-", "", 1).isdigit() else x
-                for x in tuned_flags(report)),
+                tuned_flags(report, lambda v: "%.4g" % v if isinstance(v, float) else str(v))),
             ",".join(map(str, sorted(seeds))), "/".join(str(r["epochs"]) for r in rs),
             " / ".join("%.2f" % r["test_mae"] for r in rs), "%.2f" % test,
             "%.2f" % statistics.mean(unmapped) if unmapped else "-",
