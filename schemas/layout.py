@@ -160,12 +160,14 @@ def table_files(uri: str, version: Optional[int] = None) -> List[str]:
     path = local_path(uri)
     if path is None:
         remote = uris.RemoteFS()
+        if not remote.exists(uri):
+            raise FileNotFoundError(_missing_message(uri))
         if not remote.exists(join(uri, "_SUCCESS")):
             raise IncompleteTableError(_incomplete_message(uri))
         return [join(uri, rel) for rel in remote.walk_files(uri)
                 if rel.endswith(".parquet") and not any(part[:1] in "_." for part in rel.split("/"))]
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{uri}: no such table directory (run spark_jobs/prepare.py first)")
+        raise FileNotFoundError(_missing_message(uri))
     if not os.path.exists(os.path.join(path, "_SUCCESS")):
         raise IncompleteTableError(_incomplete_message(uri))
     files = []
@@ -197,10 +199,19 @@ def _check_not_vacuumed(uri: str, version: int, files: List[str]) -> None:
                      f"{oldest} or later, or leave it out for the latest")
 
 
-def _incomplete_message(uri: str) -> str:
-    return (f"{uri} has no _SUCCESS marker: the prepare run that wrote it did not finish (killed or failed). "
-            f"Rerun spark_jobs/prepare.py with --mode overwrite, or use --format delta for tables that "
-            f"always show their last committed version.")
+PREPARE_JOB, SCORE_JOB = "spark_jobs/prepare.py", "spark_jobs/score.py"  # the jobs that write tables
+
+
+def _incomplete_message(uri: str, writer: str = PREPARE_JOB) -> str:
+    """Why a Parquet folder without Spark's _SUCCESS marker is not read, and what to do (`writer`: the job
+    that writes such tables)."""
+    return (f"{uri} has no _SUCCESS marker: the {writer} run that wrote it did not finish (killed or failed). "
+            f"Rerun {writer} with --mode overwrite, or use --format delta for tables that always show their "
+            f"last committed version")
+
+
+def _missing_message(uri: str, writer: str = PREPARE_JOB) -> str:
+    return f"{uri}: no such table (nothing there; run {writer} to write it, or check the path)"
 
 
 def faces_table(data_uri: str) -> str:

@@ -77,6 +77,8 @@ def read_inputs(spark, args):
     try:
         preds = read_predictions(spark, to_uri(args.predictions))
         preds.schema  # noqa: B018 - resolve now: a missing or foreign table fails here, with its name
+    except (FileNotFoundError, layout.IncompleteTableError) as e:  # says what is wrong and what to run
+        raise UserError(f"--predictions {args.predictions}: {e}") from None
     except Exception as e:  # noqa: BLE001
         raise UserError(f"--predictions {args.predictions}: not a score output ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]})") from None

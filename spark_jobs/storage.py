@@ -31,17 +31,21 @@ def table_exists(spark, uri: str, fmt: str) -> bool:
     return exists(spark, layout.join(uri, "_SUCCESS"))
 
 
-def read_table(spark, uri: str, fmt: str, version: Optional[int] = None):
+def read_table(spark, uri: str, fmt: str, version: Optional[int] = None, writer: str = layout.PREPARE_JOB):
     """A finished table as a DataFrame (Delta: latest version or `version`; Parquet: only with _SUCCESS);
-    never while a commit into the table's folder is unfinished (layout.check_no_pending_commit)."""
+    never while a commit into the table's folder is unfinished (layout.check_no_pending_commit). A folder
+    that is not there is FileNotFoundError; one without _SUCCESS IncompleteTableError (`writer`: the job
+    whose table it is, named in both)."""
     layout.check_no_pending_commit(layout.parent(uri), lambda u: exists(spark, u))
+    if not exists(spark, uri):
+        raise FileNotFoundError(layout._missing_message(uri, writer))
     if fmt == "delta":
         reader = spark.read.format("delta")
         return (reader.option("versionAsOf", version) if version is not None else reader).load(uri)
     if version is not None:
         raise ValueError(f"{uri}: a version applies to Delta tables only")
     if not exists(spark, layout.join(uri, "_SUCCESS")):
-        raise layout.IncompleteTableError(layout._incomplete_message(uri))
+        raise layout.IncompleteTableError(layout._incomplete_message(uri, writer))
     return spark.read.parquet(uri)
 
 
@@ -185,9 +189,9 @@ def read_predictions(spark, uri: str, fmt: Optional[str] = None):
         else:
             fmt = "parquet"
     if fmt == "delta":
-        return read_table(spark, uri, "delta")
+        return read_table(spark, uri, "delta", writer=layout.SCORE_JOB)
     if fmt == "csv":
         csv_fields = [f if f.name != "bbox" else schema_fields.Field("bbox", "string", nullable=True) for f in PREDICTIONS]
         df = spark.read.option("header", "true").schema(schema_fields.spark_schema(csv_fields)).csv(uri)
         return df.withColumn("bbox", sf.from_json("bbox", "array<float>"))
-    return read_table(spark, uri, "parquet")
+    return read_table(spark, uri, "parquet", writer=layout.SCORE_JOB)

@@ -179,6 +179,23 @@ def test_bad_inputs_are_refused_clearly(bundles, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert evaluate.main(["--predictions", str(tmp_path / "missing"), "--labels", str(inputs),
                           "--output", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "no such table" in err and "spark_jobs/score.py" in err and "_SUCCESS" not in err, err
+    # a score output whose write did not finish (no _SUCCESS): the job to rerun is score, not prepare
+    half = tmp_path / "half" / "predictions"
+    half.mkdir(parents=True)
+    pd.DataFrame({"face_id": ["a"], "predicted_age": [30.0]}).to_parquet(half / "part-00000.parquet")
+    assert evaluate.main(["--predictions", str(tmp_path / "half"), "--labels", str(inputs),
+                          "--output", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "no _SUCCESS marker" in err and "Rerun spark_jobs/score.py" in err and "prepare" not in err, err
+    assert len(err.strip().splitlines()) == 1
+    # a folder of something else entirely is still named as not a score output
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    (tmp_path / "other" / "_SUCCESS").write_text("")
+    assert evaluate.main(["--predictions", str(tmp_path / "other"), "--labels", str(inputs),
+                          "--output", str(tmp_path / "r")]) == 2
     assert "not a score output" in capsys.readouterr().err
 
 

@@ -102,22 +102,27 @@ def test_a_driver_port_already_taken_is_one_line_exit_3(four_photos, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_start_too_slow_for_its_timeouts_is_retried_once_visibly(four_photos, tmp_path):
-    # every RPC ask times out at once: the same failure a starved machine gives, on any machine. Whether the
-    # retry also times out depends on the machine's timing (CI's retry once got through), so both outcomes
-    # are checked: a second failure is one line, exit 3; a retry that got through runs the job, which then
-    # refuses its missing input with its own one line (exit 2)
+def test_a_start_too_slow_for_its_timeouts_ends_with_one_line_per_event(four_photos, tmp_path):
+    # every RPC ask gets a 1 ms bound: the failure a starved machine gives. Whether each start attempt
+    # actually times out is a race inside Spark (all three outcomes below were seen on one machine in a row;
+    # the retry's logic itself is pinned by the tests with _Builder). Every outcome is checked exactly: a
+    # timed-out attempt is one warning line "retrying once"; a second one is one error line, exit 3; a start
+    # that got through runs the job, which refuses its missing input with its own one line (exit 2)
     proc = run_job("evaluate.py", ["--predictions", str(tmp_path / "p"), "--labels", str(tmp_path / "l"),
                                    "--output", str(tmp_path / "out")], conf=["spark.rpc.askTimeout=1ms"])
     lines = error_lines(proc)
-    assert len(lines) == 2, lines
-    assert "retrying once" in lines[0] and lines[0].startswith("evaluate: Spark could not start: Spark's driver")
-    if proc.returncode == START_EXIT:
-        assert lines[1].startswith("evaluate: error: Spark could not start: Spark's driver"), lines
-    else:
-        assert proc.returncode == 2, proc.stderr[-3000:]
-        assert lines[1].startswith("evaluate: error: --predictions"), lines
     assert_no_trace(proc)
+    slow = "evaluate: Spark could not start: Spark's driver"
+    retried = len(lines) == 2 and "retrying once" in lines[0] and lines[0].startswith(slow)
+    assert retried or len(lines) == 1, lines
+    if proc.returncode == START_EXIT:
+        assert retried and lines[1].startswith("evaluate: error: Spark could not start: Spark's driver"), lines
+        assert "raise spark.network.timeout" in lines[1]
+    else:
+        assert proc.returncode == 2, proc.stdout[-3000:]
+        assert lines[-1].startswith(f"evaluate: error: --predictions {tmp_path / 'p'}: "), lines
+        assert "no such table" in lines[-1] and "spark_jobs/score.py" in lines[-1], lines
+    assert not (tmp_path / "out").exists()
 
 
 class _Builder:
