@@ -71,6 +71,8 @@ def age_map_section(fitted: Optional[dict], pairs: List[tuple]) -> List[str]:
                   f"{age_map['margin_se']:g} standard error of the group's mean)" if goal is not None
                   else f" (no map of its kind brings every age group of {GOAL_FACES}+ val faces within a bias goal)")
                + f", moving ages only away from the val median ({age_map['pivot']:g})"
+               + (f"; val MAE {age_map['val_mae_unmapped']:.2f} without it, {age_map['val_mae_mapped']:.2f} with it"
+                  if "val_mae_mapped" in age_map else "")
                + (f" at strength {age_map['strength']:g}" if "strength" in age_map else ""))
     else:  # trainer.calibration.fit_inverse_map at the strength choose_strength chose
         how = (f"{fitted_by}; trainer.calibration): the inverse of the mean predicted age per true age, applied at "

@@ -152,6 +152,31 @@ def test_an_age_map_out_of_the_goals_reach_loosens_it_and_says_so():
     assert calibration.fit_age_map(away[:40], true[:40]) is None  # too few faces
 
 
+def test_an_age_map_that_would_cost_more_val_mae_than_allowed_loosens_the_goal_instead():
+    # a weak model (a short budget): ages pulled hard toward the mean and noisy. The maps that meet 3 years bend
+    # whole age ranges onto a few ages; the trainer keeps the tightest goal whose map costs <= MAX_MAP_COST
+    rng = np.random.default_rng(5)
+    true = np.concatenate([rng.uniform(1, 90, 1200), rng.uniform(20, 35, 800)])
+    weak = 33 + 0.3 * (true - 33) + rng.normal(0, 8, true.size)
+    val, test = slice(0, None, 2), slice(1, None, 2)
+    bent = calibration.fit_age_map(weak[val], true[val], max_cost=None)  # the rule before: the goal at any cost
+    kept = calibration.fit_age_map(weak[val], true[val])
+    assert bent["bias_goal"] == 3.0 and bent["val_mae_mapped"] > 1.2 * bent["val_mae_unmapped"]
+    assert kept["val_mae_unmapped"] == bent["val_mae_unmapped"]
+    assert kept["val_mae_mapped"] <= (1 + calibration.MAX_MAP_COST) * kept["val_mae_unmapped"] + 1e-6
+    assert kept["bias_goal"] is not None and kept["bias_goal"] > 3.0  # said, not hidden
+    mapped = calibration.map_ages(weak[val], kept) - true[val]
+    assert abs(float(np.abs(mapped).mean()) - kept["val_mae_mapped"]) < 0.01  # the cost it records is the real one
+
+    def test_mae(age_map):
+        return float(np.abs(calibration.map_ages(weak[test], age_map) - true[test]).mean())
+
+    assert test_mae(kept) < test_mae(bent) - 1.0  # on faces it was not fitted on, too
+    # a model the goal suits is not affected: its map meets 3 years within the limit
+    pulled = 33 + 0.7 * (true - 33) + rng.normal(0, 3, true.size)
+    assert calibration.fit_age_map(pulled, true)["bias_goal"] == 3.0
+
+
 def test_a_malformed_age_map_is_refused_in_one_line(calibrated, tmp_path):
     from trainer.bundle import load_bundle
     from trainer.runtime import BundleError

@@ -119,7 +119,10 @@ def test_the_age_map_section_shows_bias_before_and_after_and_the_groups_off_the_
         "standard error" in text  # the margin the map was fitted with, read from it
     assert "away from the val median (29)" in text and "inverse" not in text
     text = "\n".join(model_card.age_map_section({"age_map": {**lowest, "bias_goal": 7.0}}, [("t", before, after, 3.0)]))
-    assert "within 7 years" in text
+    assert "within 7 years" in text and "without it" not in text  # a bundle from before the cost was recorded
+    costed = {**lowest, "bias_goal": 5.0, "val_mae_unmapped": 7.1234, "val_mae_mapped": 7.35}
+    text = "\n".join(model_card.age_map_section({"age_map": costed}, [("t", before, after, 3.0)]))
+    assert "within 5 years" in text and "val MAE 7.12 without it, 7.35 with it" in text
     unreached = {"age_map": {**lowest, "bias_goal": None}}
     text = "\n".join(model_card.age_map_section(unreached, [("t", before, after, 3.0)]))
     assert "lowest val MAE (no map of its kind brings every age group of 30+ val faces within a bias goal)" in text

@@ -721,7 +721,9 @@ def fit_calibration(args, val, test) -> Tuple[dict, dict]:
         else:
             goal = fitted["age_map"]["bias_goal"]
             log.info(f"train: age map fitted on {val_true.size} val faces, "
-                     + (f"every age group within {goal:g} years" if goal is not None else "no bias goal reachable"))
+                     + (f"every age group within {goal:g} years" if goal is not None else "no bias goal reachable")
+                     + f" (val MAE {fitted['age_map']['val_mae_unmapped']:.2f} -> "
+                       f"{fitted['age_map']['val_mae_mapped']:.2f})")
     mapped = calibration.map_ages(val_err + val_true, fitted["age_map"]) - val_true
     fitted.update(calibration.fit_std_scale(mapped, val_std))
     before = {}
