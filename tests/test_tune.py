@@ -72,6 +72,16 @@ def test_sqlite_study_prunes_reports_and_retrains(tables, tmp_path):
     assert {p for p in report["plots"]} == {"optimization_history.png", "param_importances.png",
                                             "best_trial_curve.png"}
     assert all((out / p).stat().st_size > 1000 for p in report["plots"])
+    # val MAE reported at each tenth of a trial's schedule (3 epochs: tenths 1-3, 4-6, 7-10), pruned from half on
+    for t in _trials(report["storage"], "s1"):
+        steps, curve, done = sorted(t.intermediate_values), t.user_attrs["val_curve"], t.user_attrs["schedule_done"]
+        assert steps == list(range(1, steps[-1] + 1)) and len(done) == len(curve), (steps, done)
+        epoch_of = [next(i for i, d in enumerate(done) if d * 10 >= s - 1e-9) for s in steps]
+        assert [t.intermediate_values[s] for s in steps] == [curve[i] for i in epoch_of]
+        if t.state.name == "PRUNED":
+            assert tune.PRUNE_AFTER <= steps[-1] < tune.PRUNE_STEPS
+        else:
+            assert t.state.name == "COMPLETE" and steps[-1] == tune.PRUNE_STEPS and done == [0.3333, 0.6667, 1.0]
     # rerunning the finished study adds no trial
     assert tune.main(argv) == 0
     assert len(_trials(report["storage"], "s1")) == 5
@@ -84,6 +94,28 @@ def test_sqlite_study_prunes_reports_and_retrains(tables, tmp_path):
     ckpt_args = __import__("torch").load(run / "checkpoint.pt", weights_only=True)["args"]
     assert ckpt_args["lr"] == pytest.approx(best["lr"]) and ckpt_args["batch_size"] == best["batch_size"]
     assert ckpt_args["head"] == best["head"] and ckpt_args["epochs"] == 1  # typed flags win over the file
+
+
+def test_pruning_steps_are_tenths_of_the_schedule_whatever_the_epoch_count():
+    assert list(tune.prune_steps(0.0, 0.1)) == [1] and list(tune.prune_steps(0.0, 0.09)) == []
+    assert list(tune.prune_steps(0.09, 0.41)) == [1, 2, 3, 4]  # a long epoch passes several tenths
+    assert list(tune.prune_steps(0.41, 0.45)) == []  # a short one may pass none: nothing is reported for it
+    assert list(tune.prune_steps(0.95, 1.0)) == [10] and list(tune.prune_steps(0.0, 1.7)) == list(range(1, 11))
+    # the trainer's share: epochs of --epochs, or the time of --max-minutes when further on; a budget-planned
+    # OneCycle's own clock
+    args = train.get_args_parser().parse_args(["--data", "t", "--epochs", "8"])
+    assert train.schedule_done(args, None, 1, 9999.0) == 0.25
+    args.max_minutes = 10
+    assert train.schedule_done(args, None, 1, 300.0) == 0.5 and train.schedule_done(args, None, 5, 60.0) == 0.75
+    from trainer.schedules import BudgetOneCycle
+
+    clock = [100.0]
+    model = __import__("torch").nn.Linear(1, 1)
+    cycle = BudgetOneCycle(__import__("torch").optim.SGD(model.parameters(), lr=0.1), 0.1, 600, clock=lambda: clock[0])
+    clock[0] += 150
+    assert train.schedule_done(args, cycle, 0, 0.0) == 0.25
+    cycle.plan(1, 150.0)  # one epoch left at this pace: the horizon is 300 s, not the budget's 600
+    assert train.schedule_done(args, cycle, 0, 0.0) == 0.5
 
 
 def test_postgres_two_workers_share_one_study(tables, tmp_path):

@@ -644,7 +644,20 @@ def train_epoch(r: RunState, epoch: int) -> dict:
     if isinstance(learner.schedule, BudgetOneCycle):  # end at the budget, or with the last --epochs if sooner
         learner.schedule.plan(args.epochs - epoch - 1, row["epoch_seconds"])
     row["elapsed_seconds"] = (state.history[-1]["elapsed_seconds"] if state.history else 0.0) + row["epoch_seconds"]
+    row["schedule_done"] = schedule_done(args, learner.schedule, epoch, row["elapsed_seconds"])
     return row
+
+
+def schedule_done(args, schedule, epoch: int, elapsed: float) -> float:
+    """The share of the run's planned schedule done after epoch `epoch` (0-based): a budget-planned OneCycle's own
+    (the time spent of its horizon); otherwise the epochs done of --epochs, or the time spent of --max-minutes
+    when that is further on. The tuner compares and prunes trials at the same shares (trainer.tune.prune_steps)."""
+    if isinstance(schedule, BudgetOneCycle):
+        return round(schedule.fraction(), 4)
+    done = (epoch + 1) / args.epochs
+    if args.max_minutes:
+        done = max(done, elapsed / (args.max_minutes * 60))
+    return round(min(1.0, done), 4)
 
 
 def record_epoch(r: RunState, epoch: int, row: dict, improved: bool) -> None:

@@ -1,7 +1,9 @@
 """python -m trainer.tune: Optuna search over trainer.train's hyper-parameters.
 
 TPE (seeded, multivariate, constant liar for parallel workers) or random search; a Median or
-Hyperband pruner fed the val MAE after every epoch. The study lives in an Optuna storage: a SQLite
+Hyperband pruner fed the val MAE after every epoch, at the tenth of the trial's planned schedule it has reached
+(so trials of different epoch counts or --max-minutes paces compare at the same point), and pruning only from
+half of it on. The study lives in an Optuna storage: a SQLite
 file by default, or any SQLAlchemy URL (PostgreSQL for many workers/nodes on one study). Workers send
 heartbeats: a killed worker's running trial is marked FAIL and retried once when any worker (or a
 rerun with the same --study) next starts a trial. --n-trials counts finished trials (complete or
@@ -176,14 +178,31 @@ def make_sampler(name: str, seed: int):
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=5)
 
 
-def make_pruner(name: str, epochs: int):
+# Pruning steps are tenths of a trial's planned schedule (trainer.train's schedule_done), not epochs: trials
+# planned by --max-minutes run different epoch counts. None is pruned before half of it: until then OneCycle warms
+# up (30 %) and runs at its peak rate, and the val MAE says little about the end (issue 24's 5-minute study:
+# pruned after its first epoch at 14.0 while a trial at 14.4 then ended at 8.1)
+PRUNE_STEPS = 10
+PRUNE_AFTER = 5
+
+
+def make_pruner(name: str):
     import optuna
 
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=PRUNE_AFTER)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+        return optuna.pruners.HyperbandPruner(min_resource=PRUNE_AFTER, max_resource=PRUNE_STEPS)
     return optuna.pruners.NopPruner()
+
+
+def prune_steps(done_before: float, done: float) -> range:
+    """The pruning steps an epoch reached: the tenths of the schedule passed from `done_before` to `done` (shares
+    of the schedule), each reported with the epoch's val MAE, so every trial has a value at every step."""
+    def tenth(share):
+        return min(PRUNE_STEPS, int(share * PRUNE_STEPS + 1e-9))
+
+    return range(tenth(done_before) + 1, tenth(done) + 1)
 
 
 def fail_orphaned_trials(args, holder: dict) -> None:
@@ -216,7 +235,7 @@ def load_study(args, seed: int):
 
     return optuna.create_study(study_name=args.study, storage=make_storage(args), direction="minimize",
                                sampler=make_sampler(args.sampler, seed),
-                               pruner=make_pruner(args.pruner, args.epochs), load_if_exists=True)
+                               pruner=make_pruner(args.pruner), load_if_exists=True)
 
 
 def finished(study) -> int:
@@ -249,12 +268,19 @@ def objective_factory(args, train_rows: int):
         trial.set_user_attr("worker_pid", os.getpid())
         curve: List[float] = []
 
+        done: List[float] = [0.0]
+
         def on_epoch(row):
             curve.append(row["val_mae"])
             trial.set_user_attr("val_curve", curve)
-            trial.report(row["val_mae"], row["epoch"])
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"val MAE {row['val_mae']:.2f} after epoch {row['epoch']}")
+            steps = prune_steps(done[-1], row["schedule_done"])
+            done.append(row["schedule_done"])
+            trial.set_user_attr("schedule_done", done[1:])
+            for step in steps:
+                trial.report(row["val_mae"], step)
+            if len(steps) and steps[-1] < PRUNE_STEPS and trial.should_prune():  # at the end nothing is saved
+                raise optuna.TrialPruned(f"val MAE {row['val_mae']:.2f} after epoch {row['epoch']} "
+                                         f"({row['schedule_done']:.0%} of its schedule)")
 
         summary = run(targs, on_epoch=on_epoch)
         for key in ("test_mae", "test_cs5", "test_rmse", "epochs_run"):
@@ -439,7 +465,8 @@ def write_report(args, wall_seconds: Optional[float] = None) -> dict:
         "best": {"number": best.number, "val_mae": best.value, "params": best.params,
                  "train_params": best_params, **{k: best.user_attrs.get(k) for k in ("test_mae", "test_cs5")}},
         "all": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-                 "test_mae": t.user_attrs.get("test_mae"), "epochs": len(t.intermediate_values)} for t in trials],
+                 "test_mae": t.user_attrs.get("test_mae"), "epochs": len(t.user_attrs.get("val_curve", []))}
+                for t in trials],
         "best_params_file": best_path,
     }
     report["plots"] = _plots(study, best, work_dir(args))
@@ -477,8 +504,8 @@ def _plots(study, best, folder: str) -> List[str]:
 
     def curve():
         fig, ax = plt.subplots(figsize=(6, 4))
-        steps = sorted(best.intermediate_values)
-        ax.plot(steps, [best.intermediate_values[s] for s in steps], marker="o")
+        values = best.user_attrs.get("val_curve", [])
+        ax.plot(range(1, len(values) + 1), values, marker="o")
         ax.set(xlabel="epoch", ylabel="val MAE (years)", title=f"best trial #{best.number}: learning curve")
         return ax
 
