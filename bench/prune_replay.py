@@ -84,11 +84,13 @@ def replay(curves: Dict[int, List[dict]], rule: str, after: Optional[int] = None
     for number in sorted(curves):
         trial, before = study.ask(), 0.0
         for epoch, point in enumerate(curves[number], start=1):
-            steps = [epoch] if rule == OLD_RULE else list(tune.prune_steps(before, point["share"]))
+            if rule == OLD_RULE:  # the rule before: one step per epoch, pruned at any of them
+                trial.report(point["val_mae"], epoch)
+                stop = trial.should_prune()
+            else:
+                stop = tune.report_and_judge(trial, point["val_mae"], before, point["share"])
             before = point["share"]
-            for step in steps:
-                trial.report(point["val_mae"], step)
-            if steps and (rule == OLD_RULE or steps[-1] < tune.PRUNE_STEPS) and trial.should_prune():
+            if stop:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 stopped[number] = {"epoch": epoch, "share": round(point["share"], 3)}
                 minutes += point["minutes"]

@@ -118,6 +118,27 @@ def test_pruning_steps_are_tenths_of_the_schedule_whatever_the_epoch_count():
     assert train.schedule_done(args, cycle, 0, 0.0) == 0.5
 
 
+def test_a_trial_is_judged_only_where_it_passed_a_tenth_from_half_on_and_never_at_its_end():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", pruner=tune.make_pruner("median"))
+    for value in (5.0, 5.1, 5.2):  # three finished trials set the median at every tenth
+        trial = study.ask()
+        assert not tune.report_and_judge(trial, value, 0.0, 1.0)  # the last tenth never prunes
+        assert len(study.trials[trial.number].intermediate_values) == 10
+        study.tell(trial, value)
+    bad = study.ask()
+    assert not tune.report_and_judge(bad, 9.0, 0.0, 0.45)  # far worse, but before half the schedule
+    assert not tune.report_and_judge(bad, 9.0, 0.45, 0.48)  # passed no tenth: nothing reported, nothing judged
+    assert tune.report_and_judge(bad, 9.0, 0.48, 0.55)  # worse than the median at tenth 5: stop
+    assert tune.report_and_judge(bad, 9.0, 0.55, 0.95)
+    assert not tune.report_and_judge(bad, 9.0, 0.95, 1.0)  # its end: kept whatever it reads
+    good = study.ask()
+    assert not tune.report_and_judge(good, 4.0, 0.0, 0.9)  # better than the median: goes on
+    assert sorted(study.trials[good.number].intermediate_values) == list(range(1, 10))
+
+
 def test_postgres_two_workers_share_one_study(tables, tmp_path):
     url = _postgres_url()
     root, _, _ = tables

@@ -205,6 +205,16 @@ def prune_steps(done_before: float, done: float) -> range:
     return range(tenth(done_before) + 1, tenth(done) + 1)
 
 
+def report_and_judge(trial, val_mae: float, done_before: float, done: float) -> bool:
+    """Report an epoch's val MAE at each tenth of the schedule it passed (prune_steps) and say whether the
+    trial should stop now: only where it passed a tenth, and never at the last one (the trial has ended there;
+    pruning it would only lose what it saved)."""
+    steps = prune_steps(done_before, done)
+    for step in steps:
+        trial.report(val_mae, step)
+    return bool(len(steps)) and steps[-1] < PRUNE_STEPS and trial.should_prune()
+
+
 def fail_orphaned_trials(args, holder: dict) -> None:
     """The study's RUNNING trials when the tune that held this --output is gone (killed: its lock was taken
     over) and the study lives in the output's own database: nobody runs them any more. Each is marked FAIL
@@ -273,12 +283,10 @@ def objective_factory(args, train_rows: int):
         def on_epoch(row):
             curve.append(row["val_mae"])
             trial.set_user_attr("val_curve", curve)
-            steps = prune_steps(done[-1], row["schedule_done"])
+            stop = report_and_judge(trial, row["val_mae"], done[-1], row["schedule_done"])
             done.append(row["schedule_done"])
             trial.set_user_attr("schedule_done", done[1:])
-            for step in steps:
-                trial.report(row["val_mae"], step)
-            if len(steps) and steps[-1] < PRUNE_STEPS and trial.should_prune():  # at the end nothing is saved
+            if stop:
                 raise optuna.TrialPruned(f"val MAE {row['val_mae']:.2f} after epoch {row['epoch']} "
                                          f"({row['schedule_done']:.0%} of its schedule)")
 
