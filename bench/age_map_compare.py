@@ -33,15 +33,13 @@ def ages(scored: str, labels: str):
 def bundle_ages(bundle: str, table: str, splits) -> tuple:
     """(predicted, true) ages of the rows of `splits` of a prepared table, by `bundle` without its age map (with
     the TTA it was calibrated with), predicted here on CPU."""
-    from bench.common import split_pixels
+    from bench.common import raw_ages, split_pixels
     from trainer.bundle import Predictor
 
     predictor = Predictor(bundle)
-    fitted = predictor.bundle.get("calibration") or {}
-    predictor.bundle["calibration"] = {k: v for k, v in fitted.items() if k != "age_map"}
     pixels, true = split_pixels(table, splits, predictor.size)
-    raw, _ = predictor.predict(pixels, batch_size=256, tta=fitted.get("tta") or "none")
-    return np.asarray(raw, np.float64), true
+    raw, _ = raw_ages(predictor, pixels, tta=(predictor.bundle.get("calibration") or {}).get("tta") or "none")
+    return raw, true
 
 
 def judged(age_map, sets: dict) -> dict:

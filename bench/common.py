@@ -73,6 +73,20 @@ def split_pixels(data: str, splits, size: int):
     return pixels, rows.column("age").to_numpy().astype(np.float64)
 
 
+def raw_ages(predictor, pixels, tta: str = "none", batch_size: int = 256):
+    """(ages, stds) of `pixels` by a trainer.bundle.Predictor without its age map (raw ages; stds still scaled
+    by the bundle's calibration), as float64 arrays. The predictor's bundle is left as it was."""
+    import numpy as np
+
+    fitted = predictor.bundle.get("calibration")
+    try:
+        predictor.bundle["calibration"] = {k: v for k, v in (fitted or {}).items() if k != "age_map"}
+        ages, stds = predictor.predict(pixels, batch_size=batch_size, tta=tta)
+    finally:
+        predictor.bundle["calibration"] = fitted
+    return np.asarray(ages, np.float64), np.asarray(stds, np.float64)
+
+
 def comparison_parser(description: str, work: str, train_rows: int, epochs: int) -> argparse.ArgumentParser:
     """The flags every training comparison takes: the prepared table, a scratch folder, the subset sizes,
     the image size, epochs and seeds."""

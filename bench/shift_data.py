@@ -139,7 +139,7 @@ def evaluate(bundle: str, table: str, tta: str = "none", device: str = "cpu", ca
     """MAE, CS@5 and bias of `bundle` over every row (all splits) of the prepared table `table`, as the bundle ships
     (its age map applied), plus faces, MAE and bias by true-age group with and without the map (`_unmapped`). `cache`
     keeps the decoded crops across calls, keyed by table and input size (bundles of one size share them)."""
-    from bench.common import split_pixels
+    from bench.common import raw_ages, split_pixels
     from trainer import calibration
     from trainer.bundle import Predictor
 
@@ -148,11 +148,10 @@ def evaluate(bundle: str, table: str, tta: str = "none", device: str = "cpu", ca
     if (table, predictor.size) not in cache:
         cache[table, predictor.size] = split_pixels(table, ("train", "val", "test"), predictor.size)
     pixels, ages = cache[table, predictor.size]
+    raw, _ = raw_ages(predictor, pixels, tta=tta, batch_size=256 if device == "cpu" else 512)
     fitted = predictor.bundle.get("calibration") or {}
-    predictor.bundle["calibration"] = {k: v for k, v in fitted.items() if k != "age_map"}  # raw ages, stds scaled
-    raw, _ = predictor.predict(pixels, batch_size=256 if device == "cpu" else 512, tta=tta)
     err = calibration.map_ages(raw, fitted.get("age_map")).astype(np.float64) - ages
-    raw_err = np.asarray(raw, np.float64) - ages
+    raw_err = raw - ages
     group, names = calibration.age_groups(ages), age_group_names()
     return {"rows": int(len(ages)), "mae": round(float(np.abs(err).mean()), 3),
             "cs5": round(float((np.abs(err) <= 5).mean()), 3), "bias": round(float(err.mean()), 3),
