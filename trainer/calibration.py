@@ -10,9 +10,10 @@ Two parts, each optional:
   GOAL_FACES+ val faces within BIAS_GOAL years (less half a standard error of that group's mean, so that the goal
   holds on new faces too), moving ages only away from the val median (it undoes a pull toward the mean, never
   adds one): a linear programme. When no such map raises the val MAE by MAX_MAP_COST or less (a weak model),
-  the goal is loosened step by step until one does, and the bundle records the goal met. The earlier map, the inverse of the mean predicted age per true age at the
-  smallest strength that meets the goal (fit_inverse_map, choose_strength), removes the same bias at a larger
-  MAE cost (bench.age_map_compare); bundles that carry one keep working (map_ages reads both).
+  the goal is loosened step by step until one does, and the bundle records the goal met. The earlier map, the
+  inverse of the mean predicted age per true age at the smallest strength that meets the goal (fit_inverse_map,
+  choose_strength), removes the same bias at a larger MAE cost (bench.age_map_compare); bundles that carry one
+  keep working (map_ages reads both).
 - the std scale: a Gaussian's |error| lies within 1 std 68.27 % of the time. The scale fitted is the one that
   makes that true on the val split (after the age map): the 68.27th percentile of |error| / std.
 """
@@ -34,7 +35,8 @@ MIN_MAP_ROWS = 2 * MIN_BIN  # fewer val faces than this: no age map is fitted
 BIAS_GOAL = 3.0  # issue 24: no true-age group (the card's) of GOAL_FACES or more faces biased by more than this
 GOAL_FACES = 30
 # the age map may raise the val MAE by at most this share: a weak model (a short budget) cannot meet the goal, and
-# the maps that meet a looser one bent its ages far (a 5-minute run's: 7-23 read as 1-2, val MAE +23 %, test +22 %)
+# the maps that meet a looser one bent its ages far (a 5-minute run's: 7.5-23.6 read as 1.3-2.3, val MAE +25 %,
+# test +22 %)
 MAX_MAP_COST = 0.05
 
 
@@ -197,7 +199,8 @@ def fit_age_map(predicted: np.ndarray, true: np.ndarray, goal: float = BIAS_GOAL
         return None
     return {"predicted": [float(v) for v in x], "age": [float(v) for v in result.x[:k]],
             "fitted_on_rows": int(n), "pivot": pivot, "bias_goal": None if loosen is None else goal + loosen,
-            "margin_se": margin_se, "val_mae_unmapped": round(unmapped, 4), "val_mae_mapped": round(float(result.fun), 4)}
+            "margin_se": margin_se, "val_mae_unmapped": round(unmapped, 4),
+            "val_mae_mapped": round(float(result.fun), 4)}
 
 
 def _map_rows(predicted: np.ndarray, true: np.ndarray, x: np.ndarray, min_faces: int, margin_se: float):
