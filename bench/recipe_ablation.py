@@ -35,6 +35,7 @@ VARIANTS = {
     "aug1": ["--augment", "1.0"],
     "ema": ["--ema", "0.998"],  # with the decay warm-up (default)
     "px64": ["--image-size", "64"],
+    "px96": ["--image-size", "96"],  # the upper resolution: fewer epochs fit the budget
 }
 
 
