@@ -1,4 +1,5 @@
 """python -m trainer.train on tiny real tables: bundle, metrics, resume after a kill, refusals."""
+import argparse
 import json
 import os
 import shutil
@@ -177,6 +178,22 @@ def test_the_budget_schedule_follows_the_fraction_of_the_budget_spent():
     # fewer --epochs left than the budget holds: the horizon comes sooner
     schedule.plan(epochs_left=2, seconds_per_epoch=50)
     assert schedule.horizon == pytest.approx(400) and schedule.fraction() == pytest.approx(300 / 400)
+
+
+def test_the_console_counts_the_epochs_a_budget_holds_not_the_epochs_cap():
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=1.0)
+    clock = Clock()
+    budget = BudgetOneCycle(optimizer, max_lr=0.01, seconds=600, clock=clock)
+    args = argparse.Namespace(epochs=80, max_minutes=10)
+    clock.now += 130  # a first epoch of 130 s: 470 s left hold 3 more and a fourth cut at the budget
+    assert train.epoch_label(args, budget, 0, 130.0) == "1/~5 of a 10-minute budget"
+    clock.now += 100  # a faster second epoch: 370 s left are 3.7 epochs at its pace
+    assert train.epoch_label(args, budget, 1, 100.0) == "2/~6 of a 10-minute budget"
+    budget.plan(epochs_left=1, seconds_per_epoch=100.0)  # --epochs 3 ends before the budget does
+    assert train.epoch_label(argparse.Namespace(epochs=3, max_minutes=10), budget, 1, 100.0).startswith("2/~3 ")
+    clock.now = 100.0 + 600
+    assert train.epoch_label(args, budget, 5, 100.0).startswith("6/~6 ")  # spent: no more epochs
+    assert train.epoch_label(args, CyclicPlateau(optimizer, 0.001, 0.01, 10), 0, 130.0) == "1/80"  # not budget-planned
 
 
 def test_a_fraction_of_a_minute_budget_anneals_within_it_and_writes_a_bundle(tables, tmp_path):

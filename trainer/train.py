@@ -660,6 +660,16 @@ def schedule_done(args, schedule, epoch: int, elapsed: float) -> float:
     return round(min(1.0, done), 4)
 
 
+def epoch_label(args, schedule, epoch: int, epoch_seconds: float) -> str:
+    """The console's "3/80"; with a budget-planned OneCycle "3/~12 of a 58-minute budget": --epochs only caps such
+    a run, so the count is the epochs its horizon holds at this epoch's pace (the last one cut where the budget
+    ends). On a machine 9x slower the same recipe says /~4 instead of promising 80 epochs."""
+    if not isinstance(schedule, BudgetOneCycle) or epoch_seconds <= 0:
+        return f"{epoch + 1}/{args.epochs}"
+    more = math.ceil(max(0.0, schedule.horizon - schedule.elapsed()) / epoch_seconds - 1e-6)
+    return f"{epoch + 1}/~{min(args.epochs, epoch + 1 + more)} of a {args.max_minutes:g}-minute budget"
+
+
 def record_epoch(r: RunState, epoch: int, row: dict, improved: bool) -> None:
     """Checkpoint first: a metrics line then always has its checkpoint (a kill between the two loses only
     the line, which --resume rewrites from the checkpoint's history). Then TensorBoard, tracking, the console."""
@@ -677,7 +687,8 @@ def record_epoch(r: RunState, epoch: int, row: dict, improved: bool) -> None:
         r.writer.flush()
     work.push(layout.CHECKPOINT, layout.METRICS_LOG)
     r.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
-    log.info(f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.3f} val MAE {row['val_mae']:.2f} "
+    log.info(f"epoch {epoch_label(args, learner.schedule, epoch, row['epoch_seconds'])}: "
+             f"loss {row['train_loss']:.3f} val MAE {row['val_mae']:.2f} "
              f"lr {row['lr']:.2e} {row['img_per_s']:.0f} img/s" + (" (best)" if improved else ""))
 
 
