@@ -663,7 +663,8 @@ def schedule_done(args, schedule, epoch: int, elapsed: float) -> float:
 def epoch_label(args, schedule, epoch: int, epoch_seconds: float) -> str:
     """The console's "3/80"; with a budget-planned OneCycle "3/~12 of a 58-minute budget": --epochs only caps such
     a run, so the count is the epochs its horizon holds at this epoch's pace (the last one cut where the budget
-    ends). On a machine 9x slower the same recipe says /~4 instead of promising 80 epochs."""
+    ends). On an AVX2-only VM, about 7x slower than the card's, the recipe's first epoch said /~5 (it ran 4 and
+    part of a fifth; BENCHMARKS.md) instead of promising 80."""
     if not isinstance(schedule, BudgetOneCycle) or epoch_seconds <= 0:
         return f"{epoch + 1}/{args.epochs}"
     more = math.ceil(max(0.0, schedule.horizon - schedule.elapsed()) / epoch_seconds - 1e-6)
