@@ -14,6 +14,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 UTKFACE = Path(os.environ.get("FACEAGE_UTKFACE", REPO.parent / "shared" / "data" / "utkface"))
+# JVM options for the short Spark jobs of the suite (drivers, and executors/daemons of the standalone cluster)
+TEST_JVM_OPTS = "-XX:TieredStopAtLevel=1"
 
 
 def restore_environ(saved: dict) -> None:
@@ -33,10 +35,15 @@ def scratch_inside_the_session(tmp_path_factory):
     import tempfile
 
     root = tmp_path_factory.mktemp("scratch", numbered=False)
-    saved = {k: os.environ.get(k) for k in ("TMPDIR", "SPARK_LOCAL_DIRS", "SPARK_SUBMIT_OPTS")}
+    saved = {k: os.environ.get(k)
+             for k in ("TMPDIR", "SPARK_LOCAL_DIRS", "SPARK_SUBMIT_OPTS", "SPARK_DAEMON_JAVA_OPTS")}
     os.environ["TMPDIR"] = os.environ["SPARK_LOCAL_DIRS"] = str(root)
-    # a driver JVM's own temp files (native libraries it unpacks, Spark's artifacts folder) too
-    os.environ["SPARK_SUBMIT_OPTS"] = f"{saved['SPARK_SUBMIT_OPTS'] or ''} -Djava.io.tmpdir={root}".strip()
+    # a driver JVM's own temp files (native libraries it unpacks, Spark's artifacts folder) too; and the client
+    # compiler only (JIT tier 1): the suite starts ~100 driver JVMs for jobs of seconds, where C2's compiling
+    # costs more than it saves (a 3-photo prepare: 31-34 s -> 23-26 s on a 2-core AVX2 VM, BENCHMARKS.md)
+    os.environ["SPARK_SUBMIT_OPTS"] = \
+        f"{saved['SPARK_SUBMIT_OPTS'] or ''} -Djava.io.tmpdir={root} {TEST_JVM_OPTS}".strip()
+    os.environ["SPARK_DAEMON_JAVA_OPTS"] = f"{saved['SPARK_DAEMON_JAVA_OPTS'] or ''} {TEST_JVM_OPTS}".strip()
     tempfile.tempdir = None  # this process's tempfile reads TMPDIR again
     yield root
     restore_environ(saved)

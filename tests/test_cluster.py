@@ -14,9 +14,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, spark_submit, venv_env
+from conftest import REPO, TEST_JVM_OPTS, spark_submit, venv_env
 from schemas import layout
-from spark_jobs import emr, evaluate, prepare, score
+from spark_jobs import distributed, emr, evaluate, prepare, score
 from spark_jobs.local_cluster import Cluster
 from photos.synthetic import write_demo_folder
 
@@ -40,7 +40,8 @@ def code_zip(tmp_path_factory):
 
 def submit(cluster, code_zip, script, args, timeout=600, conf=(), wait=True, cwd=None):
     """spark-submit against the cluster, the code shipped as a zip; the driver runs here, executors there."""
-    cmd = [spark_submit(), "--master", cluster.url, "--py-files", code_zip, "--conf", "spark.executor.memory=1g"]
+    cmd = [spark_submit(), "--master", cluster.url, "--py-files", code_zip, "--conf", "spark.executor.memory=1g",
+           "--conf", f"spark.executor.extraJavaOptions={TEST_JVM_OPTS}"]
     for c in conf:
         cmd += ["--conf", c]
     cmd += [os.path.join(REPO, "spark_jobs", script), *args]
@@ -89,11 +90,8 @@ def test_the_chain_on_a_standalone_cluster_matches_local_mode(cluster, code_zip,
     # the ranks ran the shipped code, in the workers' folders, not this checkout
     ran = proc.stdout.rsplit("rank 0 ran ", 1)[-1].strip()
     assert emr.CODE_ZIP in ran and not ran.startswith(str(REPO)), ran
-    proc = subprocess.run([spark_submit(), os.path.join(REPO, "spark_jobs", "distributed.py"), "train",
-                           "--num-processes", "2", "--data", str(tmp_path / "pq"), "--output",
-                           str(tmp_path / "train_local"), *TRAIN], env=venv_env(), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert distributed.main(["train", "--num-processes", "2", "--data", str(tmp_path / "pq"), "--output",
+                             str(tmp_path / "train_local"), *TRAIN]) == 0  # local mode, on this process's session
     dist = json.loads((tmp_path / "train" / "summary.json").read_text())
     same = json.loads((tmp_path / "train_local" / "summary.json").read_text())
     assert dist["world_size"] == same["world_size"] == 2 and dist["rows"] == same["rows"]

@@ -187,22 +187,35 @@ def _finish(proc: subprocess.Popen) -> str:
     return out
 
 
+def _in_process(main, argv, capsys) -> str:
+    """A job run in this process, on the suite's Spark session (only the killed run needs a process of its own
+    for SIGKILL); returns what it printed (its log lines go to stdout)."""
+    capsys.readouterr()
+    code = main(list(argv))
+    printed = capsys.readouterr()
+    assert code == 0, printed.out[-2000:] + printed.err[-2000:]
+    return printed.out + printed.err
+
+
 @pytest.mark.parametrize("fmt, mode", [("parquet", "append"), ("delta", "append"), ("parquet", "overwrite")])
-def test_prepare_killed_inside_its_commit_loses_no_committed_row(fmt, mode, tmp_path):
-    """12 rows committed, a run of 4 killed between its commit steps: readers refuse the half-made state; the
-    rerun finishes the killed commit, then commits its own. Append: 16 rows, the rerun's 4 photos already
-    there (content hashes). Overwrite: the rerun's 4."""
+def test_prepare_killed_inside_its_commit_loses_no_committed_row(fmt, mode, spark, tmp_path, capsys):
+    """12 rows committed, a run of 4 (spark-submit) killed between its commit steps: readers refuse the half-made
+    state; the rerun finishes the killed commit, then commits its own. Append: 16 rows, the rerun's 4 photos
+    already there (content hashes). Overwrite: the rerun's 4."""
+    from spark_jobs import prepare
+
     first, more = _photos(tmp_path / "first", 12, 0), _photos(tmp_path / "more", 4, 100)
     out, pauses = tmp_path / "out", tmp_path / "pauses"
     pauses.mkdir()
     common = ("--format", fmt, "--splits", "1,0,0")
-    _finish(_prepare(first, out, *common))
+    here = (*common, "--detector", "none", "--size", "32")  # what _prepare adds to a spark-submit
+    _in_process(prepare.main, ("--input", str(first), "--output", str(out), *here), capsys)
     assert _rows(out / "faces") == 12
     kill_at(_prepare(more, out, *common, "--mode", mode, pause_at="commit-step", pauses=pauses),
             pauses, "commit-step")
     with pytest.raises(layout.IncompleteTableError, match="killed while it committed"):
         layout.table_files(str(out / "faces"))
-    log = _finish(_prepare(more, out, *common, "--mode", mode))
+    log = _in_process(prepare.main, ("--input", str(more), "--output", str(out), *here, "--mode", mode), capsys)
     assert "finished the commit of run" in log
     manifest = json.loads((out / "manifest.json").read_text())
     if mode == "overwrite":
@@ -219,7 +232,9 @@ def test_prepare_killed_inside_its_commit_loses_no_committed_row(fmt, mode, tmp_
     assert not [p for p in out.iterdir() if p.name.startswith("_faceage_")]
 
 
-def test_two_prepares_on_one_output_the_second_is_refused_naming_the_first(tmp_path):
+def test_two_prepares_on_one_output_the_second_is_refused_naming_the_first(spark, tmp_path, capsys):
+    from spark_jobs import prepare
+
     photos = _photos(tmp_path / "photos", 3, 0)
     out, pauses = tmp_path / "out", tmp_path / "pauses"
     pauses.mkdir()
@@ -227,14 +242,13 @@ def test_two_prepares_on_one_output_the_second_is_refused_naming_the_first(tmp_p
     deadline = time.time() + 600
     while not list(pauses.glob("commit-before-*")) and time.time() < deadline and first.poll() is None:
         time.sleep(0.1)
-    try:
-        second = subprocess.run([spark_submit(), "--master", "local[1]", str(REPO / "spark_jobs" / "prepare.py"),
-                                 "--input", str(photos), "--output", str(out), "--detector", "none"],
-                                env=venv_env(), capture_output=True, text=True, timeout=600)
+    try:  # the second: this process (another pid), while the first holds the output
+        code = prepare.main(["--input", str(photos), "--output", str(out), "--detector", "none"])
     finally:
         (pauses / "release").write_text("")
-    assert second.returncode == 4, second.stdout[-2000:] + second.stderr[-2000:]
-    lines = [ln for ln in (second.stdout + second.stderr).splitlines() if ln.startswith("prepare: error:")]
+    err = capsys.readouterr().err
+    assert code == 4, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("prepare: error:")]
     assert len(lines) == 1 and "is being written by run" in lines[0] and "prepare, pid" in lines[0]
     _finish(first)  # the first goes on and commits
     assert _rows(out / "faces") == 3
@@ -249,34 +263,35 @@ def _job(script: str, *args: str, pause_at: str = "", pauses: Path = None) -> su
                             text=True)
 
 
-def _error_lines(proc: subprocess.Popen, stage: str):
-    out, _ = proc.communicate(timeout=900)
-    return proc.returncode, [ln for ln in out.splitlines() if ln.startswith(f"{stage}: error:")], out
-
-
-def test_score_and_evaluate_killed_inside_their_commits_then_rerun(bundles, tables, tmp_path):
+def test_score_and_evaluate_killed_inside_their_commits_then_rerun(bundles, tables, tmp_path, capsys):
     """score: predictions/ from one run and score_manifest.json from another is never read (evaluate refuses
-    in one line); the rerun finishes the commit, then commits its own. evaluate: the same for its report."""
+    in one line); the rerun finishes the commit, then commits its own. evaluate: the same for its report.
+    The killed runs are spark-submit jobs; the others run here, on the suite's Spark session."""
     import pyarrow.parquet as pq
+
+    from spark_jobs import evaluate as evaluate_job, score as score_job
 
     root, _, _ = tables
     plain, _ = bundles
     scored, report, pauses = tmp_path / "scored", tmp_path / "report", tmp_path / "pauses"
     pauses.mkdir()
-    score = ("score.py", "--model", str(plain), "--input", str(root / "pq" / "faces"), "--input-kind", "table",
+    score = ("--model", str(plain), "--input", str(root / "pq" / "faces"), "--input-kind", "table",
              "--split", "test", "--output", str(scored))
-    evaluate = ("evaluate.py", "--predictions", str(scored), "--labels", str(root / "pq"), "--split", "test",
+    evaluate = ("--predictions", str(scored), "--labels", str(root / "pq"), "--split", "test",
                 "--output", str(report))
-    _finish(_job(*score))
-    _finish(_job(*evaluate))
+    _in_process(score_job.main, score, capsys)
+    _in_process(evaluate_job.main, evaluate, capsys)
     first_report = (report / "metrics.json").read_text()
 
-    kill_at(_job(*score, pause_at="commit-step", pauses=pauses), pauses, "commit-step")
-    code, lines, out = _error_lines(_job(*evaluate), "evaluate")
-    assert code == 2 and len(lines) == 1 and "killed while it committed" in lines[0], out[-2000:]
+    kill_at(_job("score.py", *score, pause_at="commit-step", pauses=pauses), pauses, "commit-step")
+    capsys.readouterr()
+    code = evaluate_job.main(list(evaluate))
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("evaluate: error:")]
+    assert code == 2 and len(lines) == 1 and "killed while it committed" in lines[0], err[-2000:]
     assert (report / "metrics.json").read_text() == first_report  # the refused evaluate changed nothing
 
-    log = _finish(_job(*score))
+    log = _in_process(score_job.main, score, capsys)
     assert "finished the commit of run" in log
     manifest = json.loads((scored / "score_manifest.json").read_text())
     runs = set(pq.read_table(str(scored / "predictions"), columns=["score_run_id"]).column(0).to_pylist())
@@ -284,40 +299,42 @@ def test_score_and_evaluate_killed_inside_their_commits_then_rerun(bundles, tabl
 
     for name in os.listdir(pauses):
         os.remove(pauses / name)
-    kill_at(_job(*evaluate, pause_at="commit-step", pauses=pauses), pauses, "commit-step")
+    kill_at(_job("evaluate.py", *evaluate, pause_at="commit-step", pauses=pauses), pauses, "commit-step")
     assert (report / JOURNAL).exists()
-    log = _finish(_job(*evaluate))
+    log = _in_process(evaluate_job.main, evaluate, capsys)
     assert "finished the commit of run" in log
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["rows"]["matched"] > 0 and (report / "report.html").exists()
     assert not [p for p in report.iterdir() if p.name.startswith("_faceage_")]
 
 
-def test_train_killed_inside_its_commit_leaves_a_bundle_no_reader_takes_until_the_rerun(tables, tmp_path):
+def test_train_killed_inside_its_commit_leaves_a_bundle_no_reader_takes_until_the_rerun(tables, tmp_path, capsys):
     """model.pt of the new run beside summary.json of the old one is refused (score/predict load through
     bundle.load_bundle); the rerun finishes the commit, then trains and commits its own pair."""
     import torch
 
+    from trainer import train as train_job
     from trainer.bundle import BundleError, load_bundle
 
     root, _, _ = tables
     out, pauses = tmp_path / "run", tmp_path / "pauses"
     pauses.mkdir()
 
-    def train(seed: str, **pause) -> subprocess.Popen:
+    args = ["--data", str(root / "pq"), "--output", str(out), "--epochs", "1", "--image-size", "32",
+            "--batch-size", "16", "--workers", "1", "--reader", "pyarrow", "--no-progress"]
+
+    def train(seed: str, **pause) -> subprocess.Popen:  # the killed run: a process of its own
         env = venv_env(PYTHONPATH=str(REPO))
         if pause:
             env.update(FACEAGE_PAUSE_AT=pause["at"], FACEAGE_PAUSE_DIR=str(pauses), FACEAGE_PAUSE_SECONDS="300")
-        return subprocess.Popen([sys.executable, "-m", "trainer.train", "--data", str(root / "pq"), "--output",
-                                 str(out), "--epochs", "1", "--image-size", "32", "--batch-size", "16", "--workers",
-                                 "1", "--reader", "pyarrow", "--no-progress", "--seed", seed], cwd=REPO, env=env,
+        return subprocess.Popen([sys.executable, "-m", "trainer.train", *args, "--seed", seed], cwd=REPO, env=env,
                                 start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    _finish(train("1"))
+    _in_process(train_job.main, [*args, "--seed", "1"], capsys)
     kill_at(train("2", at="commit-step"), pauses, "commit-step")
     with pytest.raises(BundleError, match="killed while it committed"):
         load_bundle(str(out / "model.pt"))
-    log = _finish(train("3"))
+    log = _in_process(train_job.main, [*args, "--seed", "3"], capsys)
     assert "finished the commit of run" in log
     summary = json.loads((out / "summary.json").read_text())
     bundle = torch.load(out / "model.pt", weights_only=True)

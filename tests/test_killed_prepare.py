@@ -57,14 +57,22 @@ def _small_folder(tmp_path: Path) -> Path:
     return small
 
 
+def _prepare_here(inputs: Path, output: Path, fmt: str) -> None:
+    """The first, unkilled prepare: in this process, on the suite's Spark session (only a killed job needs a
+    process of its own)."""
+    from spark_jobs import prepare
+
+    assert prepare.main(["--input", str(inputs), "--output", str(output), "--format", fmt, "--size", "32"]) == 0
+
+
 def _snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_killed_parquet_prepare_keeps_the_previous_table(many_photos, tmp_path):
+def test_killed_parquet_prepare_keeps_the_previous_table(many_photos, spark, tmp_path):
     """The new rows are written to a staging folder; a kill there leaves the previous table byte for byte."""
     out = tmp_path / "out"
-    assert start_prepare(_small_folder(tmp_path), out, "parquet").wait(timeout=600) == 0
+    _prepare_here(_small_folder(tmp_path), out, "parquet")
     before = _snapshot(out / "faces")
     assert live_rows(out / "faces") == 3
     proc = start_prepare(many_photos, out, "parquet")  # overwrite with 200 photos
@@ -82,11 +90,10 @@ def test_killed_first_parquet_prepare_leaves_no_table(many_photos, tmp_path):
         layout.table_files(str(out / "faces"))
 
 
-def test_killed_delta_prepare_keeps_the_previous_version(many_photos, tmp_path):
+def test_killed_delta_prepare_keeps_the_previous_version(many_photos, spark, tmp_path):
     small = _small_folder(tmp_path)
     out = tmp_path / "out"
-    first = start_prepare(small, out, "delta")
-    assert first.wait(timeout=600) == 0
+    _prepare_here(small, out, "delta")
     faces = out / "faces"
     v0_rows = live_rows(faces)
     assert v0_rows == 3

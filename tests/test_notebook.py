@@ -24,7 +24,7 @@ def test_the_notebook_is_committed_without_outputs():
 
 def test_the_walkthrough_runs_prepare_train_tune_evaluate_predict(tmp_path, monkeypatch):
     monkeypatch.setenv("FACEAGE_NOTEBOOK_OUT", str(tmp_path))
-    monkeypatch.setenv("FACEAGE_NOTEBOOK_EPOCHS", "3")
+    monkeypatch.setenv("FACEAGE_NOTEBOOK_EPOCHS", "1")  # the run, not the model: one epoch
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=900, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()  # a failing cell raises
