@@ -226,15 +226,38 @@ def _start_deadline(stage: str, seconds: float) -> threading.Timer:
     return timer
 
 
+def _jvm_stderr_to_buffer():
+    """Point the JVM's System.err at an in-memory buffer for the start, and return the stream to put back.
+    A start that fails can fail again in Spark's own teardown (after an RPC timeout, Executor.stop ran before
+    SparkEnv existed: "Exception in thread dispatcher-event-loop-0 ... ExceptionInInitializerError"), and the
+    JVM prints such a thread's trace on System.err, past log4j. Spark's log lines are unaffected (log4j's
+    console appender holds the stream it was configured with). Only a JVM already running (spark-submit's):
+    from plain Python, getOrCreate launches it with the session's settings (heap, class path); None then."""
+    from pyspark import SparkContext
+
+    jvm = SparkContext._jvm
+    if jvm is None:
+        return None
+    original = jvm.java.lang.System.err
+    jvm.java.lang.System.setErr(jvm.java.io.PrintStream(jvm.java.io.ByteArrayOutputStream(), True))
+    return original
+
+
 def _start(builder, stage: str):
     """builder.getOrCreate() within START_TIMEOUT_S, retried once (visibly) when the failure is a slow
-    start; SparkStartError otherwise."""
+    start; SparkStartError otherwise. The JVM's stderr is held back until a start succeeds."""
     from shell.cli import log
 
+    from pyspark import SparkContext
+
+    original_err = _jvm_stderr_to_buffer()  # once: a retry must not take the buffer for the console
     for attempt in (1, 2):
         timer = _start_deadline(stage, START_TIMEOUT_S)
         try:
-            return builder.getOrCreate()
+            spark = builder.getOrCreate()
+            if original_err is not None:
+                SparkContext._jvm.java.lang.System.setErr(original_err)
+            return spark
         except Exception as e:  # noqa: BLE001 - py4j, PySpark and JVM errors alike: classified below
             message, retry = classify_start_failure(e)
             if not (retry and attempt == 1):

@@ -211,6 +211,24 @@ def test_spark_submit_settings_win_over_the_projects_defaults(tmp_path):
     assert proc.stdout.split()[-2:] == ["Europe/Paris", "7s"]
 
 
+def test_the_jvms_stderr_is_held_back_during_a_start_and_given_back_after(tmp_path):
+    """What a failed start's teardown prints past log4j (a JVM thread's trace) goes to a buffer; a start that
+    succeeds puts the console back (spark-submit's JVM; see session._start)."""
+    script = tmp_path / "held.py"
+    script.write_text("import sys\nsys.path.insert(0, sys.argv[1])\nfrom pyspark import SparkContext\n"
+                      "from spark_jobs import session\nsession.submitted_conf()\n"
+                      "given = session._jvm_stderr_to_buffer()\nsystem = SparkContext._jvm.java.lang.System\n"
+                      "system.err.println('held back'); system.err.flush()\nsystem.setErr(given)\n"
+                      "s = session.get_spark('faceage-held')\n"  # holds back, then gives back, itself
+                      "system.err.println('shown'); system.err.flush()\n"
+                      "print('given', given is not None)\n")
+    proc = subprocess.run([spark_submit(), str(script), str(REPO)], env=venv_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout + proc.stderr
+    assert "given True" in text and "shown" in text and "held back" not in text, text[-2000:]
+
+
 # ----------------------------------------------------------------------------- a busy machine
 
 def _hog(seconds):
