@@ -165,14 +165,16 @@ def _photos(folder: Path, n: int, first_seed: int) -> Path:
     return folder
 
 
+PREPARE_FLAGS = ("--detector", "none", "--size", "32")  # every prepare of these tests, in a process or here
+
+
 def _prepare(inputs: Path, output: Path, *extra: str, pause_at: str = "", pauses: Path = None) -> subprocess.Popen:
     env = venv_env()
     if pause_at:
         env.update(FACEAGE_PAUSE_AT=pause_at, FACEAGE_PAUSE_DIR=str(pauses), FACEAGE_PAUSE_SECONDS="300")
     return subprocess.Popen([spark_submit(), "--master", "local[2]", str(REPO / "spark_jobs" / "prepare.py"),
-                             "--input", str(inputs), "--output", str(output), "--detector", "none", "--size", "32",
-                             *extra], env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             "--input", str(inputs), "--output", str(output), *PREPARE_FLAGS, *extra], env=env,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _rows(table: Path) -> int:
@@ -208,7 +210,7 @@ def test_prepare_killed_inside_its_commit_loses_no_committed_row(fmt, mode, spar
     out, pauses = tmp_path / "out", tmp_path / "pauses"
     pauses.mkdir()
     common = ("--format", fmt, "--splits", "1,0,0")
-    here = (*common, "--detector", "none", "--size", "32")  # what _prepare adds to a spark-submit
+    here = (*common, *PREPARE_FLAGS)
     _in_process(prepare.main, ("--input", str(first), "--output", str(out), *here), capsys)
     assert _rows(out / "faces") == 12
     kill_at(_prepare(more, out, *common, "--mode", mode, pause_at="commit-step", pauses=pauses),
