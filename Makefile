@@ -96,14 +96,17 @@ recipe: install ## UTKFace -> a 60-minute training on 2 CPU cores -> scored + ev
 		RECIPE_TRAIN="$(RECIPE_TRAIN)"
 
 # everything after the training, for a trained $(RECIPE)/train: the test split and All-Age-Faces scored and evaluated
-# with the bundle as it ships and, when it has an age map, with a copy without it (the card's bias before/after)
+# with the bundle as it ships and, when it has an age map, with a copy without it (the card's bias before/after);
+# scored with the TTA the training's final metrics and calibration used (its summary.json; flip when it has none)
+RECIPE_TTA = $(shell $(BIN)/python -c "import json, sys; print(json.load(open(sys.argv[1])).get('tta') or 'flip')" \
+	$(RECIPE)/train/summary.json 2>/dev/null || echo flip)
 recipe-report: install ## the recipe's scoring, evaluation and model card for an already trained $(RECIPE)/train
 	$(BIN)/python -m trainer.recalibrate --model $(RECIPE)/train/model.pt --drop age_map \
 		--output $(RECIPE)/model_unmapped.pt
 	for m in model unmapped; do \
 	  bundle=$(RECIPE)/train/model.pt; test $$m = model || bundle=$(RECIPE)/model_unmapped.pt; \
 	  sfx=; test $$m = model || sfx=_unmapped; \
-	  $(BIN)/spark-submit spark_jobs/score.py --model $$bundle --input $(RECIPE_DATA) --split test --tta flip \
+	  $(BIN)/spark-submit spark_jobs/score.py --model $$bundle --input $(RECIPE_DATA) --split test --tta $(RECIPE_TTA) \
 	    --output $(RECIPE)/scored$$sfx && \
 	  $(BIN)/spark-submit spark_jobs/evaluate.py --predictions $(RECIPE)/scored$$sfx --labels $(RECIPE_DATA) \
 	    --split test --output $(RECIPE)/report$$sfx || exit 1; \
@@ -111,7 +114,7 @@ recipe-report: install ## the recipe's scoring, evaluation and model card for an
 	# faces unlike the training set: the test split's photos pasted into generated scenes, found by the detector
 	$(BIN)/python -m bench.shift_data --data $(RECIPE_DATA) --work $(RECIPE)/shift --kinds pasted --photos-only
 	$(BIN)/spark-submit spark_jobs/score.py --model $(RECIPE)/train/model.pt --input $(RECIPE)/shift/pasted \
-		--tta flip --output $(RECIPE)/shift/scored
+		--tta $(RECIPE_TTA) --output $(RECIPE)/shift/scored
 	$(BIN)/spark-submit spark_jobs/evaluate.py --predictions $(RECIPE)/shift/scored \
 		--labels $(RECIPE)/shift/pasted_labels.csv --output $(RECIPE)/shift/report
 	# real photos it never saw: All-Age-Faces (another population, head-and-shoulders framing), labels from its
@@ -124,7 +127,7 @@ recipe-report: install ## the recipe's scoring, evaluation and model card for an
 	  for m in model unmapped; do \
 	    bundle=$(RECIPE)/train/model.pt; test $$m = model || bundle=$(RECIPE)/model_unmapped.pt; \
 	    sfx=; test $$m = model || sfx=_unmapped; \
-	    $(BIN)/spark-submit spark_jobs/score.py --model $$bundle --input $(AAF)/images --tta flip \
+	    $(BIN)/spark-submit spark_jobs/score.py --model $$bundle --input $(AAF)/images --tta $(RECIPE_TTA) \
 	      --output $(RECIPE)/aaf/scored$$sfx && \
 	    $(BIN)/spark-submit spark_jobs/evaluate.py --predictions $(RECIPE)/aaf/scored$$sfx --labels $(AAF_DATA) \
 	      --split test --output $(RECIPE)/aaf/report$$sfx || exit 1; \

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from bench.common import machine, split_pixels
+from bench.common import machine, raw_ages, split_pixels
 
 # name -> (views, mirrored): views are (scale, horizontal shift as a fraction of the side); mirrored: each view
 # also runs mirrored, its distribution averaged with the others
@@ -69,6 +69,10 @@ def views_table(predictor, pixels: np.ndarray, ages: np.ndarray, batch_size: int
         predicted, _ = decode(torch.log(mean.clamp_min(1e-12)), "distribution")
         table[name] = {"passes": len(keys),
                        "mae": round(float(np.abs(predicted.numpy().astype(np.float64) - ages).mean()), 4)}
+    # the product's TTA mode (trainer.runtime.TTA_ZOOMS; zooms as one matrix) should repeat its row above
+    product, _ = raw_ages(predictor, pixels, "flip-zoom", batch_size)
+    table["--tta flip-zoom (score, predict, serve, ONNX)"] = {"passes": 6,
+                                                             "mae": round(float(np.abs(product - ages).mean()), 4)}
     return table
 
 
@@ -76,7 +80,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="a prepare output")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="a split, or several joined by commas (e.g. train,val,test)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--views", action="store_true", help="TTA beyond the flip (VIEW_SETS), no age map")
     args = p.parse_args()
@@ -84,7 +88,7 @@ def main():
     from trainer.bundle import Predictor
 
     predictor = Predictor(args.model, "cpu")
-    pixels, ages = split_pixels(args.data, [args.split], predictor.size)
+    pixels, ages = split_pixels(args.data, args.split.split(","), predictor.size)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine("CPU"), "model": args.model,
               "data": args.data, "split": args.split, "rows": int(len(ages))}
     if args.views:

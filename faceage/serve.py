@@ -284,6 +284,8 @@ def create_app(estimator, limits: Limits = Limits()):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    from trainer.runtime import TTA, TTA_HELP  # torch-free; imported here, where the flags are defined
+
     p = Parser("serve", prog="python -m faceage.serve", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="runs/train/model.pt", type=path_arg,
                    help="model bundle (python -m trainer.train) or .onnx export (python -m trainer.export)")
@@ -291,7 +293,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=number(0, 65535, integer=True), default=8000, help="0: any free port")
     p.add_argument("--detector", default="auto", choices=("auto",) + DETECTORS,
                    help="auto detects and aligns faces to the model's framing; none: images are aligned chips")
-    p.add_argument("--tta", default="none", choices=("none", "flip"), help="flip: each face and its mirror, averaged")
+    p.add_argument("--tta", default="none", choices=TTA, help=TTA_HELP)
     p.add_argument("--threads", type=positive_int, help="torch / ONNX Runtime threads (default: all cores)")
     p.add_argument("--max-upload-mb", type=number(0.001), default=32.0, help="largest request body")
     p.add_argument("--max-pixels", type=positive_int, default=40_000_000, help="largest image, width x height")

@@ -125,7 +125,7 @@ class Estimator:
         faces[0].age, faces[0].uncertainty, faces[0].box    # or a list of any of them
 
     detector: auto (detect and align to the model's framing), yunet, hog, or none (aligned face chips).
-    tta "flip" averages each face and its mirror image."""
+    tta "flip" averages each face and its mirror image, "flip-zoom" also their zooms (trainer.runtime.TTA_HELP)."""
 
     def __init__(self, model: str, detector: str = "auto", device: str = "cpu", batch_size: int = 64,
                  tta: str = "none", threads: Optional[int] = None):
@@ -195,6 +195,8 @@ def estimate_ages(photos: Union[Photo, Iterable[Photo]], model: str, detector: s
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    from trainer.runtime import TTA, TTA_HELP  # torch-free; imported here, where the flags are defined
+
     p = Parser("predict", prog="python -m spark_jobs.predict", description=__doc__.splitlines()[0])
     p.add_argument("photos", nargs="+", type=path_arg, help="photo files or folders")
     p.add_argument("--model", default="runs/train/model.pt", type=path_arg,
@@ -205,8 +207,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     framing.add_argument("--aligned", action="store_true", help="the photos are aligned face chips (= --detector none)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--batch-size", type=positive_int, default=64, help="faces per inference batch")
-    p.add_argument("--tta", default="none", choices=("none", "flip"),
-                   help="test-time augmentation: flip averages each face and its mirror image")
+    p.add_argument("--tta", default="none", choices=TTA, help=TTA_HELP)
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     return p
 

@@ -39,6 +39,8 @@ NO_FACE = ("no_face", "face_too_small")  # a readable photo without a usable fac
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    from trainer.runtime import TTA, TTA_HELP  # torch-free; imported here, where the flags are defined
+
     p = Parser("score", prog="spark-submit spark_jobs/score.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, type=path_arg,
                    help="model bundle written by python -m trainer.train, or an .onnx export (python -m trainer.export)")
@@ -57,8 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-file-bytes", type=positive_int, default=MAX_FILE_BYTES,
                    help="photos larger than this are not read")
     p.add_argument("--batch-size", type=positive_int, default=64, help="faces per inference batch")
-    p.add_argument("--tta", default="none", choices=("none", "flip"),
-                   help="test-time augmentation: flip averages each face and its mirror image (twice the inference)")
+    p.add_argument("--tta", default="none", choices=TTA, help=TTA_HELP)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA when an executor has one")
     framing = p.add_mutually_exclusive_group()

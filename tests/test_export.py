@@ -148,12 +148,17 @@ def test_predict_runs_an_onnx_export_where_torch_cannot_be_imported(bundles, tmp
 
 
 def test_score_with_an_onnx_export_writes_the_bundles_predictions(bundles, tmp_path):
+    """Under the TTA with the most views (flip-zoom): score with the bundle, score with its ONNX export, predict
+    and the HTTP service's flags all give (or accept) one answer."""
+    from faceage import serve
+
     _, detecting = bundles
     folder = _photo_folder(tmp_path / "photos")
     out = _export(detecting, "onnx", tmp_path / "export")
 
     def scored(model, where):
-        assert score.main(["--model", str(model), "--input", str(folder), "--output", str(where)]) == 0
+        assert score.main(["--model", str(model), "--input", str(folder), "--output", str(where),
+                           "--tta", "flip-zoom"]) == 0
         rows = pd.concat(pq.read_table(p).to_pandas() for p in (where / layout.PREDICTIONS_DIR).glob("*.parquet"))
         return rows.sort_values(["source_path", "face_index"]).reset_index(drop=True)
 
@@ -164,3 +169,14 @@ def test_score_with_an_onnx_export_writes_the_bundles_predictions(bundles, tmp_p
     assert set(with_onnx.model_id) == {runtime.model_id(str(out))}
     manifest = json.loads((tmp_path / "b" / layout.SCORE_MANIFEST).read_text())
     assert manifest["model_framing"] == runtime.framing(inference.describe(str(out)))
+    assert manifest["tta"] == "flip-zoom"
+    by_predict = {os.path.basename(r["source"]): r["age"]
+                  for r in predict.estimate_ages(str(folder), str(detecting), tta="flip-zoom") if r["status"] == "ok"}
+    by_score = {os.path.basename(path): age for path, age in zip(with_bundle.source_path[ok],
+                                                                 with_bundle.predicted_age[ok])}
+    assert by_score.keys() == by_predict.keys()
+    assert all(by_score[k] == pytest.approx(by_predict[k], abs=1e-3) for k in by_score)
+    flip_only = {os.path.basename(r["source"]): r["age"]
+                 for r in predict.estimate_ages(str(folder), str(detecting), tta="flip") if r["status"] == "ok"}
+    assert any(abs(flip_only[k] - by_predict[k]) > 1e-3 for k in by_predict)  # the zooms changed the answer
+    assert serve.get_args_parser().parse_args(["--tta", "flip-zoom"]).tta == "flip-zoom"

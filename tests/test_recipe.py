@@ -40,7 +40,7 @@ def test_a_tiny_recipe_ends_in_a_model_card_with_the_reports_numbers(tables, tmp
     root, _, _ = tables
     out = tmp_path / "recipe"
     train = "--image-size 32 --epochs 1 --batch-size 16 --workers 1 --schedule onecycle --head regression " \
-            "--tta flip --age-weighting sqrt_inv --no-progress"
+            "--tta flip-zoom --age-weighting sqrt_inv --no-progress"
     aaf = aaf_slice(tmp_path / "aaf")
     proc = subprocess.run(["make", "recipe", f"RECIPE={out}", f"RECIPE_DATA={root / 'pq'}", f"RECIPE_TRAIN={train}",
                            f"AAF={aaf}", f"AAF_DATA={tmp_path / 'aaf_table'}"],
@@ -50,13 +50,17 @@ def test_a_tiny_recipe_ends_in_a_model_card_with_the_reports_numbers(tables, tmp
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     summary = json.loads((out / "train" / "summary.json").read_text())
     assert f"| {metrics['overall']['mae']:.2f} (" in card  # the evaluated test MAE, with its interval
-    assert f"MAE {summary['test_mae']:.2f}" in card and summary["tta"] == "flip"
+    assert f"MAE {summary['test_mae']:.2f}" in card and summary["tta"] == "flip-zoom"
     assert "### By age group" in card and "### By gender" in card and "regression head" in card
     assert f"make recipe RECIPE_TRAIN='{train}'" in card  # the exact command
     assert "loss weighted by age (`sqrt_inv`)" in card and summary["age_weighting"] == "sqrt_inv"
     assert f"(world size 1), {summary['precision']} arithmetic." in card and summary["precision"] in ("fp32", "bf16")
     scored = json.loads((out / "scored" / "score_manifest.json").read_text())
     assert scored["counts"]["faces"] == metrics["rows"]["matched"] == summary["rows"]["test"]
+    # every scoring of the report used the TTA the training's metrics and calibration were fitted under
+    assert {json.loads((out / part / "score_manifest.json").read_text())["tta"]
+            for part in ("scored", "scored_unmapped", "shift/scored", "aaf/scored", "aaf/scored_unmapped")} \
+        == {"flip-zoom"}
     # faces unlike the training set: the test photos pasted into scenes, detected, scored, evaluated, on the card
     pasted = json.loads((out / "shift" / "scored" / "score_manifest.json").read_text())["counts"]
     cross = json.loads((out / "shift" / "report" / "metrics.json").read_text())

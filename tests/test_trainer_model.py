@@ -1,11 +1,13 @@
 """trainer/model.py: heads, losses, init weights and the model bundle."""
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
 from trainer.bundle import BUNDLE_FORMAT, BundleError, Provenance, load_bundle, save_bundle
-from trainer.model import (HEADS, MAX_AGE, MIN_AGE, TTA, age_targets, age_weights, build_model, decode, load_init_weights, loss_fn, predict_ages)
+from trainer.model import (HEADS, MAX_AGE, MIN_AGE, TTA, TTA_ZOOMS, age_targets, age_weights, build_model, decode,
+                           load_init_weights, loss_fn, predict_ages, tta_views)
 
 
 @pytest.mark.parametrize("head", HEADS)
@@ -133,6 +135,51 @@ def test_flip_tta_only_averages_the_two_passes(head):
     assert not torch.allclose(a, b)  # the mirror did give another answer, so averaging was real
     with pytest.raises(ValueError, match="tta 'rotate'"):
         predict_ages(model, x, head, "rotate")
+
+
+@pytest.mark.parametrize("scale", TTA_ZOOMS["flip-zoom"])
+def test_a_zoom_view_is_the_warp_training_applies_at_that_scale(scale):
+    """The zoom of flip-zoom is trainer.augment's warp at a fixed scale (black outside, no colour change): the
+    views the model is asked about are views it was trained on; in numpy (what ONNX Runtime gets) and in torch."""
+    from trainer import augment, runtime
+    from trainer.bundle import normalize
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8)
+    n = len(images)
+    warped = augment.apply(images, {"scale": torch.full((n,), scale), "shift": torch.zeros(n, 2),
+                                    "flip": torch.zeros(n, dtype=torch.bool), "brightness": torch.ones(n),
+                                    "contrast": torch.ones(n), "saturation": torch.ones(n)})
+    want = normalize(warped)  # warped first, normalised after: black stays black
+    views = list(tta_views(normalize(images), "flip-zoom"))
+    got = views[2 * TTA_ZOOMS["flip-zoom"].index(scale)]
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert torch.equal(views[2 * TTA_ZOOMS["flip-zoom"].index(scale) + 1], torch.flip(got, dims=[3]))
+    black = torch.as_tensor(-runtime.MEAN / runtime.STD).view(1, 3, 1, 1)
+    in_numpy = list(runtime.tta_views(normalize(images).numpy(), "flip-zoom", black.numpy()))
+    assert all(np.abs(a.numpy() - b).max() < 1e-4 for a, b in zip(views, in_numpy))
+    if scale != 1.0:
+        assert not torch.allclose(got, normalize(images), atol=0.1)  # a zoom did change the pixels
+    if scale < 1.0:  # the corners show what is outside the face: black, as in training
+        assert torch.allclose(got[..., 0, 0], black.view(1, 3).expand(n, 3), atol=1e-4)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_flip_zoom_tta_averages_its_six_views(head):
+    torch.manual_seed(0)
+    model = build_model(head).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        outs = [model(view).float() for view in tta_views(x, "flip-zoom")]
+        got, _ = predict_ages(model, x, head, "flip-zoom")
+        flip, _ = predict_ages(model, x, head, "flip")
+    assert len(outs) == 2 * len(TTA_ZOOMS["flip-zoom"]) == 6
+    if head == "regression":
+        want = sum(o.squeeze(1) for o in outs) / 6
+    else:
+        want = (sum(torch.softmax(o, dim=1) for o in outs) / 6) @ torch.arange(MAX_AGE + 1, dtype=torch.float32)
+    assert torch.allclose(got, want, atol=1e-3)
+    assert not torch.allclose(got, flip, atol=1e-3)  # the zooms did change the answer
 
 
 def test_age_weights_are_the_inverse_sqrt_of_the_smoothed_histogram_averaging_one():

@@ -26,13 +26,9 @@ from schemas import layout
 from trainer import calibration
 from trainer.model import build_model, predict_ages
 # the torch-free pieces every predictor shares (BundleError is raised, and caught, under this module's name too)
-from trainer.runtime import BundleError, check_fields, crop_for
+from trainer.runtime import MEAN, STD, BundleError, check_fields, crop_for  # noqa: F401 - MEAN, STD: named there
 
 BUNDLE_FORMAT, BUNDLE_VERSION = layout.BUNDLE_FORMAT, layout.BUNDLE_VERSION
-
-# ImageNet statistics: torchvision's ResNet weights expect them, and they do no harm from scratch.
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 def normalize(images):
@@ -189,7 +185,7 @@ class Predictor:
     def predict(self, pixels: np.ndarray, batch_size: int = 64, tta: str = "none"):
         """uint8 N x H x W x 3 -> (ages, stds) float32 arrays, through the bundle's calibration (trainer.calibration:
         the age map when it has one, the std scale); std is NaN for a regression head.
-        tta "flip": the mirrored faces too, averaged (trainer.model.predict_ages)."""
+        tta "flip" / "flip-zoom": the mirrored (and zoomed) faces too, averaged (trainer.model.predict_ages)."""
         import torch
 
         ages, stds = [], []
@@ -197,7 +193,7 @@ class Predictor:
             for i in range(0, len(pixels), batch_size):
                 x = torch.from_numpy(pixels[i:i + batch_size]).to(self.device).permute(0, 3, 1, 2)
                 x = (x.float() / 255.0 - self.mean) / self.std
-                age, std = predict_ages(self.model, x, self.head, tta)
+                age, std = predict_ages(self.model, x, self.head, tta, -self.mean / self.std)
                 ages.append(age.float().cpu().numpy())
                 stds.append(std.float().cpu().numpy())
         if not ages:

@@ -29,7 +29,7 @@ from shell.cli import dumps, entry_points, log, number, Parser, path_arg
 from shell.errors import UserError
 from trainer import calibration, runtime
 from trainer.bundle import load_bundle
-from trainer.model import ages_of
+from trainer.model import ages_of, tta_views
 
 FORMATS = tuple(layout.EXPORT_SUFFIXES)
 OPSET = 17
@@ -37,7 +37,7 @@ OPSET = 17
 
 class Exported(nn.Module):
     """model(x) -> (age, std, raw): what trainer.model.predict_ages gives without TTA, plus the raw outputs
-    (TTA averages two of them: trainer.runtime.OnnxPredictor)."""
+    (TTA averages those of its views: trainer.runtime.OnnxPredictor)."""
 
     def __init__(self, model: nn.Module, head: str):
         super().__init__()
@@ -122,11 +122,11 @@ def run_export(path: str, fmt: str, pixels: np.ndarray, tta: str = "none"):
     std = torch.tensor(meta["normalize"]["std"]).view(1, 3, 1, 1)
     x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
     with torch.inference_mode():
-        age, spread, raw = scripted(x)
-        if tta == "flip":
-            mirrored = scripted(torch.flip(x, dims=[3]))[2]
-            age, spread = runtime.average_outputs(raw.numpy(), mirrored.numpy(), meta["head"])
+        if tta != "none":
+            raws = [scripted(view)[2].numpy() for view in tta_views(x, tta, -mean / std)]
+            age, spread = runtime.average_outputs(raws, meta["head"])
             return calibration.calibrated(age, spread, meta.get("calibration"))
+        age, spread, _ = scripted(x)
     return calibration.calibrated(age.numpy(), spread.numpy(), meta.get("calibration"))
 
 

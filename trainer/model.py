@@ -17,7 +17,7 @@ from torch import nn
 from schemas.tables import MAX_AGE, MIN_AGE
 from shell.errors import UserError
 
-from trainer.runtime import HEADS, TTA  # noqa: F401 - the heads and TTA modes, named once (torch-free)
+from trainer.runtime import HEADS, MEAN, STD, TTA, TTA_HELP, TTA_ZOOMS, zoom_matrix  # noqa: F401 - named once (torch-free)
 
 
 def build_model(head: str = "distribution", init_weights: Optional[str] = None) -> nn.Module:
@@ -80,23 +80,43 @@ def decode(outputs: torch.Tensor, head: str) -> Tuple[torch.Tensor, torch.Tensor
     return mean, var.clamp_min(0).sqrt()
 
 
-def predict_ages(model, x: torch.Tensor, head: str, tta: str = "none") -> Tuple[torch.Tensor, torch.Tensor]:
-    """(age, std) of a normalised N x 3 x H x W batch. tta "flip" also runs the mirrored batch and averages:
-    the two predicted distributions (distribution head: then decoded) or the two ages (regression).
+def predict_ages(model, x: torch.Tensor, head: str, tta: str = "none",
+                 black: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(age, std) of a normalised N x 3 x H x W batch. tta "flip" also runs the mirrored batch, "flip-zoom" also the
+    batch zoomed to 0.93 and 1.07 (tta_views), and averages: the views' predicted distributions (distribution head:
+    then decoded) or their ages (regression). `black`: the normalised value of a black pixel (1 x 3 x 1 x 1; default
+    the project's normalisation, trainer.runtime.MEAN / STD), what a zoom below 1 shows outside the face.
 
     A regression age is clipped into MIN_AGE..MAX_AGE (the distribution head's mean is inside by
     construction): no age is negative, every true age is at least as close to the clipped one, and NaN stays
     NaN. Training's val/test MAE and every scoring path go through here, so they agree."""
     if tta not in TTA:
         raise ValueError(f"tta {tta!r}: use one of {TTA}")
-    out = model(x)
     if tta == "none":
-        return ages_of(out, head)
-    mirrored = model(torch.flip(x, dims=[3]))
+        return ages_of(model(x), head)
+    outs = [model(view).float() for view in tta_views(x, tta, black)]
     if head == "regression":
-        return ages_of((out.float() + mirrored.float()) / 2, head)
-    probs = (torch.softmax(out.float(), dim=1) + torch.softmax(mirrored.float(), dim=1)) / 2
+        return ages_of(sum(outs) / len(outs), head)
+    probs = sum(torch.softmax(out, dim=1) for out in outs) / len(outs)
     return decode(torch.log(probs.clamp_min(1e-12)), head)
+
+
+def tta_views(x: torch.Tensor, tta: str, black: Optional[torch.Tensor] = None):
+    """The views of a normalised batch that TTA mode `tta` averages, in the order of trainer.runtime.tta_views
+    (its numpy twin, which ONNX Runtime runs): each zoom of runtime.TTA_ZOOMS, then its mirror unless tta is
+    "none"."""
+    if black is None:
+        black = torch.as_tensor(-MEAN / STD, device=x.device).view(1, 3, 1, 1)
+    for scale in TTA_ZOOMS[tta]:
+        view = x
+        if scale != 1.0:
+            r = torch.from_numpy(zoom_matrix(x.shape[-1], scale)).to(x.device, x.dtype)
+            view = (r @ (x - black.to(x.dtype)) @ r.T + black.to(x.dtype)).contiguous(
+                memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+                else torch.contiguous_format)
+        yield view
+        if tta != "none":
+            yield torch.flip(view, dims=[3])
 
 
 def ages_of(outputs: torch.Tensor, head: str) -> Tuple[torch.Tensor, torch.Tensor]:

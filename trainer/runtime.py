@@ -26,7 +26,46 @@ from shell.errors import UserError
 from trainer import calibration
 
 HEADS = ("regression", "distribution")
-TTA = ("none", "flip")
+# the normalisation every bundle is trained with (ImageNet statistics: torchvision's ResNet weights expect them, and
+# they do no harm from scratch); a bundle and an export store theirs, which their predictors use
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+TTA = ("none", "flip", "flip-zoom")
+# each TTA mode's zooms (1 = the crop as it is), every one run as it is and mirrored except under "none": "flip-zoom"
+# adds the face 7 % smaller and 7 % larger (trainer.augment's warp at fixed scales: 6 passes; BENCHMARKS.md)
+TTA_ZOOMS = {"none": (1.0,), "flip": (1.0,), "flip-zoom": (1.0, 0.93, 1.07)}
+TTA_HELP = ("test-time augmentation: flip averages each face and its mirror image (2 passes); flip-zoom also the face "
+            "zoomed to 0.93 and 1.07 times its size, each with its mirror (6 passes)")
+
+
+def zoom_matrix(size: int, scale: float) -> np.ndarray:
+    """size x size float32 R such that R @ image @ R.T (per channel) is the image zoomed about its centre by `scale`,
+    sampled bilinearly with black outside: what trainer.augment.apply (grid_sample, align_corners=False, zero
+    padding) gives for that scale, written as one matrix so numpy and torch compute it alike."""
+    out = (2 * np.arange(size, dtype=np.float64) + 1) / size - 1  # output pixel centres in [-1, 1]
+    src = ((out / scale + 1) * size - 1) / 2  # where each reads in the input, in pixels
+    low = np.floor(src).astype(np.int64)
+    frac = src - low
+    r = np.zeros((size, size), np.float64)
+    for offset, weight in ((0, 1 - frac), (1, frac)):
+        col = low + offset
+        inside = (col >= 0) & (col < size)
+        r[np.arange(size)[inside], col[inside]] += weight[inside]
+    return r.astype(np.float32)
+
+
+def tta_views(x: np.ndarray, tta: str, black: np.ndarray):
+    """The views of a normalised N x 3 x H x W float32 batch that TTA mode `tta` averages (numpy; trainer.model.
+    tta_views is the torch twin): each zoom of TTA_ZOOMS, then its mirror unless tta is "none". `black` is the
+    normalised value of a black pixel (1 x 3 x 1 x 1), what a zoom below 1 shows outside the face."""
+    for scale in TTA_ZOOMS[tta]:
+        view = x
+        if scale != 1.0:
+            r = zoom_matrix(x.shape[-1], scale)
+            view = (r @ (x - black) @ r.T + black).astype(np.float32)
+        yield view
+        if tta != "none":
+            yield np.ascontiguousarray(view[..., ::-1])
 
 
 class BundleError(UserError, ValueError):
@@ -132,12 +171,12 @@ def decode_outputs(raw: np.ndarray, head: str):
     return _moments(_softmax(raw))
 
 
-def average_outputs(raw: np.ndarray, mirrored: np.ndarray, head: str):
-    """TTA flip from two raw outputs -> (ages, stds), as trainer.model.predict_ages averages them in torch: the
-    two distributions (then their moments), or the two regression ages (then clipped)."""
+def average_outputs(raws, head: str):
+    """TTA from the raw outputs of every view -> (ages, stds), as trainer.model.predict_ages averages them in
+    torch: the distributions (then their moments), or the regression ages (then clipped)."""
     if head == "regression":
-        return decode_outputs((raw.astype(np.float64) + mirrored) / 2, head)
-    return _moments((_softmax(raw.astype(np.float64)) + _softmax(mirrored.astype(np.float64))) / 2)
+        return decode_outputs(sum(raw.astype(np.float64) for raw in raws) / len(raws), head)
+    return _moments(sum(_softmax(raw.astype(np.float64)) for raw in raws) / len(raws))
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -179,17 +218,20 @@ class OnnxPredictor:
 
     def predict(self, pixels: np.ndarray, batch_size: int = 64, tta: str = "none"):
         """uint8 N x H x W x 3 -> (ages, stds) float32 arrays; std is NaN for a regression head.
-        tta "flip": the mirrored faces too; their distributions (or regression ages) averaged, as in torch. The
-        ages and stds go through the contract's calibration, as trainer.bundle.Predictor's through a bundle's."""
+        tta "flip" / "flip-zoom": the views of tta_views too; their distributions (or regression ages) averaged, as
+        in torch. The ages and stds go through the contract's calibration, as trainer.bundle.Predictor's through a
+        bundle's."""
         if tta not in TTA:
             raise ValueError(f"tta {tta!r}: use one of {TTA}")
         ages, stds = [], []
+        black = -self.mean / self.std
         for i in range(0, len(pixels), batch_size):
             x = (pixels[i:i + batch_size].transpose(0, 3, 1, 2).astype(np.float32) / 255.0 - self.mean) / self.std
-            age, std, raw = self.session.run(["age", "std", "raw"], {self.input_name: x})
-            if tta == "flip":
-                mirrored = self.session.run(["raw"], {self.input_name: np.ascontiguousarray(x[..., ::-1])})[0]
-                age, std = average_outputs(raw, mirrored, self.head)
+            if tta == "none":
+                age, std = self.session.run(["age", "std"], {self.input_name: x})
+            else:
+                raws = [self.session.run(["raw"], {self.input_name: v})[0] for v in tta_views(x, tta, black)]
+                age, std = average_outputs(raws, self.head)
             ages.append(np.asarray(age, np.float32))
             stds.append(np.asarray(std, np.float32))
         if not ages:
