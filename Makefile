@@ -81,7 +81,7 @@ prepare-utkface: install ## prepare ../shared/data/utkface into out/utkface_parq
 		--output $(OUT)/utkface_parquet --format parquet
 
 # The reference recipe for a 2-core CPU machine (issue 11): UTKFace prepared once, then one training within a
-# 60-minute budget, the test split scored (flip TTA) and evaluated, and a model card beside the bundle.
+# 60-minute budget, the test split scored (with the training's TTA) and evaluated, and a model card beside the bundle.
 RECIPE ?= runs/recipe
 RECIPE_DATA ?= $(OUT)/utkface_parquet
 AAF ?= ../shared/data/aaf
@@ -97,16 +97,14 @@ recipe: install ## UTKFace -> a 60-minute training on 2 CPU cores -> scored + ev
 
 # everything after the training, for a trained $(RECIPE)/train: the test split and All-Age-Faces scored and evaluated
 # with the bundle as it ships and, when it has an age map, with a copy without it (the card's bias before/after);
-# scored with the TTA the training's final metrics and calibration used (its summary.json; flip when it has none)
-RECIPE_TTA = $(shell $(BIN)/python -c "import json, sys; print(json.load(open(sys.argv[1])).get('tta') or 'flip')" \
-	$(RECIPE)/train/summary.json 2>/dev/null || echo flip)
+# scored with score.py's default TTA: the one the bundle's calibration (and the training's final metrics) used
 recipe-report: install ## the recipe's scoring, evaluation and model card for an already trained $(RECIPE)/train
 	$(BIN)/python -m trainer.recalibrate --model $(RECIPE)/train/model.pt --drop age_map \
 		--output $(RECIPE)/model_unmapped.pt
 	for m in model unmapped; do \
 	  bundle=$(RECIPE)/train/model.pt; test $$m = model || bundle=$(RECIPE)/model_unmapped.pt; \
 	  sfx=; test $$m = model || sfx=_unmapped; \
-	  $(BIN)/spark-submit spark_jobs/score.py --model $$bundle --input $(RECIPE_DATA) --split test --tta $(RECIPE_TTA) \
+	  $(BIN)/spark-submit spark_jobs/score.py --model $$bundle --input $(RECIPE_DATA) --split test \
 	    --output $(RECIPE)/scored$$sfx && \
 	  $(BIN)/spark-submit spark_jobs/evaluate.py --predictions $(RECIPE)/scored$$sfx --labels $(RECIPE_DATA) \
 	    --split test --output $(RECIPE)/report$$sfx || exit 1; \
@@ -114,7 +112,7 @@ recipe-report: install ## the recipe's scoring, evaluation and model card for an
 	# faces unlike the training set: the test split's photos pasted into generated scenes, found by the detector
 	$(BIN)/python -m bench.shift_data --data $(RECIPE_DATA) --work $(RECIPE)/shift --kinds pasted --photos-only
 	$(BIN)/spark-submit spark_jobs/score.py --model $(RECIPE)/train/model.pt --input $(RECIPE)/shift/pasted \
-		--tta $(RECIPE_TTA) --output $(RECIPE)/shift/scored
+		--output $(RECIPE)/shift/scored
 	$(BIN)/spark-submit spark_jobs/evaluate.py --predictions $(RECIPE)/shift/scored \
 		--labels $(RECIPE)/shift/pasted_labels.csv --output $(RECIPE)/shift/report
 	# real photos it never saw: All-Age-Faces (another population, head-and-shoulders framing), labels from its
@@ -127,7 +125,7 @@ recipe-report: install ## the recipe's scoring, evaluation and model card for an
 	  for m in model unmapped; do \
 	    bundle=$(RECIPE)/train/model.pt; test $$m = model || bundle=$(RECIPE)/model_unmapped.pt; \
 	    sfx=; test $$m = model || sfx=_unmapped; \
-	    $(BIN)/spark-submit spark_jobs/score.py --model $$bundle --input $(AAF)/images --tta $(RECIPE_TTA) \
+	    $(BIN)/spark-submit spark_jobs/score.py --model $$bundle --input $(AAF)/images \
 	      --output $(RECIPE)/aaf/scored$$sfx && \
 	    $(BIN)/spark-submit spark_jobs/evaluate.py --predictions $(RECIPE)/aaf/scored$$sfx --labels $(AAF_DATA) \
 	      --split test --output $(RECIPE)/aaf/report$$sfx || exit 1; \

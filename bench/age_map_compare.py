@@ -38,7 +38,7 @@ def bundle_ages(bundle: str, table: str, splits) -> tuple:
 
     predictor = Predictor(bundle)
     pixels, true = split_pixels(table, splits, predictor.size)
-    raw, _ = raw_ages(predictor, pixels, tta=(predictor.bundle.get("calibration") or {}).get("tta") or "none")
+    raw, _ = raw_ages(predictor, pixels)  # in the TTA mode its calibration was fitted under
     return raw, true
 
 

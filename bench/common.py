@@ -73,9 +73,10 @@ def split_pixels(data: str, splits, size: int):
     return pixels, rows.column("age").to_numpy().astype(np.float64)
 
 
-def raw_ages(predictor, pixels, tta: str = "none", batch_size: int = 256):
+def raw_ages(predictor, pixels, tta: Optional[str] = None, batch_size: int = 256):
     """(ages, stds) of `pixels` by a trainer.bundle.Predictor without its age map (raw ages; stds still scaled
-    by the bundle's calibration), as float64 arrays. The predictor's bundle is left as it was."""
+    by the bundle's calibration), as float64 arrays; tta None: the mode the bundle's calibration was fitted under.
+    The predictor's bundle is left as it was."""
     import numpy as np
 
     fitted = predictor.bundle.get("calibration")

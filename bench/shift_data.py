@@ -29,6 +29,7 @@ import numpy as np
 from schemas import layout
 from schemas.tables import age_group_names
 from bench.common import REPO, env_with_venv
+from trainer.runtime import TTA, TTA_HELP
 
 SCENE = (640, 480)
 
@@ -135,7 +136,8 @@ def make(data: str, work: Path, seed: int = 0, kinds=tuple(KINDS), photos_only: 
     return out
 
 
-def evaluate(bundle: str, table: str, tta: str = "none", device: str = "cpu", cache: Optional[dict] = None) -> dict:
+def evaluate(bundle: str, table: str, tta: Optional[str] = None, device: str = "cpu",
+             cache: Optional[dict] = None) -> dict:
     """MAE, CS@5 and bias of `bundle` over every row (all splits) of the prepared table `table`, as the bundle ships
     (its age map applied), plus faces, MAE and bias by true-age group with and without the map (`_unmapped`). `cache`
     keeps the decoded crops across calls, keyed by table and input size (bundles of one size share them)."""
@@ -173,7 +175,7 @@ def main():
                    help="only the photos and their labels CSV (no prepared table): e.g. for score.py + evaluate.py")
     p.add_argument("--evaluate", help="a model bundle to evaluate on --tables")
     p.add_argument("--tables", nargs="+", default=[])
-    p.add_argument("--tta", default="none", choices=("none", "flip"))
+    p.add_argument("--tta", default=None, choices=TTA, help=TTA_HELP)
     args = p.parse_args()
     if args.evaluate:
         print(json.dumps({t: evaluate(args.evaluate, t, args.tta) for t in args.tables}, indent=2))

@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from bench.common import machine, raw_ages, split_pixels
+from trainer.runtime import TTA_ZOOMS
 
 # name -> (views, mirrored): views are (scale, horizontal shift as a fraction of the side); mirrored: each view
 # also runs mirrored, its distribution averaged with the others
@@ -71,7 +72,7 @@ def views_table(predictor, pixels: np.ndarray, ages: np.ndarray, batch_size: int
                        "mae": round(float(np.abs(predicted.numpy().astype(np.float64) - ages).mean()), 4)}
     # the product's TTA mode (trainer.runtime.TTA_ZOOMS; zooms as one matrix) should repeat its row above
     product, _ = raw_ages(predictor, pixels, "flip-zoom", batch_size)
-    table["--tta flip-zoom (score, predict, serve, ONNX)"] = {"passes": 6,
+    table["--tta flip-zoom (score, predict, serve, ONNX)"] = {"passes": 2 * len(TTA_ZOOMS["flip-zoom"]),
                                                              "mae": round(float(np.abs(product - ages).mean()), 4)}
     return table
 

@@ -293,7 +293,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=number(0, 65535, integer=True), default=8000, help="0: any free port")
     p.add_argument("--detector", default="auto", choices=("auto",) + DETECTORS,
                    help="auto detects and aligns faces to the model's framing; none: images are aligned chips")
-    p.add_argument("--tta", default="none", choices=TTA, help=TTA_HELP)
+    p.add_argument("--tta", default=None, choices=TTA, help=TTA_HELP)
     p.add_argument("--threads", type=positive_int, help="torch / ONNX Runtime threads (default: all cores)")
     p.add_argument("--max-upload-mb", type=number(0.001), default=32.0, help="largest request body")
     p.add_argument("--max-pixels", type=positive_int, default=40_000_000, help="largest image, width x height")
@@ -316,7 +316,8 @@ def _job(argv: Optional[List[str]]) -> int:
                             access_log=False, timeout_keep_alive=5, limit_concurrency=64,
                             timeout_graceful_shutdown=5)
     sock = listen(args.host, args.port)
-    log.info(f"serve: model {estimator.settings.model_id} ({estimator.info()['head']} head), "
+    log.info(f"serve: model {estimator.settings.model_id} ({estimator.info()['head']} head, --tta "
+             f"{estimator.settings.tta}), "
              f"listening on http://{args.host}:{sock.getsockname()[1]}")
     uvicorn.Server(config).run(sockets=[sock])
     return 0

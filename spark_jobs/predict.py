@@ -24,7 +24,7 @@ from typing import Iterable, List, Optional, Union
 
 
 from shell import uri
-from shell.cli import entry_points, Parser, path_arg, positive_int, redact
+from shell.cli import entry_points, log, Parser, path_arg, positive_int, redact
 from shell.errors import UserError
 from schemas.crop import DETECTORS
 
@@ -125,10 +125,12 @@ class Estimator:
         faces[0].age, faces[0].uncertainty, faces[0].box    # or a list of any of them
 
     detector: auto (detect and align to the model's framing), yunet, hog, or none (aligned face chips).
-    tta "flip" averages each face and its mirror image, "flip-zoom" also their zooms (trainer.runtime.TTA_HELP)."""
+    tta "flip" averages each face and its mirror image, "flip-zoom" also their zooms (trainer.runtime.TTA_HELP);
+    None (the default): the mode the model's calibration was fitted under, so its ages and stds are the calibrated ones
+    (trainer.runtime.resolve_tta; an asked mode that differs is logged as a warning)."""
 
     def __init__(self, model: str, detector: str = "auto", device: str = "cpu", batch_size: int = 64,
-                 tta: str = "none", threads: Optional[int] = None):
+                 tta: Optional[str] = None, threads: Optional[int] = None):
         from spark_jobs import score_steps
         from trainer import inference, runtime
 
@@ -136,10 +138,13 @@ class Estimator:
         if not uri.isfile(model):
             raise UserError(f"--model {model}: no such model file (python -m trainer.train writes a bundle, "
                             f"python -m trainer.export an .onnx)")
-        if tta not in runtime.TTA:
+        if tta is not None and tta not in runtime.TTA:
             raise UserError(f"tta {tta!r}: use one of {runtime.TTA}")
         self.path = model
         self.predictor = inference.load_predictor(model, device, threads, detector)
+        tta, warning = runtime.resolve_tta(self.predictor.bundle, tta)
+        if warning:
+            log.warning(f"predict: {warning}")
         self.settings = score_steps.ScoreSettings(
             bundle=model, model_id=runtime.model_id(model),
             data_version=(self.predictor.bundle.get("data") or {}).get("version"), input_version=None,
@@ -184,7 +189,7 @@ class Estimator:
 
 
 def estimate_ages(photos: Union[Photo, Iterable[Photo]], model: str, detector: str = "auto",
-                  device: str = "cpu", batch_size: int = 64, tta: str = "none") -> List[dict]:
+                  device: str = "cpu", batch_size: int = 64, tta: Optional[str] = None) -> List[dict]:
     """One dict per face found (bbox, age, uncertainty), or per photo without one (status, detail): the rows
     of Estimator(model, ...).predict(photos) as the CLI prints them."""
     estimator = Estimator(model, detector, device, batch_size, tta)
@@ -207,7 +212,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     framing.add_argument("--aligned", action="store_true", help="the photos are aligned face chips (= --detector none)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--batch-size", type=positive_int, default=64, help="faces per inference batch")
-    p.add_argument("--tta", default="none", choices=TTA, help=TTA_HELP)
+    p.add_argument("--tta", default=None, choices=TTA, help=TTA_HELP)
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     return p
 

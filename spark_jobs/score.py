@@ -59,7 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-file-bytes", type=positive_int, default=MAX_FILE_BYTES,
                    help="photos larger than this are not read")
     p.add_argument("--batch-size", type=positive_int, default=64, help="faces per inference batch")
-    p.add_argument("--tta", default="none", choices=TTA, help=TTA_HELP)
+    p.add_argument("--tta", default=None, choices=TTA, help=TTA_HELP)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA when an executor has one")
     framing = p.add_mutually_exclusive_group()
@@ -149,15 +149,19 @@ def _score(spark, args, resolved: dict, outputs, started: float) -> dict:
     from schemas import fields as schema_fields
     from schemas.tables import PREDICTIONS
     from spark_jobs import score_steps, storage
+    from trainer import runtime
 
     bundle = resolved["bundle"]
+    tta, warning = runtime.resolve_tta(bundle, args.tta)  # by default the TTA the bundle's calibration was fitted under
+    if warning:
+        log.warning(f"score: {warning}")
     shipped, mid = ship_bundle(spark, resolved)
     faces, n_inputs, input_version = read_input(spark, args, resolved)
     settings = score_steps.ScoreSettings(
         bundle=os.path.basename(shipped), spark_file=True, model_id=mid,
         data_version=(bundle.get("data") or {}).get("version"), input_version=input_version, run_id=outputs.run_id,
         batch_size=args.batch_size, device=args.device, detector=args.detector, max_file_bytes=args.max_file_bytes,
-        tta=args.tta)
+        tta=tta)
     kind = resolved["kind"]
     scored = faces.mapInPandas(lambda it: score_steps.score_partition(it, settings, kind),
                                schema=schema_fields.spark_schema(PREDICTIONS))
@@ -252,7 +256,7 @@ def new_manifest(args, resolved: dict, run_id: str, settings, started: float) ->
         "argv": redact_all(sys.argv[1:]), "model": resolved["model"], "model_id": settings.model_id,
         "mlflow_run_id": (bundle.get("params") or {}).get("mlflow_run_id"),
         "model_data": bundle.get("data"), "model_metrics": bundle.get("metrics"),
-        "model_framing": runtime.framing(bundle), "model_calibration": bundle.get("calibration"), "tta": args.tta,
+        "model_framing": runtime.framing(bundle), "model_calibration": bundle.get("calibration"), "tta": settings.tta,
         "photo_crop": pred.to_dict() if pred is not None else None,
         "input": {"uris": resolved["inputs"], "kind": kind, "split": args.split, "version": settings.input_version},
         "output": {"predictions": layout.join(resolved["output"], layout.PREDICTIONS_DIR), "format": args.format},

@@ -40,7 +40,8 @@ class ScoreSettings:
     spark_file: bool = False
     detector: str = "auto"  # photos: auto (detect + align to the bundle's framing) | yunet | hog | none (chips)
     max_file_bytes: int = 64 * 2**20
-    tta: str = "none"  # trainer.runtime.TTA: "flip" each face and its mirror, averaged; "flip-zoom" 6 views
+    tta: Optional[str] = None  # trainer.runtime.TTA ("flip": each face and its mirror; "flip-zoom": 6 views), averaged;
+    # None: the mode the bundle's calibration was fitted under (trainer.runtime.resolve_tta)
 
 
 @functools.lru_cache(maxsize=8)  # once per Python worker and model: Spark reuses its workers across tasks

@@ -233,6 +233,78 @@ def test_every_predictor_applies_the_bundles_calibration(calibrated, tmp_path):
     assert export.main(["--model", str(model), "--format", "torchscript", "--output", str(script)]) == 0
 
 
+def test_the_tta_to_run_is_the_calibrations_unless_asked_and_a_mismatch_is_named():
+    from trainer.runtime import resolve_tta
+
+    flip = {"calibration": {"tta": "flip", "std_scale": 2.0, "age_map": AGE_MAP}}
+    assert resolve_tta(flip, None) == ("flip", None) and resolve_tta(flip, "flip") == ("flip", None)
+    mode, warning = resolve_tta(flip, "flip-zoom")
+    assert mode == "flip-zoom" and "age map and std scale were fitted under --tta flip" in warning
+    scale_only = {"calibration": {"tta": "flip-zoom", "std_scale": 2.0}}
+    assert "the model's std scale was fitted under --tta flip-zoom" in resolve_tta(scale_only, "none")[1]
+    # nothing fitted that depends on the mode (scale 1, no map), or no mode recorded: no warning; default none
+    assert resolve_tta({"calibration": {"tta": "flip", "std_scale": 1.0}}, "none") == ("none", None)
+    assert resolve_tta({"calibration": {"std_scale": 2.0}}, None) == ("none", None)
+    assert resolve_tta({"calibration": {"std_scale": 2.0}}, "flip") == ("flip", None)
+    assert resolve_tta({"calibration": None}, None) == ("none", None) and resolve_tta({}, None) == ("none", None)
+    with pytest.raises(ValueError, match="sideways"):
+        resolve_tta(flip, "sideways")
+
+
+def test_every_predictor_runs_the_tta_its_calibration_was_fitted_under(calibrated, tmp_path, capsys):
+    from faceage import Estimator, serve
+    from spark_jobs import predict, score
+    from trainer import export, runtime
+    from trainer.bundle import Predictor, load_bundle
+
+    model, _, photos = calibrated  # its calibration (age map, std scale 2.5) says it was fitted under --tta none
+    flipped = tmp_path / "flipped.pt"  # the same weights and calibration, said to be fitted under --tta flip
+    bundle = torch.load(model, weights_only=True)
+    bundle["calibration"]["tta"] = "flip"
+    torch.save(bundle, flipped)
+
+    def ages(rows):  # {photo: age, photo + " std": its std}
+        ok = [r for r in rows if r["status"] == "ok"]
+        return {**{r["source"].split("/")[-1]: r["age"] for r in ok},
+                **{r["source"].split("/")[-1] + " std": r["uncertainty"] for r in ok}}
+
+    as_fitted = ages(predict.estimate_ages(str(photos), str(flipped)))  # no tta: the calibration's
+    assert as_fitted and as_fitted == pytest.approx(ages(predict.estimate_ages(str(photos), str(model), tta="flip")))
+    unflipped = ages(predict.estimate_ages(str(photos), str(flipped), tta="none"))
+    assert unflipped == pytest.approx(ages(predict.estimate_ages(str(photos), str(model))))  # model's own: none
+    assert max(abs(as_fitted[k] - unflipped[k]) for k in as_fitted) > 1e-3  # the modes do differ here
+    assert Estimator.load(str(flipped)).info()["tta"] == "flip" and Estimator.load(str(model)).info()["tta"] == "none"
+    reference = Predictor(str(flipped))
+    crops = np.random.default_rng(0).integers(0, 256, (4, reference.size, reference.size, 3), dtype=np.uint8)
+    torch_default = reference.predict(crops)
+    assert np.allclose(torch_default, reference.predict(crops, tta="flip"), equal_nan=True)
+    assert not np.allclose(torch_default[0], reference.predict(crops, tta="none")[0])
+    onnx = tmp_path / "flipped.onnx"
+    assert export.main(["--model", str(flipped), "--output", str(onnx)]) == 0  # the contract carries the mode
+    assert np.allclose(runtime.OnnxPredictor(str(onnx)).predict(crops), torch_default, atol=1e-3, equal_nan=True)
+    assert serve.get_args_parser().parse_args([]).tta is None  # the service too: Estimator.load(tta=None)
+    # an asked mode that is not the calibration's runs as asked, and says so in one line
+    capsys.readouterr()
+    assert predict.main([str(photos), "--model", str(flipped), "--json", "--tta", "none"]) == 0
+    assert predict.main([str(photos), "--model", str(flipped), "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    warned = [line for line in out if "fitted under --tta flip" in line]
+    assert len(warned) == 1 and "--tta none" in warned[0] and "age map and std scale" in warned[0]
+    printed = [json.loads(line) for line in out if line.startswith("{")]
+    half = len(printed) // 2  # the CLI's numbers: the first run's, then the default's
+    assert ages(printed[:half]) == pytest.approx(unflipped) and ages(printed[half:]) == pytest.approx(as_fitted)
+    scored = tmp_path / "scored"
+    assert score.main(["--model", str(flipped), "--input", str(photos), "--tta", "none", "--output", str(scored)]) == 0
+    assert json.loads((scored / layout.SCORE_MANIFEST).read_text())["tta"] == "none"
+    assert any("score: --tta none" in line and "fitted under --tta flip" in line
+               for line in capsys.readouterr().out.splitlines())
+    # a calibration that names no TTA mode this code knows is refused in one line
+    bundle["calibration"]["tta"] = "sideways"
+    torch.save(bundle, tmp_path / "bad.pt")
+    with pytest.raises(runtime.BundleError, match="calibration tta 'sideways'"):
+        load_bundle(str(tmp_path / "bad.pt"))
+
+
 def test_recalibrate_drops_the_age_map_from_a_copy_and_nothing_else(calibrated, tmp_path, capsys):
     from spark_jobs import predict
     from trainer import recalibrate

@@ -26,7 +26,8 @@ from schemas import layout
 from trainer import calibration
 from trainer.model import build_model, predict_ages
 # the torch-free pieces every predictor shares (BundleError is raised, and caught, under this module's name too)
-from trainer.runtime import MEAN, STD, BundleError, check_fields, crop_for  # noqa: F401 - MEAN, STD: named there
+# MEAN, STD: named in trainer.runtime, re-exported here
+from trainer.runtime import MEAN, STD, BundleError, check_fields, crop_for, resolve_tta  # noqa: F401
 
 BUNDLE_FORMAT, BUNDLE_VERSION = layout.BUNDLE_FORMAT, layout.BUNDLE_VERSION
 
@@ -182,11 +183,14 @@ class Predictor:
 
     crop_for = staticmethod(crop_for)  # how photos are cropped for a bundle with a --detector choice
 
-    def predict(self, pixels: np.ndarray, batch_size: int = 64, tta: str = "none"):
+    def predict(self, pixels: np.ndarray, batch_size: int = 64, tta: Optional[str] = None):
         """uint8 N x H x W x 3 -> (ages, stds) float32 arrays, through the bundle's calibration (trainer.calibration:
         the age map when it has one, the std scale); std is NaN for a regression head.
-        tta "flip" / "flip-zoom": the mirrored (and zoomed) faces too, averaged (trainer.model.predict_ages)."""
+        tta "flip" / "flip-zoom": the mirrored (and zoomed) faces too, averaged (trainer.model.predict_ages); None:
+        the mode the calibration was fitted under (trainer.runtime.resolve_tta)."""
         import torch
+
+        tta, _ = resolve_tta(self.bundle, tta)
 
         ages, stds = [], []
         with torch.inference_mode():

@@ -17,7 +17,8 @@ from torch import nn
 from schemas.tables import MAX_AGE, MIN_AGE
 from shell.errors import UserError
 
-from trainer.runtime import HEADS, MEAN, STD, TTA, TTA_HELP, TTA_ZOOMS, zoom_matrix  # noqa: F401 - named once (torch-free)
+# named once, torch-free, in trainer.runtime
+from trainer.runtime import HEADS, MEAN, STD, TTA, TTA_MODES_HELP, TTA_ZOOMS, zoom_matrix  # noqa: F401
 
 
 def build_model(head: str = "distribution", init_weights: Optional[str] = None) -> nn.Module:
@@ -110,7 +111,7 @@ def tta_views(x: torch.Tensor, tta: str, black: Optional[torch.Tensor] = None):
     for scale in TTA_ZOOMS[tta]:
         view = x
         if scale != 1.0:
-            r = torch.from_numpy(zoom_matrix(x.shape[-1], scale)).to(x.device, x.dtype)
+            r = torch.tensor(zoom_matrix(x.shape[-1], scale), device=x.device, dtype=x.dtype)
             view = (r @ (x - black.to(x.dtype)) @ r.T + black.to(x.dtype)).contiguous(
                 memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
                 else torch.contiguous_format)

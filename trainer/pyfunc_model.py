@@ -25,7 +25,7 @@ class FaceAgeModel(mlflow.pyfunc.PythonModel):
         pixels = [decode_image(bytes(raw), self.predictor.size) for raw in column]
         if not pixels:
             return np.zeros(0, np.float64)
-        ages, _ = self.predictor.predict(np.stack(pixels), tta=(params or {}).get("tta", "none"))
+        ages, _ = self.predictor.predict(np.stack(pixels), tta=(params or {}).get("tta"))
         return ages.astype(np.float64)
 
 

@@ -10,11 +10,12 @@ service crop, frame and predict one way whichever file they are given.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -34,14 +35,45 @@ TTA = ("none", "flip", "flip-zoom")
 # each TTA mode's zooms (1 = the crop as it is), every one run as it is and mirrored except under "none": "flip-zoom"
 # adds the face 7 % smaller and 7 % larger (trainer.augment's warp at fixed scales: 6 passes; BENCHMARKS.md)
 TTA_ZOOMS = {"none": (1.0,), "flip": (1.0,), "flip-zoom": (1.0, 0.93, 1.07)}
-TTA_HELP = ("test-time augmentation: flip averages each face and its mirror image (2 passes); flip-zoom also the face "
-            "zoomed to 0.93 and 1.07 times its size, each with its mirror (6 passes)")
+TTA_MODES_HELP = ("test-time augmentation: flip averages each face and its mirror image (2 passes); flip-zoom "
+                  "also the face zoomed to 0.93 and 1.07 times its size, each with its mirror (6 passes)")
+# the predictors' flag (score, predict, serve): by default the mode the model's calibration was fitted under
+TTA_HELP = (TTA_MODES_HELP + "; default: the mode the model's age map and std scale were fitted under (its "
+            "training's --tta; none when it records none)")
 
 
+def calibrated_tta(meta: dict) -> Optional[str]:
+    """The TTA mode a model's calibration was fitted under (trainer.train --tta, trainer.recalibrate --refit-on): the
+    mode its age map and std scale are right for. None when it records none (no calibration, or an older bundle)."""
+    return (meta.get("calibration") or {}).get("tta")
+
+
+def resolve_tta(meta: dict, asked: Optional[str]) -> Tuple[str, Optional[str]]:
+    """(the TTA mode to run for a model, a warning or None). `asked` None means the model's own: the mode its
+    calibration was fitted under ("none" when it records none), so every predictor gives the ages and stds its
+    calibration and metrics were made for. An asked mode runs as asked; the warning says when the model's age map or
+    std scale was fitted under another one."""
+    fitted = calibrated_tta(meta)
+    if asked is None:
+        return fitted or "none", None
+    if asked not in TTA:
+        raise ValueError(f"tta {asked!r}: use one of {TTA}")
+    cal = meta.get("calibration") or {}
+    parts = [name for name, on in (("age map", cal.get("age_map")), ("std scale", cal.get("std_scale") not in
+                                                                       (None, 1, 1.0))) if on]
+    if fitted is None or asked == fitted or not parts:
+        return asked, None
+    return asked, (f"--tta {asked}: the model's {' and '.join(parts)} {'were' if len(parts) > 1 else 'was'} fitted "
+                   f"under --tta {fitted}, so its ages and stds under {asked} are calibrated for other outputs (leave "
+                   f"--tta out to run {fitted})")
+
+
+@functools.lru_cache(maxsize=16)
 def zoom_matrix(size: int, scale: float) -> np.ndarray:
     """size x size float32 R such that R @ image @ R.T (per channel) is the image zoomed about its centre by `scale`,
     sampled bilinearly with black outside: what trainer.augment.apply (grid_sample, align_corners=False, zero
-    padding) gives for that scale, written as one matrix so numpy and torch compute it alike."""
+    padding) gives for that scale, written as one matrix so numpy and torch compute it alike. Built once per (size,
+    scale) and read-only (every batch of a run shares it)."""
     out = (2 * np.arange(size, dtype=np.float64) + 1) / size - 1  # output pixel centres in [-1, 1]
     src = ((out / scale + 1) * size - 1) / 2  # where each reads in the input, in pixels
     low = np.floor(src).astype(np.int64)
@@ -51,7 +83,9 @@ def zoom_matrix(size: int, scale: float) -> np.ndarray:
         col = low + offset
         inside = (col >= 0) & (col < size)
         r[np.arange(size)[inside], col[inside]] += weight[inside]
-    return r.astype(np.float32)
+    r = r.astype(np.float32)
+    r.setflags(write=False)
+    return r
 
 
 def tta_views(x: np.ndarray, tta: str, black: np.ndarray):
@@ -111,7 +145,8 @@ def crop_for(meta: dict, detector: str = "auto") -> CropSettings:
 
 def check_fields(meta: dict, path: str) -> None:
     """BundleError naming `path` when a model's fields (a bundle's or an export contract's) are not usable:
-    format version, head, input size, normalisation, crop settings."""
+    format version, head, input size, normalisation, calibration (and the TTA it was fitted under), crop
+    settings."""
     newest = layout.EXPORT_VERSION if meta.get("format") == layout.EXPORT_FORMAT else layout.BUNDLE_VERSION
     if meta.get("format_version", 0) > newest:
         raise BundleError(f"model bundle {path}: format version {meta['format_version']} is newer than this "
@@ -132,6 +167,8 @@ def check_fields(meta: dict, path: str) -> None:
     wrong = calibration.check(meta.get("calibration"), f"model bundle {path}")
     if wrong:
         raise BundleError(wrong)
+    if calibrated_tta(meta) not in (None,) + TTA:
+        raise BundleError(f"model bundle {path}: calibration tta {calibrated_tta(meta)!r} is not one of {TTA}")
     crop = meta.get("crop")
     if not crop:
         raise BundleError(f"model bundle {path}: no crop settings; it cannot say how to crop faces for it "
@@ -216,13 +253,12 @@ class OnnxPredictor:
         self.crop = crop_for(self.bundle, detector)
         self.input_name = self.bundle["input"]["name"]
 
-    def predict(self, pixels: np.ndarray, batch_size: int = 64, tta: str = "none"):
+    def predict(self, pixels: np.ndarray, batch_size: int = 64, tta: Optional[str] = None):
         """uint8 N x H x W x 3 -> (ages, stds) float32 arrays; std is NaN for a regression head.
         tta "flip" / "flip-zoom": the views of tta_views too; their distributions (or regression ages) averaged, as
-        in torch. The ages and stds go through the contract's calibration, as trainer.bundle.Predictor's through a
-        bundle's."""
-        if tta not in TTA:
-            raise ValueError(f"tta {tta!r}: use one of {TTA}")
+        in torch; None: the mode the calibration was fitted under (resolve_tta). The ages and stds go through the
+        contract's calibration, as trainer.bundle.Predictor's through a bundle's."""
+        tta, _ = resolve_tta(self.bundle, tta)
         ages, stds = [], []
         black = -self.mean / self.std
         for i in range(0, len(pixels), batch_size):

@@ -34,7 +34,7 @@ from shell.outputs import check_overlap, Outputs
 from trainer.augment import augment_batch
 from trainer.bundle import Provenance, is_bundle, normalize, save_bundle
 from trainer.data import LoaderSettings, READERS, SplitLoader, split_ages, split_source
-from trainer.model import AGE_WEIGHTINGS, HEADS, TTA, TTA_HELP, age_weights, build_model, loss_fn, predict_ages
+from trainer.model import AGE_WEIGHTINGS, HEADS, TTA, TTA_MODES_HELP, age_weights, build_model, loss_fn, predict_ages
 from trainer.precision import PRECISIONS, Precision
 from trainer import calibration, tracking
 from trainer.schedules import SCHEDULES, BudgetOneCycle, ScheduleSettings, build_schedule
@@ -115,8 +115,8 @@ def _model_flags(p) -> None:
                         "toward the mean, applied as far as needed for every true-age group of 30+ val faces to be "
                         "biased by at most 3 years; stored in the bundle and applied by every predictor")
     p.add_argument("--tta", default="none", choices=TTA,
-                   help=f"{TTA_HELP}; of the final val/test metrics and the calibration fitted on them (epochs are "
-                        "still chosen without it)")
+                   help=f"{TTA_MODES_HELP}; of the final val/test metrics and the calibration fitted on them "
+                        "(epochs are still chosen without it)")
 
 
 def _schedule_flags(p) -> None:
