@@ -1,10 +1,13 @@
 """Benchmark: training img/s in fp32 vs bf16 (autocast on channels-last tensors), trainer.precision's choice.
 
-Both run trainer.train.train_one_epoch (ResNet-18, AdamW, the same head, batch size and on-device augmentation)
-over the same in-memory batches of real crops, alternating fp32 / bf16 `--repeats` times (this VM's speed drifts
-within minutes), medians reported with their ratio, per image size. Also says what --precision auto picks here.
+Every arm runs trainer.train.train_one_epoch (ResNet-18, AdamW, the same head, batch size and on-device
+augmentation) over the same in-memory batches of real crops, the arms alternating `--repeats` times (this VM's
+speed drifts within minutes), medians reported with their ratio to the first arm, per image size. An arm is a
+precision, optionally with "+compile": the module under torch.compile (inductor; its compile time falls in the
+warm-up batches and is reported apart). Also says what --precision auto picks here.
 
     python -m bench.precision_bench --data out/utkface_parquet --sizes 64 80 --batches 12
+    python -m bench.precision_bench --data out/utkface_parquet --sizes 80 --arms fp32 fp32+compile
 """
 from __future__ import annotations
 
@@ -25,14 +28,18 @@ from trainer.schedules import Constant
 from trainer.train import Learner, train_one_epoch
 
 
-def rate(batches: list, precision: Precision, head: str, warmup: int) -> float:
+def rate(batches: list, arm: str, device: torch.device, head: str, warmup: int):
+    """(img/s after the warm-up batches, seconds of the warm-up) of one arm, e.g. "fp32" or "bf16+compile"."""
+    name, _, compiled = arm.partition("+")
+    precision = Precision(name, device)
     torch.manual_seed(0)
     model = precision.model(build_model(head).to(precision.device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    learner = Learner(model, optimizer, Constant(), head, "l1", precision.device, augment=1.0, precision=precision)
+    net = torch.compile(model) if compiled else model
+    learner = Learner(net, optimizer, Constant(), head, "l1", precision.device, augment=1.0, precision=precision)
     generator = torch.Generator().manual_seed(0)
-    train_one_epoch(learner, batches[:warmup], generator)
-    return train_one_epoch(learner, batches[warmup:], generator)["img_per_s"]
+    warm = train_one_epoch(learner, batches[:warmup], generator)["train_seconds"]
+    return train_one_epoch(learner, batches[warmup:], generator)["img_per_s"], warm
 
 
 def main():
@@ -45,7 +52,13 @@ def main():
     p.add_argument("--head", default="distribution")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--arms", nargs="+", default=["fp32", "bf16"],
+                   help="what to compare, the first the baseline: fp32 or bf16, each optionally +compile")
     args = p.parse_args()
+    for arm in args.arms:
+        name, _, extra = arm.partition("+")
+        if name not in ("fp32", "bf16") or extra not in ("", "compile"):
+            p.error(f"--arms {arm}: use fp32 or bf16, optionally followed by +compile")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     source = split_source(args.data, "train")
     sizes = {}
@@ -54,14 +67,18 @@ def main():
         loader = SplitLoader(source, settings, train=True)
         batches = [{k: v.to(device) for k, v in b.items()}
                    for b in itertools.islice(iter(loader), args.warmup + args.batches)]
-        runs = {"fp32": [], "bf16": []}
+        runs, warm = {arm: [] for arm in args.arms}, {arm: [] for arm in args.arms}
         for _ in range(args.repeats):
-            for name in runs:
-                runs[name].append(rate(batches, Precision(name, device), args.head, args.warmup))
-        fp32, bf16 = statistics.median(runs["fp32"]), statistics.median(runs["bf16"])
-        sizes[size] = {"fp32_img_per_s": round(fp32, 1), "bf16_img_per_s": round(bf16, 1),
-                       "bf16_over_fp32": round(bf16 / fp32, 2), "runs": {k: [round(v, 1) for v in r]
-                                                                          for k, r in runs.items()}}
+            for arm in runs:
+                speed, seconds = rate(batches, arm, device, args.head, args.warmup)
+                runs[arm].append(speed)
+                warm[arm].append(seconds)
+        medians = {arm: statistics.median(r) for arm, r in runs.items()}
+        base = args.arms[0]
+        sizes[size] = {**{f"{arm}_img_per_s": round(m, 1) for arm, m in medians.items()},
+                       **{f"{arm}_over_{base}": round(m / medians[base], 2) for arm, m in medians.items() if arm != base},
+                       "runs": {k: [round(v, 1) for v in r] for k, r in runs.items()},
+                       "warmup_seconds": {k: [round(v, 1) for v in r] for k, r in warm.items()}}
         print(json.dumps({size: sizes[size]}), flush=True)
     print(json.dumps({
         "date": time.strftime("%Y-%m-%d"),

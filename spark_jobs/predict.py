@@ -24,7 +24,7 @@ from typing import Iterable, List, Optional, Union
 
 
 from shell import uri
-from shell.cli import entry_points, log, Parser, path_arg, positive_int, redact
+from shell.cli import entry_points, Parser, path_arg, positive_int, redact
 from shell.errors import UserError
 from schemas.crop import DETECTORS
 
@@ -138,13 +138,11 @@ class Estimator:
         if not uri.isfile(model):
             raise UserError(f"--model {model}: no such model file (python -m trainer.train writes a bundle, "
                             f"python -m trainer.export an .onnx)")
-        if tta is not None and tta not in runtime.TTA:
-            raise UserError(f"tta {tta!r}: use one of {runtime.TTA}")
+        if tta is not None:
+            runtime.check_tta(tta)  # before the model is loaded
         self.path = model
         self.predictor = inference.load_predictor(model, device, threads, detector)
-        tta, warning = runtime.resolve_tta(self.predictor.bundle, tta)
-        if warning:
-            log.warning(f"predict: {warning}")
+        tta = runtime.announce_tta(self.predictor.bundle, tta, "predict")
         self.settings = score_steps.ScoreSettings(
             bundle=model, model_id=runtime.model_id(model),
             data_version=(self.predictor.bundle.get("data") or {}).get("version"), input_version=None,

@@ -152,9 +152,7 @@ def _score(spark, args, resolved: dict, outputs, started: float) -> dict:
     from trainer import runtime
 
     bundle = resolved["bundle"]
-    tta, warning = runtime.resolve_tta(bundle, args.tta)  # by default the TTA the bundle's calibration was fitted under
-    if warning:
-        log.warning(f"score: {warning}")
+    tta = runtime.announce_tta(bundle, args.tta, "score")  # by default the TTA the bundle's calibration was fitted under
     shipped, mid = ship_bundle(spark, resolved)
     faces, n_inputs, input_version = read_input(spark, args, resolved)
     settings = score_steps.ScoreSettings(

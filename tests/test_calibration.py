@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import types
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from conftest import encode, synthetic_photo
 from schemas import layout
@@ -234,7 +236,7 @@ def test_every_predictor_applies_the_bundles_calibration(calibrated, tmp_path):
 
 
 def test_the_tta_to_run_is_the_calibrations_unless_asked_and_a_mismatch_is_named():
-    from trainer.runtime import resolve_tta
+    from trainer.runtime import TTAError, resolve_tta
 
     flip = {"calibration": {"tta": "flip", "std_scale": 2.0, "age_map": AGE_MAP}}
     assert resolve_tta(flip, None) == ("flip", None) and resolve_tta(flip, "flip") == ("flip", None)
@@ -247,14 +249,14 @@ def test_the_tta_to_run_is_the_calibrations_unless_asked_and_a_mismatch_is_named
     assert resolve_tta({"calibration": {"std_scale": 2.0}}, None) == ("none", None)
     assert resolve_tta({"calibration": {"std_scale": 2.0}}, "flip") == ("flip", None)
     assert resolve_tta({"calibration": None}, None) == ("none", None) and resolve_tta({}, None) == ("none", None)
-    with pytest.raises(ValueError, match="sideways"):
+    with pytest.raises(TTAError, match="tta 'sideways': use one of none, flip, flip-zoom"):
         resolve_tta(flip, "sideways")
 
 
 def test_every_predictor_runs_the_tta_its_calibration_was_fitted_under(calibrated, tmp_path, capsys):
     from faceage import Estimator, serve
     from spark_jobs import predict, score
-    from trainer import export, runtime
+    from trainer import export, pyfunc_model, runtime
     from trainer.bundle import Predictor, load_bundle
 
     model, _, photos = calibrated  # its calibration (age map, std scale 2.5) says it was fitted under --tta none
@@ -283,6 +285,23 @@ def test_every_predictor_runs_the_tta_its_calibration_was_fitted_under(calibrate
     assert export.main(["--model", str(flipped), "--output", str(onnx)]) == 0  # the contract carries the mode
     assert np.allclose(runtime.OnnxPredictor(str(onnx)).predict(crops), torch_default, atol=1e-3, equal_nan=True)
     assert serve.get_args_parser().parse_args([]).tta is None  # the service too: Estimator.load(tta=None)
+    # the MLflow pyfunc takes the mode as a param: by default the calibration's; another one warns once, not per call
+    pyfunc = pyfunc_model.FaceAgeModel()
+    pyfunc.load_context(types.SimpleNamespace(artifacts={"bundle": str(flipped)}))
+    # PNG is lossless: the pyfunc decodes the very pixels the Predictor was given
+    frame = pd.DataFrame({"image": [encode(Image.fromarray(crop), "PNG") for crop in crops]})
+    capsys.readouterr()
+    assert np.allclose(pyfunc.predict(None, frame), torch_default[0], atol=1e-4)
+    for _ in range(2):
+        assert np.allclose(pyfunc.predict(None, frame, params={"tta": "none"}), reference.predict(crops, tta="none")[0],
+                           atol=1e-4)
+    warned = [line for line in capsys.readouterr().out.splitlines() if "fitted under --tta flip" in line]
+    assert len(warned) == 1 and warned[0].endswith("(leave --tta out to run flip)") and "pyfunc: --tta none" in warned[0]
+    # a mode no path knows is refused by the one check every path shares, before a model is even loaded
+    for refuse in (lambda: Estimator.load(str(flipped), tta="sideways"), lambda: reference.predict(crops, tta="sideways"),
+                   lambda: pyfunc.predict(None, frame, params={"tta": "sideways"})):
+        with pytest.raises(runtime.TTAError, match="tta 'sideways': use one of none, flip, flip-zoom"):
+            refuse()
     # an asked mode that is not the calibration's runs as asked, and says so in one line
     capsys.readouterr()
     assert predict.main([str(photos), "--model", str(flipped), "--json", "--tta", "none"]) == 0

@@ -89,6 +89,18 @@ def test_train_tune_evaluate_are_tracked_and_the_pyfunc_scores_like_score(tables
     joined = mine.join(theirs["predicted_age"], how="inner")
     assert len(joined) == len(theirs) == len(mine) > 0
     assert np.allclose(joined["age"], joined["predicted_age"], atol=1e-3)
+    # from pandas, the param tta reaches the model (its signature declares it): the Predictor's ages in that mode
+    from trainer.bundle import Predictor
+    from trainer.runtime import decode_image
+
+    loaded = mlflow.pyfunc.load_model("models:/faceage-test/1")
+    frame = faces.select("image").limit(8).toPandas()
+    predictor = Predictor(str(tmp_path / "run" / "model.pt"))
+    pixels = np.stack([decode_image(bytes(raw), predictor.size) for raw in frame["image"]])
+    by_mode = {mode: predictor.predict(pixels, tta=mode)[0] for mode in ("none", "flip")}
+    assert not np.allclose(by_mode["none"], by_mode["flip"], atol=1e-3)  # the modes differ on these faces
+    for mode, ages in by_mode.items():
+        assert np.allclose(loaded.predict(frame, params={"tta": mode}), ages, atol=1e-3)
 
 
 def _free_port() -> int:

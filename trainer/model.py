@@ -18,7 +18,7 @@ from schemas.tables import MAX_AGE, MIN_AGE
 from shell.errors import UserError
 
 # named once, torch-free, in trainer.runtime
-from trainer.runtime import HEADS, MEAN, STD, TTA, TTA_MODES_HELP, TTA_ZOOMS, zoom_matrix  # noqa: F401
+from trainer.runtime import HEADS, MEAN, STD, TTA, TTA_MODES_HELP, TTA_ZOOMS, check_tta, zoom_matrix  # noqa: F401
 
 
 def build_model(head: str = "distribution", init_weights: Optional[str] = None) -> nn.Module:
@@ -91,9 +91,7 @@ def predict_ages(model, x: torch.Tensor, head: str, tta: str = "none",
     A regression age is clipped into MIN_AGE..MAX_AGE (the distribution head's mean is inside by
     construction): no age is negative, every true age is at least as close to the clipped one, and NaN stays
     NaN. Training's val/test MAE and every scoring path go through here, so they agree."""
-    if tta not in TTA:
-        raise ValueError(f"tta {tta!r}: use one of {TTA}")
-    if tta == "none":
+    if check_tta(tta) == "none":
         return ages_of(model(x), head)
     outs = [model(view).float() for view in tta_views(x, tta, black)]
     if head == "regression":

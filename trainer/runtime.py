@@ -23,6 +23,7 @@ from schemas import layout
 from schemas.crop import SIZE_RANGE, CropSettings, scoring_settings
 from schemas.tables import MAX_AGE, MIN_AGE
 from shell import uri
+from shell.cli import log
 from shell.errors import UserError
 from trainer import calibration
 
@@ -48,6 +49,17 @@ def calibrated_tta(meta: dict) -> Optional[str]:
     return (meta.get("calibration") or {}).get("tta")
 
 
+class TTAError(UserError, ValueError):
+    """A TTA mode that is not one of TTA (a flag, an API argument, a pyfunc param)."""
+
+
+def check_tta(mode: str) -> str:
+    """`mode` when it is one of TTA, else a TTAError naming the modes: the one check of every path that takes one."""
+    if mode not in TTA:
+        raise TTAError(f"tta {mode!r}: use one of {', '.join(TTA)}")
+    return mode
+
+
 def resolve_tta(meta: dict, asked: Optional[str]) -> Tuple[str, Optional[str]]:
     """(the TTA mode to run for a model, a warning or None). `asked` None means the model's own: the mode its
     calibration was fitted under ("none" when it records none), so every predictor gives the ages and stds its
@@ -56,8 +68,7 @@ def resolve_tta(meta: dict, asked: Optional[str]) -> Tuple[str, Optional[str]]:
     fitted = calibrated_tta(meta)
     if asked is None:
         return fitted or "none", None
-    if asked not in TTA:
-        raise ValueError(f"tta {asked!r}: use one of {TTA}")
+    check_tta(asked)
     cal = meta.get("calibration") or {}
     parts = [name for name, on in (("age map", cal.get("age_map")), ("std scale", cal.get("std_scale") not in
                                                                        (None, 1, 1.0))) if on]
@@ -66,6 +77,17 @@ def resolve_tta(meta: dict, asked: Optional[str]) -> Tuple[str, Optional[str]]:
     return asked, (f"--tta {asked}: the model's {' and '.join(parts)} {'were' if len(parts) > 1 else 'was'} fitted "
                    f"under --tta {fitted}, so its ages and stds under {asked} are calibrated for other outputs (leave "
                    f"--tta out to run {fitted})")
+
+
+def announce_tta(meta: dict, asked: Optional[str], stage: str, said: Optional[set] = None) -> str:
+    """The TTA mode to run for a model (resolve_tta), its warning logged as one `<stage>: ...` line. `said`: a set
+    the caller keeps, so a predictor called per batch or per request warns once per asked mode, not every call."""
+    mode, warning = resolve_tta(meta, asked)
+    if warning and (said is None or mode not in said):
+        log.warning(f"{stage}: {warning}")
+        if said is not None:
+            said.add(mode)
+    return mode
 
 
 @functools.lru_cache(maxsize=16)

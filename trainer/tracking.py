@@ -215,11 +215,13 @@ class Run:
         import shell
         import trainer
         from mlflow.models import ModelSignature
-        from mlflow.types import ColSpec, Schema
+        from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
         code = [os.path.dirname(package.__file__) for package in (trainer, schemas, shell)]  # what trainer imports
         # image: binary, so `mlflow models serve` decodes the base64 strings of a JSON request into bytes
-        signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]), outputs=Schema([ColSpec("double")]))
+        # params: MLflow drops any param the signature does not declare; tta None = the calibration's mode
+        signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]), outputs=Schema([ColSpec("double")]),
+                                   params=ParamSchema([ParamSpec("tta", "string", None)]))
         with self.mlflow.start_run(run_id=self.run_id):
             info = self.mlflow.pyfunc.log_model(
                 name=PYFUNC_NAME, python_model=os.path.join(os.path.dirname(__file__), "pyfunc_model.py"),
