@@ -297,7 +297,7 @@ def test_every_predictor_runs_the_tta_its_calibration_was_fitted_under(calibrate
                            atol=1e-4)
     warned = [line for line in capsys.readouterr().out.splitlines() if "fitted under --tta flip" in line]
     assert len(warned) == 1 and warned[0].endswith("(leave --tta out to run flip)") and "pyfunc: --tta none" in warned[0]
-    # a mode no path knows is refused by the one check every path shares, before a model is even loaded
+    # a mode no path knows is refused by the one check every path shares (Estimator before it loads the model)
     for refuse in (lambda: Estimator.load(str(flipped), tta="sideways"), lambda: reference.predict(crops, tta="sideways"),
                    lambda: pyfunc.predict(None, frame, params={"tta": "sideways"})):
         with pytest.raises(runtime.TTAError, match="tta 'sideways': use one of none, flip, flip-zoom"):
